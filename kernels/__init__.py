@@ -1,0 +1,1 @@
+"""Triton kernels of selfreplay-fast, installed as ``selfreplay_fast.kernels``."""

@@ -1,0 +1,13 @@
+"""selfreplay-fast: fine-tune LLMs without catastrophic forgetting, fast and on small GPUs.
+
+Self-generated replay (sample text from the frozen original model, record its top-k distribution) plus
+a KL penalty toward that cached teacher while fine-tuning. See README.md and docs/design.md.
+"""
+
+from ._inputs import skip_value_checks
+from .reference import reference_replay_kl
+from .replay_kl import fused_replay_kl
+
+__version__ = "0.1.0"
+
+__all__ = ["fused_replay_kl", "reference_replay_kl", "skip_value_checks", "__version__"]

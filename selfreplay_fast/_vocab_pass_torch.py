@@ -1,0 +1,35 @@
+"""The two vocabulary passes of a logits chunk in plain PyTorch (the CPU path).
+
+Same contract as ``selfreplay_fast.kernels.vocab_pass`` (the Triton version); see that module and
+docs/design.md, section 3. A chunk of raw logits x [c, V] is read twice: ``masked_lse`` gathers the
+teacher logits, masks the teacher's slots with -inf and reduces the rest to a log-sum-exp;
+``softmax_grad`` writes dL/dx with per-row scalars. Temporaries are [c, V], which the caller bounds
+through the chunk size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
+    valid = ids >= 0
+    safe_ids = ids.clamp_min(0)
+    z_teacher = torch.where(valid, logits.gather(1, safe_ids) * inv_temp, float("-inf"))
+    # amin with +inf leaves a column alone, with -inf masks it: unused slots (id clamped to 0) can
+    # never unmask a used id 0, whatever order the scatter runs in.
+    fill = torch.where(valid, float("-inf"), float("inf")).to(logits.dtype)
+    logits.scatter_reduce_(1, safe_ids, fill, reduce="amin")
+    lse_complement = torch.logsumexp(logits * inv_temp, dim=-1)
+    return z_teacher, lse_complement
+
+
+def softmax_grad(logits, ids, grad_teacher, alpha, beta, gamma, delta, inv_temp: float, out):
+    z = logits * inv_temp
+    second = (z - delta[:, None]).exp_().mul_(gamma[:, None])
+    dense = z.sub_(beta[:, None]).exp_().mul_(alpha[:, None]).sub_(second)
+    del second
+    # The teacher's slots hold exp(-inf) = 0 after the dense formula: add their sparse values.
+    dense.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, grad_teacher, 0.0))
+    out.copy_(dense)
+    return out

@@ -1,0 +1,87 @@
+"""The plain, full-logits replay KL: the definition every fast implementation is tested against.
+
+It materializes the [N, V] student log-softmax and lets autograd differentiate it, so it is simple,
+float64-capable and independent of the chunked math in ``replay_kl.py`` (it shares only argument
+checking). Use it for testing, never for training at scale. The math is in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import check_chunk_size, prepare_replay_kl_inputs, IMPLS, _check_choice
+
+
+def reference_replay_kl(
+    hidden,
+    weight,
+    teacher_ids,
+    teacher_logprobs,
+    *,
+    bias=None,
+    mask=None,
+    mode="tail",
+    temperature=1.0,
+    reduction="mean",
+    impl="auto",
+    chunk_size=None,
+    process_group=None,
+    teacher_tail_logprob=None,
+):
+    """Same signature and result as :func:`selfreplay_fast.fused_replay_kl`; ``impl`` and
+    ``chunk_size`` are accepted for drop-in use and ignored."""
+    _check_choice("impl", impl, IMPLS)
+    check_chunk_size(chunk_size)
+    if process_group is not None:
+        raise NotImplementedError("reference_replay_kl: process_group (vocab-parallel) is not implemented yet")
+    inp = prepare_replay_kl_inputs(
+        hidden, weight, teacher_ids, teacher_logprobs, bias=bias, mask=mask,
+        teacher_tail_logprob=teacher_tail_logprob, mode=mode, temperature=temperature, reduction=reduction,
+    )
+    dtype = inp.row_dtype
+    logits = inp.hidden.to(dtype) @ inp.weight.to(dtype).T
+    if inp.bias is not None:
+        logits = logits + inp.bias.to(dtype)
+    log_q = torch.log_softmax(logits / inp.temperature, dim=-1)  # [N, V]
+
+    ids, lp = inp.teacher_ids, inp.teacher_logprobs
+    valid = ids >= 0
+    has_valid = valid.any(dim=-1)
+    safe_ids = ids.clamp_min(0)
+    log_q_t = log_q.gather(1, safe_ids)  # [N, k]
+
+    if mode == "topk":
+        # Renormalize both distributions over the teacher's slots. Rows without a valid slot get finite
+        # filler (not -inf) so that autograd through the discarded branch stays NaN-free.
+        filler = torch.where(has_valid, float("-inf"), 0.0)[:, None]
+        lp_hat = lp - torch.where(valid, lp, filler).logsumexp(dim=-1, keepdim=True)
+        log_q_hat = log_q_t - torch.where(valid, log_q_t, filler).logsumexp(dim=-1, keepdim=True)
+        per_row = torch.where(valid, lp_hat.exp() * (lp_hat - log_q_hat), 0.0).sum(dim=-1)
+    else:
+        p = torch.where(valid, lp.exp(), 0.0)
+        per_row = torch.where(valid, p * (lp - log_q_t), 0.0).sum(dim=-1)
+        if mode == "tail":
+            in_teacher = torch.zeros(log_q.shape, dtype=torch.int32, device=log_q.device)
+            in_teacher = in_teacher.scatter_add(1, safe_ids, valid.int()) > 0  # [N, V]
+            has_complement = ~in_teacher.all(dim=-1)
+            exclude = in_teacher & has_complement[:, None]
+            log_one_minus_q = log_q.masked_fill(exclude, float("-inf")).logsumexp(dim=-1)
+            if inp.teacher_tail_logprob is not None:
+                log_r = inp.teacher_tail_logprob
+                r = log_r.exp()
+            else:
+                r = (1 - p.sum(dim=-1)).clamp(0, 1)
+                log_r = r.log()
+            active = (r > 0) & has_complement
+            tail = r * (torch.where(active, log_r, 0.0) - torch.where(active, log_one_minus_q, 0.0))
+            per_row = per_row + torch.where(active, tail, 0.0)
+
+    if inp.mask is not None:
+        per_row = torch.where(inp.mask, per_row, 0.0)
+    if reduction == "none":
+        return per_row.reshape(inp.lead_shape)
+    total = per_row.sum()
+    if reduction == "sum":
+        return total
+    count = inp.mask.sum() if inp.mask is not None else torch.tensor(per_row.shape[0], device=per_row.device)
+    return total / count.clamp_min(1).to(total.dtype)

@@ -1,0 +1,308 @@
+"""``fused_replay_kl``: KL(teacher || student) to a cached top-k teacher, straight from hidden states.
+
+Plan (docs/design.md, section 3): tokens are processed in chunks of c rows. For each chunk the raw
+logits x = h W^T + b are materialized in fp32 ([c, V], bounded by the chunk size, never [N, V]), two
+vocabulary passes (Triton kernels or PyTorch) reduce them to per-row scalars and overwrite them with
+dL/dx, and two more matmuls turn that into the hidden and weight gradients. The gradients are
+computed during the forward (three matmuls in all, the minimum) and only scaled by the incoming
+gradient in backward; ``reduction="none"`` cannot be scaled after the fact, so it recomputes in
+backward instead. ``mode="topk"`` never touches the rest of the vocabulary: it gathers the k lm_head
+rows of each position (an indexed dot, O(N k D)).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import _vocab_pass_torch
+from ._inputs import IMPLS, ReplayKLInputs, _check_choice, check_chunk_size, prepare_replay_kl_inputs
+from ._row_terms import compute_row_terms
+
+# Bytes of one fp32 [chunk, V] logits buffer when chunk_size is None. A chunk needs about two of
+# them alive (logits and their gradient, plus PyTorch temporaries on the CPU path).
+_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+
+
+def _triton_vocab_pass():
+    try:
+        from .kernels import vocab_pass
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "impl='triton' needs the triton package (pip install triton); "
+            f"importing selfreplay_fast.kernels.vocab_pass failed: {exc}"
+        ) from exc
+    return vocab_pass
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    _check_choice("impl", impl, IMPLS)
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
+    if impl == "triton" and not _triton_usable(device):
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors with triton installed, or CPU tensors with the environment "
+            f"variable TRITON_INTERPRET=1 (the Triton interpreter); got tensors on {device}"
+        )
+    return impl
+
+
+class _HeadMatmuls:
+    """The three matmuls of a chunk, with fp32 (or fp64) logits whatever the parameter dtype.
+
+    16-bit parameters on CUDA use tensor-core matmuls with an fp32 output for the logits, and
+    16-bit operands for the two gradient matmuls (fp32 accumulation inside cuBLAS; the weight
+    gradient is accumulated across chunks in the parameter dtype, as autograd would). Elsewhere
+    (CPU, fp32, fp64) everything runs in the accumulation dtype.
+    """
+
+    def __init__(self, weight, bias, matmul_dtype, low_precision_matmuls: bool):
+        self.acc_dtype = torch.float64 if matmul_dtype == torch.float64 else torch.float32
+        self.low_precision = low_precision_matmuls and matmul_dtype in (torch.float16, torch.bfloat16)
+        self.operand_dtype = matmul_dtype if self.low_precision else self.acc_dtype
+        self.weight = weight.detach().to(self.operand_dtype)
+        # On CPU a 16-bit matmul cannot output fp32, so the logits use an upcast copy of the weight.
+        self._weight_for_logits = self.weight
+        if self.low_precision and weight.device.type != "cuda":
+            self._weight_for_logits = self.weight.to(self.acc_dtype)
+        self.bias = bias.detach().to(self.acc_dtype) if bias is not None else None
+
+    def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
+        h = hidden_chunk.to(self.operand_dtype)
+        if self._weight_for_logits.dtype == self.acc_dtype:
+            out = torch.mm(h.to(self.acc_dtype), self._weight_for_logits.T)
+        else:
+            out = torch.mm(h, self.weight.T, out_dtype=self.acc_dtype)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def grad_hidden(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        return torch.mm(grad_logits, self.weight)
+
+    def accumulate_grad_weight(self, acc: torch.Tensor, grad_logits, hidden_chunk) -> None:
+        acc.addmm_(grad_logits.T, hidden_chunk.to(self.operand_dtype))
+
+
+@dataclass
+class _Grads:
+    hidden: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls) -> int:
+    budget = _CHUNK_BYTES["cuda" if inp.hidden.is_cuda else "cpu"]
+    if inp.mode == "topk":
+        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * head.weight.element_size() * 2
+    else:
+        per_row = inp.vocab_size * torch.finfo(head.acc_dtype).bits // 8
+    return max(1, min(inp.num_rows, budget // per_row))
+
+
+def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b):
+    """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T).
+
+    ``passes`` is the module with ``masked_lse`` and ``softmax_grad`` (Triton or PyTorch)."""
+    n, dim = inp.hidden.shape
+    dev = inp.hidden.device
+    loss = torch.empty(n, dtype=inp.row_dtype, device=dev)
+    want_any = want_h or want_w or want_b
+    grads = _Grads(
+        hidden=torch.empty(n, dim, dtype=inp.hidden.dtype, device=dev) if want_h else None,
+        weight=torch.zeros(head.weight.shape, dtype=head.operand_dtype, device=dev) if want_w else None,
+        bias=torch.zeros(inp.vocab_size, dtype=head.acc_dtype, device=dev) if want_b else None,
+    )
+    inv_temp = 1.0 / inp.temperature
+    tail_all = inp.teacher_tail_logprob
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, n))
+        h = inp.hidden[rows].detach()
+        ids, lp = inp.teacher_ids[rows], inp.teacher_logprobs[rows]
+        valid = ids >= 0
+        tail = tail_all[rows] if tail_all is not None else None
+        if inp.mode == "topk":
+            safe_ids = ids.clamp_min(0)
+            w_rows = head.weight[safe_ids].to(head.acc_dtype)  # [c, k, D]: only the slots' rows
+            z = torch.einsum("cd,ckd->ck", h.to(head.acc_dtype), w_rows)
+            if head.bias is not None:
+                z = z + head.bias[safe_ids]
+            z = torch.where(valid, z * inv_temp, float("-inf"))
+            terms = compute_row_terms(z, None, lp, valid, None, "topk")
+            loss[rows] = terms.loss
+            if want_any:
+                g = terms.grad_teacher * row_scale[rows, None]  # dL/dx on the slots, 0 elsewhere
+                if want_h:
+                    grads.hidden[rows] = torch.einsum("ck,ckd->cd", g, w_rows).to(grads.hidden.dtype)
+                if want_w:
+                    outer = (g[:, :, None] * h.to(head.acc_dtype)[:, None, :]).reshape(-1, dim)
+                    grads.weight.index_add_(0, safe_ids.reshape(-1), outer.to(grads.weight.dtype))
+                if want_b:
+                    grads.bias.index_add_(0, safe_ids.reshape(-1), g.reshape(-1))
+            continue
+
+        logits = head.logits(h)  # [c, V] raw logits, fp32/fp64
+        z_teacher, lse_complement = passes.masked_lse(logits, ids, inv_temp)
+        terms = compute_row_terms(z_teacher, lse_complement, lp, valid, tail, inp.mode)
+        loss[rows] = terms.loss
+        if not want_any:
+            continue
+        scale = row_scale[rows]
+        out = logits if head.operand_dtype == logits.dtype else torch.empty(
+            logits.shape, dtype=head.operand_dtype, device=dev
+        )
+        grad_logits = passes.softmax_grad(
+            logits, ids, terms.grad_teacher * scale[:, None], terms.alpha * scale, terms.beta,
+            terms.gamma * scale, terms.delta, inv_temp, out,
+        )
+        del logits
+        if want_h:
+            grads.hidden[rows] = head.grad_hidden(grad_logits).to(grads.hidden.dtype)
+        if want_w:
+            head.accumulate_grad_weight(grads.weight, grad_logits, h)
+        if want_b:
+            grads.bias += grad_logits.sum(dim=0, dtype=head.acc_dtype)
+    return loss, grads
+
+
+class _FusedReplayKL(torch.autograd.Function):
+    """Inputs after ``inp``: hidden [N, D], weight [V, D], bias [V] or None (for autograd only)."""
+
+    @staticmethod
+    def forward(ctx, inp: ReplayKLInputs, impl, chunk_size, low_precision, hidden, weight, bias):
+        passes = _triton_vocab_pass() if impl == "triton" else _vocab_pass_torch
+        if torch.is_autocast_enabled(hidden.device.type):
+            matmul_dtype = torch.get_autocast_dtype(hidden.device.type)
+        else:
+            matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        head = _HeadMatmuls(weight, bias, matmul_dtype, low_precision)
+        chunk_rows = chunk_size or _default_chunk_rows(inp, head)
+        want_h, want_w, want_b = ctx.needs_input_grad[4:7]
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        counted = inp.mask
+
+        if inp.reduction == "none":
+            loss_rows, _ = _run_chunks(inp, head, passes, None, chunk_rows, False, False, False)
+            ctx.recompute = (inp, head, passes, chunk_rows)
+            if counted is not None:
+                loss_rows = torch.where(counted, loss_rows, 0.0)
+            ctx.grads = None
+            return loss_rows.reshape(inp.lead_shape)
+
+        # Row weights of the reduction, as tensors (no host sync): mean divides by the count.
+        if counted is None:
+            weight_rows = torch.ones(inp.num_rows, dtype=inp.row_dtype, device=hidden.device)
+        else:
+            weight_rows = counted.to(inp.row_dtype)
+        if inp.reduction == "mean":
+            weight_rows = weight_rows / weight_rows.sum().clamp_min(1)
+        loss_rows, grads = _run_chunks(
+            inp, head, passes, weight_rows / inp.temperature, chunk_rows, want_h, want_w, want_b
+        )
+        ctx.grads = grads
+        ctx.recompute = None
+        return (loss_rows * weight_rows).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.recompute is not None:  # reduction="none": gradients need the per-row grad_output
+            inp, head, passes, chunk_rows = ctx.recompute
+            want_h, want_w, want_b = ctx.needs_input_grad[4:7]
+            row_scale = grad_output.reshape(-1).to(inp.row_dtype) / inp.temperature
+            if inp.mask is not None:
+                row_scale = torch.where(inp.mask, row_scale, 0.0)
+            _, grads = _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b)
+        else:
+            grads = ctx.grads
+            if grads is None:
+                raise RuntimeError(
+                    "fused_replay_kl: backward ran twice through the same loss; its gradients are "
+                    "precomputed once in forward and released after the first backward"
+                )
+            ctx.grads = None
+            for g in (grads.hidden, grads.weight, grads.bias):
+                if g is not None:
+                    g.mul_(grad_output.to(g.dtype))
+        return (
+            None, None, None, None,
+            grads.hidden,
+            grads.weight.to(ctx.weight_dtype) if grads.weight is not None else None,
+            grads.bias.to(ctx.bias_dtype) if grads.bias is not None else None,
+        )
+
+
+def fused_replay_kl(
+    hidden,
+    weight,
+    teacher_ids,
+    teacher_logprobs,
+    *,
+    bias=None,
+    mask=None,
+    mode="tail",
+    temperature=1.0,
+    reduction="mean",
+    impl="auto",
+    chunk_size=None,
+    process_group=None,
+    teacher_tail_logprob=None,
+):
+    """KL(teacher || student) of every position, from the student's last hidden states.
+
+    Args:
+        hidden: [..., D] float32/bfloat16/float16 (float64 works too) last hidden states.
+        weight: [V, D] lm_head weight. bias: [V] optional lm_head bias.
+        teacher_ids: [..., k] int32/int64 cached teacher token ids; -1 marks an unused slot.
+        teacher_logprobs: [..., k] the teacher's log-probabilities, normalized over the full
+            vocabulary (``mode="sampled"``: log sample frequencies).
+        mask: [...] bool, True where the position counts.
+        mode: "tail" (top-k plus one bucket for the rest; a lower bound on the full KL, exact when
+            k = V), "sampled" (unbiased random-sampling distillation) or "topk" (both distributions
+            renormalized over the teacher's slots; no pass over the vocabulary).
+        temperature: the student's logits are divided by it.
+        reduction: "mean" over counted positions (0 when none count), "sum", or "none" ([...],
+            0 at masked positions).
+        impl: "torch" (chunked PyTorch), "triton" (CUDA tensors, or CPU tensors under
+            TRITON_INTERPRET=1) or "auto" (triton on CUDA, torch otherwise).
+        chunk_size: positions per chunk (default: about 256 MiB of fp32 logits on CUDA, 32 MiB on CPU).
+        process_group: reserved for the vocab-parallel version (not implemented yet).
+        teacher_tail_logprob: [...] optional exact log of the teacher's mass outside its k slots
+            (``mode="tail"``), used instead of log(1 - sum p).
+
+    Returns the loss in float32 (float64 for float64 hidden). Gradients flow to hidden, weight and
+    bias, never to the teacher; a weight (or bias) with ``requires_grad=False`` costs no gradient
+    work. Math and numerics: docs/design.md.
+    """
+    if process_group is not None:
+        raise NotImplementedError(
+            "fused_replay_kl: process_group (vocab-parallel over torch.distributed) is not implemented yet"
+        )
+    chunk_size = check_chunk_size(chunk_size)
+    _check_choice("impl", impl, IMPLS)
+    inp = prepare_replay_kl_inputs(
+        hidden, weight, teacher_ids, teacher_logprobs, bias=bias, mask=mask,
+        teacher_tail_logprob=teacher_tail_logprob, mode=mode, temperature=temperature, reduction=reduction,
+    )
+    impl = resolve_impl(impl, inp.hidden.device)
+    return _apply(inp, impl, chunk_size, low_precision=inp.hidden.is_cuda)
+
+
+def _apply(inp: ReplayKLInputs, impl: str, chunk_size, low_precision: bool):
+    """Runs the autograd Function. ``low_precision`` (16-bit gradient matmuls, the CUDA default) is a
+    separate switch so CPU tests can exercise that arithmetic too."""
+    return _FusedReplayKL.apply(inp, impl, chunk_size, low_precision, inp.hidden, inp.weight, inp.bias)
