@@ -183,11 +183,19 @@ class _FusedReplayKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inp: ReplayKLInputs, impl, chunk_size, low_precision, hidden, weight, bias):
-        passes = _triton_vocab_pass() if impl == "triton" else _vocab_pass_torch
-        if torch.is_autocast_enabled(hidden.device.type):
-            matmul_dtype = torch.get_autocast_dtype(hidden.device.type)
+        device_type = hidden.device.type
+        # Under autocast the head matmuls run in the autocast dtype, as an nn.Linear would; everything
+        # else here chooses its precision explicitly, so autocast is off inside.
+        if torch.is_autocast_enabled(device_type):
+            matmul_dtype = torch.get_autocast_dtype(device_type)
         else:
             matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _FusedReplayKL._forward(ctx, inp, impl, chunk_size, low_precision, matmul_dtype, hidden, weight, bias)
+
+    @staticmethod
+    def _forward(ctx, inp, impl, chunk_size, low_precision, matmul_dtype, hidden, weight, bias):
+        passes = _triton_vocab_pass() if impl == "triton" else _vocab_pass_torch
         head = _HeadMatmuls(weight, bias, matmul_dtype, low_precision)
         chunk_rows = chunk_size or _default_chunk_rows(inp, head)
         want_h, want_w, want_b = ctx.needs_input_grad[4:7]
@@ -226,7 +234,8 @@ class _FusedReplayKL(torch.autograd.Function):
             row_scale = grad_output.reshape(-1).to(inp.row_dtype) / inp.temperature
             if inp.mask is not None:
                 row_scale = torch.where(inp.mask, row_scale, 0.0)
-            _, grads = _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b)
+            with torch.autocast(inp.hidden.device.type, enabled=False):
+                _, grads = _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b)
         else:
             grads = ctx.grads
             if grads is None:

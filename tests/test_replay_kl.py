@@ -1,0 +1,356 @@
+"""fused_replay_kl against the float64 full-logits reference, for every implementation.
+
+Tolerances (documented in docs/design.md, section 5): fp32 inputs, relative error <= 1e-4 for the
+loss and every gradient (norm-wise); bf16 inputs (logits still accumulated in fp32), <= 2e-2.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import selfreplay_fast as sf
+from selfreplay_fast import replay_kl as rk
+from selfreplay_fast._inputs import prepare_replay_kl_inputs
+
+from conftest import DEVICES
+from replay_cases import log_mass_outside, make_case, rel_err
+
+IMPLS = ["torch", "triton"]
+MODES = ["tail", "sampled", "topk"]
+
+
+def run(fn, case, dtype, device="cpu", reduction="mean", grad_seed=0, weight_grad=True, **kw):
+    """Loss and gradients (hidden, weight, bias) of sum(loss * random grad_output)."""
+    h, w, b = case.leaves(dtype, device, weight_grad=weight_grad)
+    ids, lp, tkw = case.teacher(device)
+    loss = fn(h, w, ids, lp, bias=b, reduction=reduction, **tkw, **kw)
+    g = torch.Generator().manual_seed(grad_seed)
+    grad_out = (torch.rand(loss.shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(loss.dtype).to(device)
+    (loss * grad_out).sum().backward()
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def assert_close_to_reference(case, impl, dtype, tol, reduction="mean", device="cpu", **kw):
+    ref = run(sf.reference_replay_kl, case, torch.float64, "cpu", reduction)
+    got = run(sf.fused_replay_kl, case, dtype, device, reduction, impl=impl, **kw)
+    names = ["loss", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, a, e in zip(names, got, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.shape == e.shape, name
+        assert torch.isfinite(a).all(), f"{name} has inf/NaN"
+        if e.norm() == 0:
+            assert a.abs().max().item() == 0, name
+        else:
+            err = rel_err(a, e)
+            assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    return ref
+
+
+# --- the reference itself, against formulas written out independently ------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_reference_full_vocab_tail_equals_full_kl(temperature):
+    case = make_case((3, 4), dim=6, vocab=9, k=9, mode="tail", unused_slots=False, mask=False, seed=3,
+                     temperature=temperature)
+    teacher = case.extra["teacher"]
+    logits = case.hidden.reshape(-1, 6) @ case.weight.T + case.bias
+    log_q = torch.log_softmax(logits / temperature, -1)
+    expected = F.kl_div(log_q, teacher, log_target=True, reduction="batchmean")
+    for impl in IMPLS + ["reference"]:
+        fn = sf.reference_replay_kl if impl == "reference" else sf.fused_replay_kl
+        kw = {} if impl == "reference" else {"impl": impl}
+        lp = teacher.gather(1, case.teacher_ids.reshape(12, 9)).reshape(3, 4, 9)  # exact, not fp32
+        got = fn(case.hidden, case.weight, case.teacher_ids, lp, bias=case.bias, temperature=temperature, **kw)
+        assert abs(got.item() - expected.item()) <= 1e-10 * max(1.0, abs(expected.item())), impl
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_gradient_matches_stated_formula(mode):
+    """dL/dz from the issue's closed forms, with z the logits (W = I, D = V, T = 1)."""
+    vocab = 10
+    case = make_case((6,), dim=vocab, vocab=vocab, k=4, mode=mode, bias=False, mask=False, seed=5)
+    eye = torch.eye(vocab, dtype=torch.float64)
+    z = case.hidden.reshape(-1, vocab).clone().requires_grad_(True)
+    loss = sf.reference_replay_kl(z, eye, case.teacher_ids, case.teacher_logprobs.double(), mode=mode,
+                                  reduction="sum")
+    loss.backward()
+    q = torch.softmax(z.detach(), -1)
+    ids = case.teacher_ids
+    valid = ids >= 0
+    in_t = torch.zeros_like(q, dtype=torch.bool)
+    for n, i in itertools.product(range(ids.shape[0]), range(ids.shape[1])):
+        if valid[n, i]:
+            in_t[n, ids[n, i]] = True
+    p_full = torch.zeros_like(q)
+    p_full[in_t] = 0  # filled below
+    for n, i in itertools.product(range(ids.shape[0]), range(ids.shape[1])):
+        if valid[n, i]:
+            p_full[n, ids[n, i]] = case.teacher_logprobs[n, i].double().exp()
+    if mode == "tail":
+        big_q = (q * in_t).sum(-1, keepdim=True)
+        r = (1 - p_full.sum(-1, keepdim=True)).clamp(0, 1)
+        c = (1 - r - big_q) / (1 - big_q)
+        expected = torch.where(in_t, q - p_full, c * q)
+    elif mode == "sampled":  # = q - w on rows with samples (their frequencies sum to 1)
+        expected = p_full.sum(-1, keepdim=True) * q - p_full
+    else:
+        q_hat = q * in_t / (q * in_t).sum(-1, keepdim=True)
+        p_hat = p_full / p_full.sum(-1, keepdim=True)
+        expected = torch.where(in_t, q_hat - p_hat, 0.0)
+        expected = torch.where(valid.any(-1, keepdim=True), expected, 0.0)
+    torch.testing.assert_close(z.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+# --- fused implementations against the reference ---------------------------------------------------
+
+SHAPES = [  # (lead, D, V, k)
+    ((1,), 4, 1, 1),
+    ((5,), 8, 37, 1),
+    ((3, 7), 16, 37, 5),
+    ((2, 3), 5, 300, 17),
+    ((13,), 12, 61, 61),  # k = V
+    ((4, 1, 3), 7, 129, 128),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape_idx", range(len(SHAPES)))
+def test_fp32_matches_reference(impl, mode, shape_idx):
+    lead, dim, vocab, k = SHAPES[shape_idx]
+    seed = 100 * shape_idx + MODES.index(mode)
+    reduction = ["mean", "sum", "none"][(shape_idx + MODES.index(mode)) % 3]
+    case = make_case(lead, dim, vocab, k, mode, seed=seed, temperature=[1.0, 0.7, 1.9][shape_idx % 3],
+                     bias=shape_idx % 2 == 0, with_tail=(mode == "tail" and shape_idx % 2 == 1))
+    chunk = [None, 2, 5][shape_idx % 3]
+    for device in DEVICES:
+        assert_close_to_reference(case, impl, torch.float32, 1e-4, reduction, device, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode", MODES)
+def test_peaked_softmax_fp32(impl, reduction, mode):
+    """Peaked student and teacher (CCE-style): most rows put almost all mass on one token, so the
+    complement log-mass log(1 - Q) is tiny and must come from a log-sum-exp over the complement."""
+    case = make_case((9,), 16, 53, 3, mode, seed=11, logit_scale=40.0, teacher_scale=8.0)
+    assert_close_to_reference(case, impl, torch.float32, 1e-4, reduction, chunk_size=4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tiny_student_tail_mass_is_finite_and_exact(impl):
+    """Teacher leaves 10% outside its slots, the student about 1e-30: huge but exact tail gradient."""
+    vocab, dim = 6, 6
+    z = torch.tensor([[80.0, 70.0, 0.0, -1.0, 0.5, 2.0]], dtype=torch.float64)
+    ids = torch.tensor([[0, 1]])
+    lp = torch.tensor([[math.log(0.6), math.log(0.3)]], dtype=torch.float32)
+    eye = torch.eye(vocab, dtype=torch.float64)
+    losses = []
+    for dtype, fn, kw in [(torch.float64, sf.reference_replay_kl, {}), (torch.float32, sf.fused_replay_kl, {"impl": impl})]:
+        h = z.to(dtype, copy=True).requires_grad_(True)
+        loss = fn(h, eye.to(dtype), ids, lp, reduction="sum", **kw)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
+        losses.append((loss.detach().double(), h.grad.double()))
+    (ref_loss, ref_grad), (loss, grad) = losses
+    assert ref_loss.item() > 5.0  # 0.1 * (log 0.1 - log 1e-30): the tail term dominates
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(grad, ref_grad) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_within_documented_tolerance(impl, mode):
+    case = make_case((4, 5), 32, 97, 8, mode, seed=21)
+    assert_close_to_reference(case, impl, torch.bfloat16, 2e-2, "mean", chunk_size=6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_gradient_matmuls(mode):
+    """The CUDA arithmetic for 16-bit heads (16-bit operands for the gradient matmuls, weight
+    gradient accumulated across chunks in bf16), exercised on the CPU."""
+    case = make_case((24,), 32, 97, 8, mode, seed=22)
+
+    def low_precision_kl(*args, **kwargs):
+        return rk._apply(prepare_replay_kl_inputs(*args, **kwargs), "torch", 5, low_precision=True)
+
+    got = run(low_precision_kl, case, torch.bfloat16, "cpu", "mean")
+    ref = run(sf.reference_replay_kl, case, torch.float64)
+    for a, e in zip(got, ref):
+        assert rel_err(a, e) <= 2e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float64_is_exact(impl):
+    case = make_case((3, 5), 6, 23, 4, "tail", seed=31)
+    assert_close_to_reference(case, impl, torch.float64, 1e-10, "sum", chunk_size=4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int32_ids_and_all_masked_mean_is_zero(impl):
+    case = make_case((4,), 6, 19, 3, "tail", seed=41, id_dtype=torch.int32, mask=False)
+    h, w, b = case.leaves(torch.float32)
+    loss = sf.fused_replay_kl(h, w, case.teacher_ids, case.teacher_logprobs, bias=b, impl=impl,
+                              mask=torch.zeros(4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert h.grad.abs().max().item() == 0 and w.grad.abs().max().item() == 0
+    none = sf.fused_replay_kl(h, w, case.teacher_ids, case.teacher_logprobs, bias=b, impl=impl,
+                              mask=torch.zeros(4, dtype=torch.bool), reduction="none")
+    assert none.shape == (4,) and none.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_weight_computes_no_weight_gradient(impl, monkeypatch):
+    case = make_case((6,), 8, 41, 4, "tail", seed=51)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("weight gradient computed for a frozen weight")
+
+    monkeypatch.setattr(rk._HeadMatmuls, "accumulate_grad_weight", forbidden)
+    h, w, _ = case.leaves(torch.float32, weight_grad=False)
+    ids, lp, kw = case.teacher()
+    sf.fused_replay_kl(h, w, ids, lp, impl=impl, **kw).backward()
+    assert w.grad is None and h.grad is not None
+    ref_h = case.hidden.float().clone().requires_grad_(True)
+    sf.reference_replay_kl(ref_h, case.weight, ids, lp, **kw).backward()
+    assert rel_err(h.grad, ref_h.grad) <= 1e-4
+
+
+def test_no_more_than_chunk_rows_of_logits(monkeypatch):
+    case = make_case((11,), 8, 41, 4, "tail", seed=61)
+    seen = []
+    original = rk._HeadMatmuls.logits
+
+    def recording(self, h):
+        out = original(self, h)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(rk._HeadMatmuls, "logits", recording)
+    run(sf.fused_replay_kl, case, torch.float32, impl="torch", chunk_size=3, reduction="none")
+    # 4 chunks in forward, 4 again in backward (reduction="none" recomputes), none above 3 rows
+    assert seen == [(3, 41), (3, 41), (3, 41), (2, 41)] * 2
+
+
+def test_teacher_gets_no_gradient_and_autocast_works():
+    case = make_case((5,), 8, 29, 4, "tail", seed=71)
+    h, w, b = case.leaves(torch.float32)
+    lp = case.teacher_logprobs.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sf.fused_replay_kl(h, w, case.teacher_ids, lp, bias=b, mask=case.mask)
+    loss.backward()
+    assert lp.grad is None
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    ref_h, ref_w, ref_b = case.leaves(torch.float64)
+    ref = sf.reference_replay_kl(ref_h, ref_w, case.teacher_ids, case.teacher_logprobs, bias=ref_b, mask=case.mask)
+    ref.backward()
+    for got, expected in [(loss, ref), (h.grad, ref_h.grad), (w.grad, ref_w.grad), (b.grad, ref_b.grad)]:
+        assert rel_err(got, expected) <= 2e-2
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def _good():
+    case = make_case((2, 3), 4, 11, 3, "tail", seed=81, unused_slots=False, mask=False, bias=False)
+    return dict(hidden=case.hidden.float(), weight=case.weight.float(), teacher_ids=case.teacher_ids,
+                teacher_logprobs=case.teacher_logprobs)
+
+
+def _call(fn=None, **over):
+    args = _good()
+    kw = {}
+    for key, value in over.items():
+        (args if key in args else kw)[key] = value
+    fn = fn or sf.fused_replay_kl
+    return fn(args["hidden"], args["weight"], args["teacher_ids"], args["teacher_logprobs"], **kw)
+
+
+BAD = [
+    ("leading shape", dict(teacher_ids=torch.zeros(2, 4, 3, dtype=torch.long)), ValueError, "teacher_ids"),
+    ("logprob shape", dict(teacher_logprobs=torch.zeros(2, 3, 2)), ValueError, "teacher_logprobs"),
+    ("D mismatch", dict(weight=torch.zeros(11, 5)), ValueError, "weight"),
+    ("k = 0", dict(teacher_ids=torch.zeros(2, 3, 0, dtype=torch.long), teacher_logprobs=torch.zeros(2, 3, 0)),
+     ValueError, "k >= 1"),
+    ("id >= V", dict(teacher_ids=torch.full((2, 3, 3), 11)), ValueError, "teacher_ids"),
+    ("id < -1", dict(teacher_ids=torch.full((2, 3, 3), -2)), ValueError, "teacher_ids"),
+    ("duplicate", dict(teacher_ids=torch.tensor([1, 1, 2]).expand(2, 3, 3)), ValueError, "duplicate"),
+    ("nan logprob", dict(teacher_logprobs=torch.full((2, 3, 3), float("nan"))), ValueError, "finite"),
+    ("inf logprob", dict(teacher_logprobs=torch.full((2, 3, 3), float("-inf"))), ValueError, "finite"),
+    ("mass > 1", dict(teacher_logprobs=torch.full((2, 3, 3), -0.5)), ValueError, "at most 1"),
+    ("int hidden", dict(hidden=torch.zeros(2, 3, 4, dtype=torch.long)), TypeError, "hidden"),
+    ("float ids", dict(teacher_ids=torch.zeros(2, 3, 3)), TypeError, "teacher_ids"),
+    ("mixed devices", dict(weight=torch.zeros(11, 4, device="meta")), ValueError, "device"),
+    ("temperature 0", dict(temperature=0.0), ValueError, "temperature"),
+    ("temperature < 0", dict(temperature=-1.0), ValueError, "temperature"),
+    ("temperature nan", dict(temperature=float("nan")), ValueError, "temperature"),
+    ("mode", dict(mode="full"), ValueError, "mode"),
+    ("reduction", dict(reduction="avg"), ValueError, "reduction"),
+    ("impl", dict(impl="cuda"), ValueError, "impl"),
+    ("mask dtype", dict(mask=torch.ones(2, 3)), TypeError, "mask"),
+    ("mask shape", dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask"),
+    ("bias shape", dict(bias=torch.zeros(10)), ValueError, "bias"),
+    ("chunk_size", dict(chunk_size=0), ValueError, "chunk_size"),
+    ("tail with topk", dict(mode="topk", teacher_tail_logprob=torch.zeros(2, 3)), ValueError, "teacher_tail_logprob"),
+    ("tail nan", dict(teacher_tail_logprob=torch.full((2, 3), float("nan"))), ValueError, "teacher_tail_logprob"),
+]
+
+
+@pytest.mark.parametrize("fn", [sf.fused_replay_kl, sf.reference_replay_kl], ids=["fused", "reference"])
+@pytest.mark.parametrize("name,over,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_rejected(fn, name, over, exc, match):
+    with pytest.raises(exc, match=match):
+        _call(fn, **over)
+
+
+def test_sampled_mass_over_one_and_good_call_pass():
+    assert torch.isfinite(_call())  # the baseline of the table above is valid
+    with pytest.raises(ValueError, match="sample frequencies"):
+        _call(mode="sampled", teacher_logprobs=torch.full((2, 3, 3), -0.5))
+
+
+def test_process_group_is_reserved():
+    with pytest.raises(NotImplementedError, match="process_group"):
+        _call(process_group=object())
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _call(impl="triton")
+
+
+def test_skip_value_checks_skips_only_value_checks():
+    with sf.skip_value_checks():
+        _call(teacher_ids=torch.tensor([1, 1, 2]).expand(2, 3, 3))  # duplicate not checked
+        with pytest.raises(ValueError, match="weight"):
+            _call(weight=torch.zeros(11, 5))
+    with pytest.raises(ValueError, match="duplicate"):
+        _call(teacher_ids=torch.tensor([1, 1, 2]).expand(2, 3, 3))
+
+
+def test_tail_mode_is_a_lower_bound_exact_when_student_tail_has_teacher_shape():
+    """Coarsening into (top-k + one bucket) can only lose information: tail KL <= full KL, with
+    equality when the student's conditional distribution inside the bucket is the teacher's."""
+    g = torch.Generator().manual_seed(91)
+    vocab = 12
+    teacher = torch.log_softmax(torch.randn(5, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    ids = teacher.topk(4, -1).indices
+    lp, tail = teacher.gather(1, ids), log_mass_outside(teacher, ids)
+    eye = torch.eye(vocab, dtype=torch.float64)
+    outside = torch.ones_like(teacher, dtype=torch.bool).scatter(1, ids, False)
+    shifted = teacher + torch.where(outside, 1.3, torch.randn(5, vocab, generator=g, dtype=torch.float64))
+    for z, exact in [(shifted, True), (torch.randn(5, vocab, generator=g, dtype=torch.float64), False)]:
+        full = F.kl_div(torch.log_softmax(z, -1), teacher, log_target=True, reduction="none").sum(-1)
+        got = sf.fused_replay_kl(z, eye, ids, lp, teacher_tail_logprob=tail, reduction="none", impl="torch")
+        if exact:
+            torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+        else:
+            assert (got <= full + 1e-12).all() and (got < full - 1e-3).any()
