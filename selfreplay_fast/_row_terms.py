@@ -8,9 +8,14 @@ scaled logits on the slots (``z_teacher``). From those and the teacher this modu
     dL/dz_v = alpha * exp(z_v - beta) - gamma * exp(z_v - delta)    for v outside the teacher's slots
     dL/dz_t = grad_teacher[t]                                         for t on a used slot
 
-so one vocabulary kernel serves all modes: modes differ only in these per-row scalars. The two
-exponentials are each bounded by 1 (beta >= z_v and delta >= z_v), so no product of a huge scalar and
-an underflowed probability can produce inf or NaN.
+so one vocabulary kernel serves all modes: modes differ only in these per-row scalars. The code
+evaluates the dense part as a single exponential
+
+    alpha * exp(z_v - beta) - gamma * exp(z_v - delta) = sign * exp(z_v - shift)
+
+with sign and shift = beta - log|alpha - gamma * exp(beta - delta)| taken in log space; the exponent
+is at most log 2 for v outside the slots (docs/design.md, section 2), so it never overflows and no
+product of a huge scalar and an underflowed probability (inf * 0 = NaN) is ever formed.
 """
 
 from __future__ import annotations
@@ -26,11 +31,26 @@ NEG_INF = float("-inf")
 @dataclass
 class RowTerms:
     loss: torch.Tensor  # [c] KL of each row (0 for a row without used slots)
-    alpha: torch.Tensor  # [c]
-    beta: torch.Tensor  # [c]
-    gamma: torch.Tensor  # [c]
-    delta: torch.Tensor  # [c]
-    grad_teacher: torch.Tensor  # [c, k], 0 on unused slots
+    sign: torch.Tensor  # [c] sign of the dense gradient (+1, -1 or 0)
+    shift: torch.Tensor  # [c] dL/dz_v = sign * exp(z_v - shift) outside the slots (+inf: zero)
+    grad_teacher: torch.Tensor  # [c, k] dL/dz on the slots, 0 on unused slots
+
+    def scaled(self, row_scale: torch.Tensor):
+        """(sign, shift, grad_teacher) of row_scale[n] * dL/dz (row weight and 1/temperature)."""
+        sign = self.sign * torch.sign(row_scale)
+        shift = self.shift - row_scale.abs().log()  # a zero scale gives +inf: an exact 0 gradient
+        return sign, shift, self.grad_teacher * row_scale[:, None]
+
+
+def _signed_log_difference(log_a: torch.Tensor, log_b: torch.Tensor):
+    """(sign, log|a - b|) of a - b for a, b >= 0 given as logs (-inf for 0)."""
+    big = torch.maximum(log_a, log_b)
+    gap = (log_a - log_b).abs()
+    both_zero = big == NEG_INF
+    log_abs = big + torch.log(-torch.expm1(-torch.where(both_zero, 1.0, gap)))
+    sign = torch.where(log_a > log_b, 1.0, torch.where(log_b > log_a, -1.0, 0.0))
+    log_abs = torch.where(both_zero | (sign == 0), NEG_INF, log_abs)
+    return sign.to(log_a.dtype), log_abs
 
 
 def compute_row_terms(
@@ -57,8 +77,7 @@ def compute_row_terms(
         p_hat = torch.where(valid, log_p_hat.exp(), 0.0)
         loss = torch.where(valid, p_hat * (log_p_hat - log_q_hat), 0.0).sum(-1)
         grad_teacher = torch.where(valid, log_q_hat.exp() - p_hat, 0.0)
-        zeros = zero.expand(loss.shape)
-        return RowTerms(loss, zeros, zeros, zeros, zeros, grad_teacher)
+        return RowTerms(loss, zero.expand(loss.shape), (zero + float("inf")).expand(loss.shape), grad_teacher)
 
     lse = torch.logaddexp(lse_complement, lse_teacher)  # full-vocabulary log-sum-exp
     log_q_teacher = z_teacher - lse[:, None]
@@ -79,13 +98,13 @@ def compute_row_terms(
         log_one_minus_q = lse_complement - lse  # log(1 - Q), a log-sum-exp over the complement: never 1 - Q
         tail = r * (torch.where(active, log_r, 0.0) - torch.where(active, log_one_minus_q, 0.0))
         loss = loss + tail
-        log_q_mass = lse_teacher - lse  # log Q
-        # gamma * exp(z_v - delta) = r * Q / (1 - Q) * q_v; delta = lse for inactive rows keeps it finite.
-        delta = torch.where(active, lse_complement - log_q_mass, lse)
+        # Outside the slots dL/dz_v = (mass - r Q / (1 - Q)) q_v: the log of the subtracted part.
+        log_subtracted = torch.where(active, r.log() + (lse_teacher - lse) - log_one_minus_q, NEG_INF)
     else:  # "sampled": the same family with no tail bucket
         r = zero.expand(mass.shape)
-        delta = lse
+        log_subtracted = torch.full_like(mass, NEG_INF)
 
     # dL/dz_v = (mass + r) q_v - r [v outside] q_v / (1 - Q) - p_v  (docs/design.md, eq. G)
     grad_teacher = torch.where(valid, (mass + r)[:, None] * log_q_teacher.exp() - p, 0.0)
-    return RowTerms(loss, mass, lse, r, delta, grad_teacher)
+    sign, log_abs_coef = _signed_log_difference(mass.log(), log_subtracted)
+    return RowTerms(loss, sign, lse - log_abs_coef, grad_teacher)

@@ -20,16 +20,17 @@ def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
     # never unmask a used id 0, whatever order the scatter runs in.
     fill = torch.where(valid, float("-inf"), float("inf")).to(logits.dtype)
     logits.scatter_reduce_(1, safe_ids, fill, reduce="amin")
-    lse_complement = torch.logsumexp(logits * inv_temp, dim=-1)
+    lse_complement = torch.logsumexp(logits * inv_temp if inv_temp != 1.0 else logits, dim=-1)
     return z_teacher, lse_complement
 
 
-def softmax_grad(logits, ids, grad_teacher, alpha, beta, gamma, delta, inv_temp: float, out):
-    z = logits * inv_temp
-    second = (z - delta[:, None]).exp_().mul_(gamma[:, None])
-    dense = z.sub_(beta[:, None]).exp_().mul_(alpha[:, None]).sub_(second)
-    del second
+def softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp: float, out):
+    dense = logits  # the logits are not needed afterwards: computed in place, no [c, V] temporaries
+    if inv_temp != 1.0:
+        dense.mul_(inv_temp)
+    dense.sub_(shift[:, None]).exp_().mul_(sign[:, None])
     # The teacher's slots hold exp(-inf) = 0 after the dense formula: add their sparse values.
     dense.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, grad_teacher, 0.0))
-    out.copy_(dense)
+    if dense is not out:
+        out.copy_(dense)
     return out

@@ -160,14 +160,11 @@ def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b
         loss[rows] = terms.loss
         if not want_any:
             continue
-        scale = row_scale[rows]
         out = logits if head.operand_dtype == logits.dtype else torch.empty(
             logits.shape, dtype=head.operand_dtype, device=dev
         )
-        grad_logits = passes.softmax_grad(
-            logits, ids, terms.grad_teacher * scale[:, None], terms.alpha * scale, terms.beta,
-            terms.gamma * scale, terms.delta, inv_temp, out,
-        )
+        sign, shift, grad_teacher = terms.scaled(row_scale[rows])
+        grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out)
         del logits
         if want_h:
             grads.hidden[rows] = head.grad_hidden(grad_logits).to(grads.hidden.dtype)

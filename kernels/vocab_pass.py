@@ -1,0 +1,369 @@
+"""Triton kernels for the two vocabulary passes of the chunked replay KL (see docs/design.md).
+
+A chunk of ``c`` rows of raw student logits ``x`` [c, V] is visited twice, with scaled logits
+``z = x * inv_temp``:
+
+* :func:`masked_lse` gathers the scaled logits on each row's teacher slots, overwrites those positions
+  of ``x`` with -inf, and returns the log-sum-exp of ``z`` over the remaining vocabulary;
+* :func:`softmax_grad` (after per-row scalars are computed in Python) writes the dense gradient
+  ``sign * exp(z - shift)`` and then the sparse gradient on the teacher slots.
+
+Both kernels run one program per row and stream the vocabulary in tiles of ``BLOCK_V`` columns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest vocabulary tile and warps per program on a GPU (8 fp32 columns per thread and tile).
+MAX_BLOCK_V = 1024
+NUM_WARPS = 4
+# Under the CPU interpreter each tile costs a fixed number of interpreted numpy operations, so wider
+# tiles are faster there.
+MAX_BLOCK_V_INTERPRETER = 4096
+_MIN_BLOCK_V = 16
+
+_LOGITS_DTYPES = (torch.float32, torch.float64)
+_OUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
+@triton.jit
+def _masked_lse_kernel(
+    logits_ptr,
+    logits_row_stride,
+    ids_ptr,
+    ids_row_stride,
+    ids_col_stride,
+    z_teacher_ptr,
+    z_teacher_row_stride,
+    lse_complement_ptr,
+    inv_temp: tl.float64,
+    V,
+    K,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per row n.
+
+    Parameters:
+    logits_ptr: raw student logits x [c, V], last dim contiguous; row n at logits_ptr + n * logits_row_stride.
+        On exit x[n, ids[n, i]] = -inf for every used slot i.
+    ids_ptr: teacher token ids [c, K] (int32/int64); ids[n, i] = -1 marks an unused slot.
+    z_teacher_ptr: output [c, K]: z_teacher[n, i] = x[n, ids[n, i]] * inv_temp on used slots, -inf on unused.
+    lse_complement_ptr: output [c]: log sum_{v not in ids[n]} exp(x[n, v] * inv_temp), -inf for an empty sum.
+    inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
+    V: vocabulary size (columns of x). K: teacher slots per row.
+    BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: next power of 2 >= K.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_logits_ptr = logits_ptr + row * logits_row_stride
+    neg_inf = float("-inf")
+
+    # Teacher slots: gather their scaled logits, then remove them from the row.
+    slot = tl.arange(0, BLOCK_K)
+    slot_in_range = slot < K
+    ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
+    used = slot_in_range & (ids >= 0)
+    x_teacher = tl.load(row_logits_ptr + ids, mask=used, other=neg_inf)
+    scale = tl.full([], inv_temp, x_teacher.dtype)  # compute dtype = logits' dtype (fp32 or fp64)
+    z_teacher = tl.where(used, x_teacher * scale, neg_inf)
+    tl.store(z_teacher_ptr + row * z_teacher_row_stride + slot, z_teacher, mask=slot_in_range)
+    tl.store(row_logits_ptr + ids, tl.full([BLOCK_K], neg_inf, x_teacher.dtype), mask=used)
+    # The -inf stores must be visible to every thread of the program before the row is read again.
+    tl.debug_barrier()
+
+    # Streaming log-sum-exp with one running (max, sum) pair per lane, reduced once after the loop:
+    # lane_sum = sum over the lane's columns of exp(z - lane_max).
+    col = tl.arange(0, BLOCK_V)
+    lane_max = tl.full([BLOCK_V], neg_inf, x_teacher.dtype)
+    lane_sum = tl.zeros([BLOCK_V], x_teacher.dtype)
+    for start in range(0, V, BLOCK_V):
+        cols = start + col
+        z = tl.load(row_logits_ptr + cols, mask=cols < V, other=neg_inf) * scale
+        new_max = tl.maximum(lane_max, z)
+        safe_max = tl.where(new_max == neg_inf, 0.0, new_max)  # exp(-inf - 0) = 0 instead of NaN
+        lane_sum = lane_sum * tl.exp(lane_max - safe_max) + tl.exp(z - safe_max)
+        lane_max = new_max
+
+    row_max = tl.max(lane_max, axis=0)
+    safe_row_max = tl.where(row_max == neg_inf, 0.0, row_max)
+    row_sum = tl.sum(lane_sum * tl.exp(lane_max - safe_row_max), axis=0)
+    nonempty = row_sum > 0  # an empty complement has log(0) = -inf, without evaluating log(0)
+    lse_complement = tl.where(nonempty, safe_row_max + tl.log(tl.where(nonempty, row_sum, 1.0)), neg_inf)
+    tl.store(lse_complement_ptr + row, lse_complement)
+
+
+@triton.jit
+def _softmax_grad_kernel(
+    logits_ptr,
+    logits_row_stride,
+    ids_ptr,
+    ids_row_stride,
+    ids_col_stride,
+    grad_teacher_ptr,
+    grad_teacher_row_stride,
+    grad_teacher_col_stride,
+    sign_ptr,
+    sign_stride,
+    shift_ptr,
+    shift_stride,
+    out_ptr,
+    out_row_stride,
+    inv_temp: tl.float64,
+    V,
+    K,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    OUT_IS_16BIT: tl.constexpr,
+):
+    """One program per row n.
+
+    Parameters:
+    logits_ptr: raw student logits x [c, V] as left by _masked_lse_kernel (-inf on used slots).
+    ids_ptr: teacher token ids [c, K]; -1 marks an unused slot.
+    grad_teacher_ptr: [c, K] gradient w.r.t. z on the slots (0 on unused slots).
+    sign_ptr, shift_ptr: [c] per-row scalars of the dense gradient (sign in {-1, 0, 1}).
+    out_ptr: output [c, V], may alias logits_ptr (same strides):
+        out[n, v] = sign[n] * exp(z[n, v] - shift[n]),  z = x * inv_temp,
+        then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot i.
+    inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
+    V: vocabulary size. K: teacher slots per row.
+    BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: next power of 2 >= K.
+    OUT_IS_16BIT: out is bf16/fp16; values are rounded through fp32 (the interpreter cannot cast fp64
+        to bf16 directly).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_logits_ptr = logits_ptr + row * logits_row_stride
+    row_out_ptr = out_ptr + row * out_row_stride
+    out_dtype = out_ptr.dtype.element_ty
+    neg_inf = float("-inf")
+    pos_inf = float("inf")
+
+    sign = tl.load(sign_ptr + row * sign_stride)
+    shift = tl.load(shift_ptr + row * shift_stride)
+    # Per-row guards, so the dense pass is NaN-free whatever z holds: a zero sign turns the
+    # exponential off (exp(z - inf) = 0, never 0 * inf), and a -inf shift (possible only when every z
+    # of the row is -inf) becomes 0 so that exp(-inf - shift) = 0.
+    shift = tl.where(sign == 0, pos_inf, tl.where(shift == neg_inf, 0.0, shift))
+    scale = tl.full([], inv_temp, sign.dtype)  # compute dtype = logits' dtype (fp32 or fp64)
+
+    # Dense pass. When out aliases the logits, each element is read and then written by the same lane
+    # in the same iteration, so the in-place update is race-free.
+    col = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + col
+        in_row = cols < V
+        z = tl.load(row_logits_ptr + cols, mask=in_row, other=neg_inf) * scale
+        grad = sign * tl.exp(z - shift)
+        if OUT_IS_16BIT:
+            grad = grad.to(tl.float32)
+        tl.store(row_out_ptr + cols, grad.to(out_dtype), mask=in_row)
+    # The dense stores at the slot positions must land before the sparse stores below overwrite them.
+    tl.debug_barrier()
+
+    # Sparse pass: the gradient on the teacher slots.
+    slot = tl.arange(0, BLOCK_K)
+    slot_in_range = slot < K
+    ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
+    used = slot_in_range & (ids >= 0)
+    grad_teacher_offsets = row * grad_teacher_row_stride + slot * grad_teacher_col_stride
+    grad_teacher = tl.load(grad_teacher_ptr + grad_teacher_offsets, mask=used, other=0.0)
+    if OUT_IS_16BIT:
+        grad_teacher = grad_teacher.to(tl.float32)
+    tl.store(row_out_ptr + ids, grad_teacher.to(out_dtype), mask=used)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch wrappers
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_v(V: int, device: torch.device, block_v: Optional[int]) -> int:
+    if block_v is None:
+        cap = MAX_BLOCK_V_INTERPRETER if device.type == "cpu" else MAX_BLOCK_V
+        return max(_MIN_BLOCK_V, min(cap, triton.next_power_of_2(max(V, 1))))
+    if not isinstance(block_v, int) or block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a positive power of 2, got {block_v!r}")
+    return block_v
+
+
+def _block_k(K: int) -> int:
+    return triton.next_power_of_2(max(K, 1))
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_inv_temp(inv_temp) -> float:
+    if isinstance(inv_temp, bool) or not isinstance(inv_temp, numbers.Real):
+        raise ValueError(f"inv_temp must be a Python float, got {type(inv_temp).__name__}")
+    inv_temp = float(inv_temp)
+    if not (inv_temp > 0 and math.isfinite(inv_temp)):
+        raise ValueError(f"inv_temp must be positive and finite, got {inv_temp}")
+    return inv_temp
+
+
+def _check_logits(logits) -> tuple[int, int]:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a 2-D tensor [c, V], got {_describe(logits)}")
+    if logits.dtype not in _LOGITS_DTYPES:
+        raise ValueError(f"logits must be float32 or float64, got {logits.dtype}")
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        raise ValueError(f"logits must have a contiguous last dim, got strides {tuple(logits.stride())}")
+    return logits.shape[0], logits.shape[1]
+
+
+def _check_ids(ids, c: int, device: torch.device) -> int:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != c:
+        raise ValueError(f"ids must be a 2-D tensor [c={c}, k], got {_describe(ids)}")
+    if ids.dtype not in _ID_DTYPES:
+        raise ValueError(f"ids must be int64 or int32, got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"ids is on {ids.device} but logits is on {device}")
+    return ids.shape[1]
+
+
+def _check_like(name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        raise ValueError(f"{name} must be a tensor of shape {list(shape)}, got {_describe(t)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have the logits' dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits is on {device}")
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {list(t.shape)}"
+    return type(t).__name__
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two non-empty tensors intersect."""
+    def span(t):
+        start = t.data_ptr()
+        last = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size()
+        return start, last + t.element_size()
+
+    a0, a1 = span(a)
+    b0, b1 = span(b)
+    return a0 < b1 and b0 < a1
+
+
+def masked_lse(
+    logits: torch.Tensor, ids: torch.Tensor, inv_temp: float, *, block_v: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [c, V] float32/float64, last dim contiguous (row stride may be > V).
+    ids: [c, k] int64 (or int32), -1 = unused slot; used ids of a row are unique and in [0, V).
+    Returns (z_teacher [c, k], lse_complement [c]) in logits.dtype:
+      z_teacher[n, i] = logits[n, ids[n, i]] * inv_temp on used slots, -inf on unused slots;
+      lse_complement[n] = log(sum over v not in the row's used ids of exp(logits[n, v] * inv_temp)),
+      -inf when every v is a used id.
+    Side effect: logits[n, ids[n, i]] is overwritten with -inf for every used slot.
+    block_v: vocabulary tile width override (power of 2), for tests and tuning.
+    """
+    c, V = _check_logits(logits)
+    k = _check_ids(ids, c, logits.device)
+    inv_temp = _check_inv_temp(inv_temp)
+    z_teacher = torch.empty((c, k), dtype=logits.dtype, device=logits.device)
+    lse_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
+    if c == 0:
+        return z_teacher, lse_complement
+    with _on_device(logits.device):
+        _masked_lse_kernel[(c,)](
+            logits,
+            logits.stride(0),
+            ids,
+            ids.stride(0),
+            ids.stride(1),
+            z_teacher,
+            z_teacher.stride(0),
+            lse_complement,
+            inv_temp,
+            V,
+            k,
+            BLOCK_V=_block_v(V, logits.device, block_v),
+            BLOCK_K=_block_k(k),
+            num_warps=NUM_WARPS,
+        )
+    return z_teacher, lse_complement
+
+
+def softmax_grad(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    grad_teacher: torch.Tensor,
+    sign: torch.Tensor,
+    shift: torch.Tensor,
+    inv_temp: float,
+    out: torch.Tensor,
+    *,
+    block_v: Optional[int] = None,
+) -> torch.Tensor:
+    """logits: [c, V] as left by masked_lse (used-slot positions hold -inf).
+    ids: [c, k] int64/int32, -1 = unused. grad_teacher: [c, k] (logits.dtype), 0 on unused slots.
+    sign, shift: [c] (logits.dtype), sign in {-1, 0, 1}.
+    out: [c, V] float32/float64/bfloat16/float16, last dim contiguous; may be the same tensor as logits.
+    Writes, with z = logits * inv_temp computed in logits.dtype:
+      out[n, v] = sign[n] * exp(z[n, v] - shift[n]) for every v,
+      then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot.
+    A zero sign gives an exact 0. Returns out.
+    block_v: vocabulary tile width override (power of 2), for tests and tuning.
+    """
+    c, V = _check_logits(logits)
+    k = _check_ids(ids, c, logits.device)
+    inv_temp = _check_inv_temp(inv_temp)
+    dtype, device = logits.dtype, logits.device
+    _check_like("grad_teacher", grad_teacher, (c, k), dtype, device)
+    for name, t in (("sign", sign), ("shift", shift)):
+        _check_like(name, t, (c,), dtype, device)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (c, V):
+        raise ValueError(f"out must be a tensor of shape [{c}, {V}], got {_describe(out)}")
+    if out.dtype not in _OUT_DTYPES:
+        raise ValueError(f"out must be float32, float64, bfloat16 or float16, got {out.dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but logits is on {device}")
+    if V > 1 and out.stride(1) != 1:
+        raise ValueError(f"out must have a contiguous last dim, got strides {tuple(out.stride())}")
+    if c == 0 or V == 0:
+        return out
+    same_tensor = (
+        out.data_ptr() == logits.data_ptr() and out.dtype == logits.dtype and out.stride() == logits.stride()
+    )
+    if not same_tensor and _overlaps(out, logits):
+        raise ValueError("out must be either the logits tensor itself or not overlap it")
+    with _on_device(logits.device):
+        _softmax_grad_kernel[(c,)](
+            logits,
+            logits.stride(0),
+            ids,
+            ids.stride(0),
+            ids.stride(1),
+            grad_teacher,
+            grad_teacher.stride(0),
+            grad_teacher.stride(1),
+            sign,
+            sign.stride(0),
+            shift,
+            shift.stride(0),
+            out,
+            out.stride(0),
+            inv_temp,
+            V,
+            k,
+            BLOCK_V=_block_v(V, logits.device, block_v),
+            BLOCK_K=_block_k(k),
+            OUT_IS_16BIT=out.dtype in (torch.bfloat16, torch.float16),
+            num_warps=NUM_WARPS,
+        )
+    return out

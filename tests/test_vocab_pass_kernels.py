@@ -1,0 +1,274 @@
+"""The Triton vocabulary passes (kernels/vocab_pass.py) against plain float64 PyTorch.
+
+Without a GPU the kernels run under the Triton interpreter, so shapes are small and odd: vocabularies
+smaller than, equal to and larger than the tile width, rows without used slots, rows where every token
+is a teacher slot, peaked logits, and padded row strides.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import itertools
+
+import pytest
+import torch
+import triton  # noqa: F401  (a hard test dependency: imported here so that a missing triton fails loudly)
+
+from selfreplay_fast.kernels.vocab_pass import masked_lse, softmax_grad
+
+NEG_INF = float("-inf")
+TILE = 32  # the block_v override: V = 1, 5 are below it, V = 32 equals it, V = 37, 300 exceed it
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-12, atol=1e-14),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-7),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs and the float64 reference
+# --------------------------------------------------------------------------------------------------
+
+
+def make_inputs(c, V, k, dtype=torch.float32, seed=0, peaked=False, padded=False, id_dtype=torch.int64):
+    """Logits [c, V] and ids [c, k]. Row 0 has no used slot (when c > 1); other rows use min(k, V)
+    distinct ids, with a few slots dropped to -1 at random positions (row 2 keeps only k - 1 when
+    k = V, so it has a one-token complement). ``peaked`` lifts one logit per row 60 above the rest,
+    on a teacher id in even rows and off the ids in odd ones. ``padded`` gives a row stride > V."""
+    gen = torch.Generator().manual_seed(seed)
+    stride = V + 3 if padded else V
+    storage = torch.randn(c, stride, generator=gen, dtype=torch.float64) * 3
+    logits = storage.to(dtype)[:, :V]
+    ids = torch.full((c, k), -1, dtype=torch.int64)
+    for n in range(c):
+        if n == 0 and c > 1:
+            continue
+        perm = torch.randperm(V, generator=gen)
+        used = min(k, V)
+        ids[n, :used] = perm[:used]
+        if k < V and k > 1 and n % 2 == 1:
+            ids[n, torch.randint(k, (1,), generator=gen)] = -1
+        if k == V and n == 2:
+            ids[n, -1] = -1
+        ids[n] = ids[n, torch.randperm(k, generator=gen)]  # unused slots anywhere, not only at the end
+        if peaked:
+            teacher = [int(i) for i in ids[n] if i >= 0]
+            others = [v for v in range(V) if v not in teacher]
+            pool = teacher if (n % 2 == 0 and teacher) or not others else others
+            peak = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+            logits[n, peak] = logits[n].max() + 60
+    return logits, ids.to(id_dtype)
+
+
+def slot_mask(ids, V):
+    """[c, V] bool: True at the row's used ids."""
+    mask = torch.zeros(ids.shape[0], V, dtype=torch.bool)
+    for n, i in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
+        mask[n, ids[n, i]] = True
+    return mask
+
+
+def reference_masked_lse(logits, ids, inv_temp):
+    z = logits.double() * inv_temp
+    used = ids >= 0
+    z_teacher = torch.full(ids.shape, NEG_INF, dtype=torch.float64)
+    z_teacher[used] = z.gather(1, ids.long().clamp_min(0))[used]
+    mask = slot_mask(ids, logits.shape[1])
+    complement = z.masked_fill(mask, NEG_INF)
+    # Plain log(sum(exp)) with the max pulled out; an all -inf row gives -inf.
+    row_max = complement.max(dim=1).values
+    shift = torch.where(row_max == NEG_INF, 0.0, row_max)
+    lse = torch.log(torch.exp(complement - shift[:, None]).sum(dim=1)) + shift
+    return z_teacher, lse
+
+
+def reference_softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp):
+    z = logits.double() * inv_temp
+    z = z.masked_fill(slot_mask(ids, logits.shape[1]), NEG_INF)
+    out = sign.double()[:, None] * torch.exp(z - shift.double()[:, None])
+    for n, i in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
+        out[n, ids[n, i]] = grad_teacher[n, i].double()
+    return out
+
+
+def row_scalars(z_teacher, lse_complement, seed=0):
+    """Realistic per-row scalars: shift = full log-sum-exp minus the log of a coefficient in
+    [0.05, 2], signs of both kinds (sign = 0 in the last row), grad_teacher 0 on unused slots."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    c, k = z_teacher.shape
+    dtype = z_teacher.dtype
+    lse = torch.logaddexp(lse_complement.double(), z_teacher.double().logsumexp(dim=1))
+    coef = 0.05 + 1.95 * torch.rand(c, generator=gen, dtype=torch.float64)
+    sign = torch.where(torch.rand(c, generator=gen) < 0.5, 1.0, -1.0).double()
+    sign[-1] = 0.0
+    noise = torch.randn(c, k, generator=gen, dtype=torch.float64)
+    grad_teacher = torch.where(z_teacher > NEG_INF, noise, 0.0)
+    return tuple(t.to(dtype) for t in (grad_teacher, sign, lse - coef.log()))
+
+
+def assert_close(actual, expected, dtype, what):
+    assert not torch.isnan(actual).any(), f"{what}: NaN in the kernel's result"
+    torch.testing.assert_close(
+        actual.double(), expected.double(), **TOL[dtype], equal_nan=False, msg=lambda m: f"{what}: {m}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# masked_lse
+# --------------------------------------------------------------------------------------------------
+
+SHAPES = [
+    (c, V, k)
+    for c, V, k in itertools.product([1, 3, 7], [1, 5, 32, 37, 300], ["1", "3", "V"])
+    if not (k == "3" and V < 3)
+]
+
+
+def _k(k, V):
+    return V if k == "V" else int(k)
+
+
+@pytest.mark.parametrize("c,V,k", SHAPES, ids=[f"c{c}-V{V}-k{k}" for c, V, k in SHAPES])
+def test_masked_lse_matches_reference(c, V, k):
+    k = _k(k, V)
+    for case, (inv_temp, block_v) in enumerate(itertools.product([1.0, 0.37], [None, TILE])):
+        logits, ids = make_inputs(c, V, k, seed=case, peaked=case == 3, padded=c == 3)
+        original = logits.clone()
+        z_ref, lse_ref = reference_masked_lse(original, ids, inv_temp)
+
+        z_teacher, lse = masked_lse(logits, ids, inv_temp, block_v=block_v)
+
+        what = f"inv_temp={inv_temp} block_v={block_v}"
+        assert z_teacher.shape == (c, k) and lse.shape == (c,)
+        assert z_teacher.dtype == lse.dtype == torch.float32
+        assert_close(z_teacher, z_ref, torch.float32, f"z_teacher, {what}")
+        assert_close(lse, lse_ref, torch.float32, f"lse_complement, {what}")
+        # Side effect: -inf exactly at the used ids, every other entry untouched.
+        mask = slot_mask(ids, V)
+        assert torch.equal(logits, original.masked_fill(mask, NEG_INF)), what
+        # Rows where every token is a used id have an empty complement.
+        assert torch.equal(lse == NEG_INF, mask.all(dim=1)), what
+
+
+def test_masked_lse_empty_complement_and_empty_rows():
+    V = 37
+    logits = torch.randn(3, V)
+    ids = torch.stack([torch.randperm(V), torch.full((V,), -1), torch.randperm(V)])
+    ids[2, 5] = -1
+    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
+    assert lse[0].item() == NEG_INF
+    assert torch.isinf(logits[0]).all() and (logits[0] < 0).all()
+    assert torch.isfinite(lse[1:]).all()
+    assert (z_teacher[1] == NEG_INF).all()
+    assert not torch.isnan(z_teacher).any() and not torch.isnan(lse).any()
+
+
+def test_masked_lse_int32_ids_and_float64():
+    logits, ids = make_inputs(3, 300, 7, dtype=torch.float64, seed=4, peaked=True, id_dtype=torch.int32)
+    z_ref, lse_ref = reference_masked_lse(logits, ids, 0.37)
+    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
+    assert z_teacher.dtype == lse.dtype == torch.float64
+    assert_close(z_teacher, z_ref, torch.float64, "z_teacher fp64")
+    assert_close(lse, lse_ref, torch.float64, "lse_complement fp64")
+
+
+# --------------------------------------------------------------------------------------------------
+# softmax_grad
+# --------------------------------------------------------------------------------------------------
+
+OUT_KINDS = ["fp32-inplace", "fp32", "bf16", "fp16", "fp64-inplace", "fp64-to-bf16"]
+GRAD_SHAPES = [(3, 5, "3"), (7, 37, "3"), (3, 300, "V"), (1, 300, "1"), (7, 32, "V"), (3, 1, "1")]
+
+
+def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
+    logits_dtype = torch.float64 if out_kind.startswith("fp64") else torch.float32
+    out_dtype = {
+        "fp32-inplace": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+        "fp16": torch.float16, "fp64-inplace": torch.float64, "fp64-to-bf16": torch.bfloat16,
+    }[out_kind]
+    logits, ids = make_inputs(c, V, k, dtype=logits_dtype, seed=seed, peaked=peaked, padded=seed % 2 == 1)
+    original = logits.clone()
+    z_teacher, lse_complement = masked_lse(logits, ids, inv_temp, block_v=block_v)
+    grad_teacher, sign, shift = row_scalars(z_teacher, lse_complement, seed)
+    expected = reference_softmax_grad(original, ids, grad_teacher, sign, shift, inv_temp)
+
+    if out_kind.endswith("inplace"):
+        out = logits
+    else:
+        out = torch.full((c, V + 2), float("nan"), dtype=out_dtype)[:, :V]  # padded row stride
+    result = softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out, block_v=block_v)
+    assert result is out and result.dtype == out_dtype
+    return result, expected, out_dtype
+
+
+@pytest.mark.parametrize("out_kind", OUT_KINDS)
+@pytest.mark.parametrize("c,V,k", GRAD_SHAPES, ids=[f"c{c}-V{V}-k{k}" for c, V, k in GRAD_SHAPES])
+def test_softmax_grad_matches_reference(c, V, k, out_kind):
+    k = _k(k, V)
+    for case, (inv_temp, block_v) in enumerate(itertools.product([1.0, 0.37], [None, TILE])):
+        result, expected, out_dtype = _run_softmax_grad(
+            c, V, k, out_kind, inv_temp, block_v, seed=case, peaked=case % 2 == 0
+        )
+        assert_close(result, expected, out_dtype, f"{out_kind} inv_temp={inv_temp} block_v={block_v}")
+
+
+INPLACE_SHAPES = [(c, V, k) for c in (1, 3, 7) for V, k in ((1, "1"), (5, "V"), (37, "1"), (300, "3"))]
+
+
+@pytest.mark.parametrize("c,V,k", INPLACE_SHAPES, ids=[f"c{c}-V{V}-k{k}" for c, V, k in INPLACE_SHAPES])
+def test_softmax_grad_inplace_shapes(c, V, k):
+    """The in-place fp32 path over the remaining (c, V) combinations."""
+    k = _k(k, V)
+    result, expected, _ = _run_softmax_grad(c, V, k, "fp32-inplace", 0.37, TILE, c + V, peaked=c == 7)
+    assert_close(result, expected, torch.float32, "fp32-inplace")
+
+
+def test_softmax_grad_is_nan_free_on_degenerate_rows():
+    """Every token a used id (z = -inf everywhere, even with shift = -inf), and a zero sign next to
+    logits whose exponentials overflow fp32."""
+    V = 37
+    logits = torch.randn(3, V)
+    logits[2] += 200.0  # exp(z - 0) = inf in fp32
+    ids = torch.stack([torch.randperm(V), torch.randperm(V), torch.full((V,), -1)])
+    masked_lse(logits, ids, 1.0, block_v=TILE)
+    grad_teacher = torch.where(ids >= 0, torch.randn(3, V), 0.0)
+    sign = torch.tensor([1.0, -1.0, 0.0])
+    shift = torch.tensor([NEG_INF, 5.0, 0.0])
+    out = torch.empty(3, V)
+    softmax_grad(logits, ids, grad_teacher, sign, shift, 1.0, out, block_v=TILE)
+    assert not torch.isnan(out).any()
+    expected = torch.zeros(3, V)
+    expected.scatter_(1, ids[:2], grad_teacher[:2])
+    assert torch.equal(out, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------
+
+
+def test_wrappers_reject_bad_arguments():
+    logits, ids = make_inputs(3, 37, 3)
+    scalars = [torch.zeros(3) for _ in range(2)]
+    grad_teacher = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="logits"):
+        masked_lse(logits.half(), ids, 1.0)
+    with pytest.raises(ValueError, match="logits"):
+        masked_lse(logits.t(), ids, 1.0)
+    with pytest.raises(ValueError, match="ids"):
+        masked_lse(logits, ids[:2], 1.0)
+    with pytest.raises(ValueError, match="ids"):
+        masked_lse(logits, ids.float(), 1.0)
+    with pytest.raises(ValueError, match="inv_temp"):
+        masked_lse(logits, ids, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="grad_teacher"):
+        softmax_grad(logits, ids, grad_teacher.double(), *scalars, 1.0, logits)
+    with pytest.raises(ValueError, match="shift"):
+        softmax_grad(logits, ids, grad_teacher, scalars[0], torch.zeros(4), 1.0, logits)
+    with pytest.raises(ValueError, match="out"):
+        softmax_grad(logits, ids, grad_teacher, *scalars, 1.0, torch.empty(3, 37, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out"):
+        storage = torch.empty(3, 40)
+        softmax_grad(storage[:, :37], ids, grad_teacher, *scalars, 1.0, storage[:, 1:38])
