@@ -9,3 +9,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_for(impl: str) -> str:
+    """Where an implementation's tests run: Triton on the GPU when there is one (the interpreter is
+    then off), everything else on the CPU."""
+    return "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"

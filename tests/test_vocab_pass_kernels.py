@@ -5,10 +5,6 @@ smaller than, equal to and larger than the tile width, rows without used slots, 
 is a teacher slot, peaked logits, and padded row strides.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
 import itertools
 
 import pytest
@@ -17,6 +13,8 @@ import triton  # noqa: F401  (a hard test dependency: imported here so that a mi
 
 from selfreplay_fast.kernels.vocab_pass import masked_lse, softmax_grad
 
+# tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU; with one, the kernels run on it.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NEG_INF = float("-inf")
 TILE = 32  # the block_v override: V = 1, 5 are below it, V = 32 equals it, V = 37, 300 exceed it
 TOL = {
@@ -59,12 +57,12 @@ def make_inputs(c, V, k, dtype=torch.float32, seed=0, peaked=False, padded=False
             pool = teacher if (n % 2 == 0 and teacher) or not others else others
             peak = pool[int(torch.randint(len(pool), (1,), generator=gen))]
             logits[n, peak] = logits[n].max() + 60
-    return logits, ids.to(id_dtype)
+    return logits.to(DEVICE), ids.to(device=DEVICE, dtype=id_dtype)
 
 
 def slot_mask(ids, V):
     """[c, V] bool: True at the row's used ids."""
-    mask = torch.zeros(ids.shape[0], V, dtype=torch.bool)
+    mask = torch.zeros(ids.shape[0], V, dtype=torch.bool, device=ids.device)
     for n, i in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
         mask[n, ids[n, i]] = True
     return mask
@@ -73,7 +71,7 @@ def slot_mask(ids, V):
 def reference_masked_lse(logits, ids, inv_temp):
     z = logits.double() * inv_temp
     used = ids >= 0
-    z_teacher = torch.full(ids.shape, NEG_INF, dtype=torch.float64)
+    z_teacher = torch.full(ids.shape, NEG_INF, dtype=torch.float64, device=logits.device)
     z_teacher[used] = z.gather(1, ids.long().clamp_min(0))[used]
     mask = slot_mask(ids, logits.shape[1])
     complement = z.masked_fill(mask, NEG_INF)
@@ -104,8 +102,9 @@ def row_scalars(z_teacher, lse_complement, seed=0):
     sign = torch.where(torch.rand(c, generator=gen) < 0.5, 1.0, -1.0).double()
     sign[-1] = 0.0
     noise = torch.randn(c, k, generator=gen, dtype=torch.float64)
-    grad_teacher = torch.where(z_teacher > NEG_INF, noise, 0.0)
-    return tuple(t.to(dtype) for t in (grad_teacher, sign, lse - coef.log()))
+    grad_teacher = torch.where(z_teacher.cpu() > NEG_INF, noise, 0.0)
+    dev = z_teacher.device
+    return tuple(t.to(device=dev, dtype=dtype) for t in (grad_teacher.to(dev), sign.to(dev), lse - coef.log().to(dev)))
 
 
 def assert_close(actual, expected, dtype, what):
@@ -154,8 +153,8 @@ def test_masked_lse_matches_reference(c, V, k):
 
 def test_masked_lse_empty_complement_and_empty_rows():
     V = 37
-    logits = torch.randn(3, V)
-    ids = torch.stack([torch.randperm(V), torch.full((V,), -1), torch.randperm(V)])
+    logits = torch.randn(3, V, device=DEVICE)
+    ids = torch.stack([torch.randperm(V), torch.full((V,), -1), torch.randperm(V)]).to(DEVICE)
     ids[2, 5] = -1
     z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
     assert lse[0].item() == NEG_INF
@@ -197,7 +196,7 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
     if out_kind.endswith("inplace"):
         out = logits
     else:
-        out = torch.full((c, V + 2), float("nan"), dtype=out_dtype)[:, :V]  # padded row stride
+        out = torch.full((c, V + 2), float("nan"), dtype=out_dtype, device=DEVICE)[:, :V]  # padded row stride
     result = softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out, block_v=block_v)
     assert result is out and result.dtype == out_dtype
     return result, expected, out_dtype
@@ -229,17 +228,17 @@ def test_softmax_grad_is_nan_free_on_degenerate_rows():
     """Every token a used id (z = -inf everywhere, even with shift = -inf), and a zero sign next to
     logits whose exponentials overflow fp32."""
     V = 37
-    logits = torch.randn(3, V)
+    logits = torch.randn(3, V, device=DEVICE)
     logits[2] += 200.0  # exp(z - 0) = inf in fp32
-    ids = torch.stack([torch.randperm(V), torch.randperm(V), torch.full((V,), -1)])
+    ids = torch.stack([torch.randperm(V), torch.randperm(V), torch.full((V,), -1)]).to(DEVICE)
     masked_lse(logits, ids, 1.0, block_v=TILE)
-    grad_teacher = torch.where(ids >= 0, torch.randn(3, V), 0.0)
-    sign = torch.tensor([1.0, -1.0, 0.0])
-    shift = torch.tensor([NEG_INF, 5.0, 0.0])
-    out = torch.empty(3, V)
+    grad_teacher = torch.where(ids >= 0, torch.randn(3, V, device=DEVICE), 0.0)
+    sign = torch.tensor([1.0, -1.0, 0.0], device=DEVICE)
+    shift = torch.tensor([NEG_INF, 5.0, 0.0], device=DEVICE)
+    out = torch.empty(3, V, device=DEVICE)
     softmax_grad(logits, ids, grad_teacher, sign, shift, 1.0, out, block_v=TILE)
     assert not torch.isnan(out).any()
-    expected = torch.zeros(3, V)
+    expected = torch.zeros(3, V, device=DEVICE)
     expected.scatter_(1, ids[:2], grad_teacher[:2])
     assert torch.equal(out, expected)
 
@@ -251,8 +250,8 @@ def test_softmax_grad_is_nan_free_on_degenerate_rows():
 
 def test_wrappers_reject_bad_arguments():
     logits, ids = make_inputs(3, 37, 3)
-    scalars = [torch.zeros(3) for _ in range(2)]
-    grad_teacher = torch.zeros(3, 3)
+    scalars = [torch.zeros(3, device=DEVICE) for _ in range(2)]
+    grad_teacher = torch.zeros(3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="logits"):
         masked_lse(logits.half(), ids, 1.0)
     with pytest.raises(ValueError, match="logits"):
@@ -266,9 +265,9 @@ def test_wrappers_reject_bad_arguments():
     with pytest.raises(ValueError, match="grad_teacher"):
         softmax_grad(logits, ids, grad_teacher.double(), *scalars, 1.0, logits)
     with pytest.raises(ValueError, match="shift"):
-        softmax_grad(logits, ids, grad_teacher, scalars[0], torch.zeros(4), 1.0, logits)
+        softmax_grad(logits, ids, grad_teacher, scalars[0], torch.zeros(4, device=DEVICE), 1.0, logits)
     with pytest.raises(ValueError, match="out"):
-        softmax_grad(logits, ids, grad_teacher, *scalars, 1.0, torch.empty(3, 37, dtype=torch.int32))
+        softmax_grad(logits, ids, grad_teacher, *scalars, 1.0, torch.empty(3, 37, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="out"):
-        storage = torch.empty(3, 40)
+        storage = torch.empty(3, 40, device=DEVICE)
         softmax_grad(storage[:, :37], ids, grad_teacher, *scalars, 1.0, storage[:, 1:38])

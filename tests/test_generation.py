@@ -1,0 +1,367 @@
+"""Tests of generate_replay: exact sampling (chi-square against enumerated sequence probabilities),
+the cached teacher against a separate full forward pass, speculative decoding, resume and bad input.
+
+Every model is a tiny random Hugging Face model built from a config; no hub access is needed.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import selfreplay_fast.generation as generation
+from selfreplay_fast.generation import NGramDrafter, generate_replay, sample_categorical
+from selfreplay_fast.reference import reference_replay_kl
+from selfreplay_fast.replay_buffer import ReplayBuffer
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: intra-op threads only add spin-wait overhead, badly so on a shared 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOS, EOS, TINY_VOCAB = 0, 4, 5
+
+
+def tiny_llama(seed, vocab=TINY_VOCAB, layers=2, hidden=16, logit_scale=None, max_positions=32):
+    """A tiny Llama. ``logit_scale`` multiplies the lm_head so the next-token distributions are far
+    from uniform (random init alone gives near-uniform rows, on which a wrong sampler would pass)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
+    )
+    model = LlamaForCausalLM(config).eval()
+    if logit_scale is not None:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def peaky_model():
+    model = tiny_llama(0, logit_scale=12.0)
+    # generation_config defaults must not leak into our sampler (HF generate would apply top_k=50 etc.)
+    model.generation_config.top_k = 1
+    model.generation_config.do_sample = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def peaky_draft():
+    return tiny_llama(1, layers=1, logit_scale=12.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact sequence probabilities by enumeration
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def exact_sequence_probs(model, prompt, max_new_tokens, temperature):
+    """{generated tokens: probability} for every possible continuation (ends at EOS or the budget),
+    computed from plain full forward passes over each prefix."""
+    probs = {}
+
+    def expand(prefix, prob):
+        logits = model(torch.tensor([prompt + list(prefix)])).logits[0, -1].double()
+        p = torch.softmax(logits / temperature, -1).tolist()
+        for token, pt in enumerate(p):
+            seq = prefix + (token,)
+            if token == EOS or len(seq) == max_new_tokens:
+                probs[seq] = probs.get(seq, 0.0) + prob * pt
+            else:
+                expand(seq, prob * pt)
+
+    expand((), 1.0)
+    assert abs(sum(probs.values()) - 1) < 1e-9
+    return probs
+
+
+def chi_square_pvalue(buffer, prompt, exact):
+    counts = {}
+    for seq in buffer.sequences():
+        assert seq[: len(prompt)] == prompt
+        key = tuple(seq[len(prompt):])
+        assert key in exact, f"impossible sequence {key}"
+        counts[key] = counts.get(key, 0) + 1
+    n = len(buffer)
+    observed, expected = [], []
+    pooled_obs = pooled_exp = 0.0
+    for key, p in exact.items():
+        # Pool the rare outcomes so every chi-square cell expects >= 5 draws.
+        if p * n >= 5:
+            observed.append(counts.get(key, 0))
+            expected.append(p * n)
+        else:
+            pooled_obs += counts.get(key, 0)
+            pooled_exp += p * n
+    observed.append(pooled_obs)
+    expected.append(pooled_exp)
+    assert len(observed) >= 10, "the test distribution is too concentrated to be informative"
+    pvalue = scipy_stats.chisquare(observed, expected).pvalue
+    print(f"chi-square p-value {pvalue:.3g} over {len(observed)} cells")
+    return pvalue
+
+
+NUM_SAMPLES = 3000
+MAX_NEW = 3
+
+
+def test_exact_distribution_is_not_trivial(peaky_model):
+    exact = exact_sequence_probs(peaky_model, [BOS], MAX_NEW, 1.0)
+    assert len(exact) == 1 + 4 + 4 * 4 * 5
+    # peaked enough that a wrong temperature is detectable, spread enough for many chi-square cells
+    assert 0.05 < max(exact.values()) < 0.5
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_plain_sampling_follows_model_distribution(peaky_model, temperature):
+    buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
+                             batch_size=256, temperature=temperature, seed=1, progress=False)
+    exact = exact_sequence_probs(peaky_model, [BOS], MAX_NEW, temperature)
+    assert chi_square_pvalue(buffer, [BOS], exact) > 1e-3
+
+
+def test_wrong_temperature_sampler_fails_the_test(peaky_model):
+    # Sampling at 1.4 but testing against temperature 1: the chi-square test must reject it.
+    buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
+                             batch_size=256, temperature=1.4, seed=1, progress=False)
+    exact = exact_sequence_probs(peaky_model, [BOS], MAX_NEW, 1.0)
+    assert chi_square_pvalue(buffer, [BOS], exact) < 1e-3
+
+
+def test_speculative_sampling_follows_model_distribution(peaky_model, peaky_draft):
+    buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
+                             batch_size=256, draft_model=peaky_draft, num_draft_tokens=2, seed=2, progress=False)
+    rate = buffer.generation_stats.acceptance_rate
+    assert 0.05 < rate < 0.95  # the draft really differs from the target, so rejections are exercised
+    exact = exact_sequence_probs(peaky_model, [BOS], MAX_NEW, 1.0)
+    assert chi_square_pvalue(buffer, [BOS], exact) > 1e-3
+
+
+def test_speculative_without_residual_fails_the_test(peaky_model, peaky_draft, monkeypatch):
+    # The classic bug: after a rejection, resample from p instead of normalize(max(p - q, 0)).
+    monkeypatch.setattr(generation, "_correction_distribution", lambda p, q, rejected: p)
+    buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
+                             batch_size=256, draft_model=peaky_draft, num_draft_tokens=2, seed=2, progress=False)
+    exact = exact_sequence_probs(peaky_model, [BOS], MAX_NEW, 1.0)
+    assert chi_square_pvalue(buffer, [BOS], exact) < 1e-3
+
+
+def test_ngram_speculative_sampling_follows_model_distribution(peaky_model):
+    # A repetitive prompt so the n-gram drafter finds matches and proposes real continuations.
+    prompt = [BOS, 1, 2, 3, 1, 2]
+    buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
+                             batch_size=256, prompts=[prompt], drafter=NGramDrafter(max_ngram=2),
+                             num_draft_tokens=2, seed=3, progress=False)
+    assert buffer.generation_stats.acceptance_rate > 0.05
+    exact = exact_sequence_probs(peaky_model, prompt, MAX_NEW, 1.0)
+    assert chi_square_pvalue(buffer, prompt, exact) > 1e-3
+
+
+def test_ngram_without_residual_fails_the_test(peaky_model, monkeypatch):
+    monkeypatch.setattr(generation, "_correction_distribution", lambda p, q, rejected: p)
+    prompt = [BOS, 1, 2, 3, 1, 2]
+    buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
+                             batch_size=256, prompts=[prompt], drafter=NGramDrafter(max_ngram=2),
+                             num_draft_tokens=2, seed=3, progress=False)
+    exact = exact_sequence_probs(peaky_model, prompt, MAX_NEW, 1.0)
+    assert chi_square_pvalue(buffer, prompt, exact) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# The cached teacher equals a separate full forward pass
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_model(arch, seed, vocab=48, layers=2):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             bos_token_id=1, eos_token_id=2)
+        model = LlamaForCausalLM(config)
+    elif arch == "qwen2":
+        config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             bos_token_id=1, eos_token_id=2)
+        model = Qwen2ForCausalLM(config)
+    else:
+        # n_positions = the longest sequence exactly, so draft positions past it must be clamped
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=17,
+                            bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)  # peakier rows: EOS hits and n-gram repeats happen
+    return model.eval()
+
+
+@torch.no_grad()
+def assert_teacher_matches_full_forward(model, buffer, k, prompts_len=None, temperature=1.0):
+    assert buffer.teacher_ids.dtype == torch.int32
+    for i, seq in enumerate(buffer.sequences()):
+        n = len(seq)
+        logits = model(torch.tensor([seq])).logits[0].double() / temperature
+        logp = torch.log_softmax(logits, -1)
+        has_teacher = buffer.teacher_ids[i, :n, 0] >= 0
+        prompt_len = prompts_len[i] if prompts_len is not None else 1
+        # rows prompt_len-1 .. n-2 predict the sampled tokens; the prompt rows before and the last row do not
+        expected_rows = torch.zeros(n, dtype=torch.bool)
+        expected_rows[prompt_len - 1 : n - 1] = True
+        assert torch.equal(has_teacher, expected_rows), (i, has_teacher, expected_rows)
+        assert (buffer.teacher_ids[i, n:] == -1).all()
+        rows = torch.nonzero(expected_rows)[:, 0]
+        top = logp[rows].topk(k, dim=-1)
+        cached_ids = buffer.teacher_ids[i, rows].long()
+        cached_lp = buffer.teacher_logprobs[i, rows].double()
+        # ids must agree except where two log-probs tie within float32 noise
+        recomputed_at_cached = logp[rows].gather(1, cached_ids)
+        torch.testing.assert_close(recomputed_at_cached, top.values, atol=2e-5, rtol=0)
+        torch.testing.assert_close(cached_lp, top.values, atol=2e-5, rtol=0)
+        tail = logp[rows].scatter(1, cached_ids, float("-inf")).logsumexp(-1)
+        torch.testing.assert_close(buffer.teacher_tail_logprob[i, rows].double(), tail, atol=2e-5, rtol=1e-5)
+        # every sampled token must have had positive probability under the recorded distribution
+        assert torch.isfinite(logp[rows, torch.tensor(seq)[rows + 1]]).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("speculative", ["none", "draft", "ngram"])
+def test_cached_topk_equals_full_forward(arch, speculative, monkeypatch):
+    # Exercise cache compaction often (slack 0) and the delayed finish checks (check_every=3).
+    monkeypatch.setattr(generation, "_COMPACT_SLACK", 0)
+    model = build_model(arch, 0)
+    prompts = [[1, 5, 6, 5, 6], [1], [1, 7, 7]]
+    kwargs = {}
+    if speculative == "draft":
+        kwargs["draft_model"] = build_model(arch, 1, layers=1)
+    elif speculative == "ngram":
+        kwargs["drafter"] = NGramDrafter()
+    k = 6
+    buffer = generate_replay(model, num_sequences=14, max_new_tokens=12, top_k=k, batch_size=4, prompts=prompts,
+                             shard_size=8, seed=5, progress=False, check_every=3, num_draft_tokens=3, **kwargs)
+    assert len(buffer) == 14
+    assert buffer.k == k and buffer.vocab_size == 48
+    prompt_lens = [len(prompts[i % 3]) for i in range(14)]
+    for i, seq in enumerate(buffer.sequences()):
+        assert seq[: prompt_lens[i]] == prompts[i % 3]
+        new = seq[prompt_lens[i]:]
+        assert 1 <= len(new) <= 12
+        assert 2 not in new[:-1]  # EOS only ever ends a sequence
+        assert len(new) == 12 or new[-1] == 2
+    buffer.validate()
+    assert_teacher_matches_full_forward(model, buffer, k, prompt_lens)
+    if speculative != "none":
+        assert buffer.generation_stats.acceptance_rate is not None
+
+
+def test_teacher_at_temperature_and_float16(monkeypatch):
+    model = build_model("llama", 3)
+    buffer = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=5, batch_size=3, temperature=0.6,
+                             seed=0, progress=False, logprob_dtype=torch.float16)
+    assert buffer.teacher_logprobs.dtype == torch.float16
+    exact = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=5, batch_size=3, temperature=0.6,
+                            seed=0, progress=False)
+    assert torch.equal(buffer.input_ids, exact.input_ids)
+    torch.testing.assert_close(buffer.teacher_logprobs.float(), exact.teacher_logprobs, atol=1e-2, rtol=1e-3)
+    assert_teacher_matches_full_forward(model, exact, 5, temperature=0.6)
+
+
+def test_full_vocab_teacher_has_no_tail_and_sums_to_one():
+    model = build_model("qwen2", 4)
+    buffer = generate_replay(model, num_sequences=4, max_new_tokens=6, top_k=48, batch_size=4, progress=False)
+    mask = buffer.teacher_ids[..., 0] >= 0
+    assert torch.isneginf(buffer.teacher_tail_logprob[mask]).all()
+    mass = buffer.teacher_logprobs[mask].double().exp().sum(-1)
+    torch.testing.assert_close(mass, torch.ones_like(mass), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_batches_align_with_hidden_states_kl_to_self_is_zero():
+    """End to end: a buffer from the model, fed back through the same model, gives KL 0 in tail mode,
+    and a different model gives KL > 0. This pins down the row-j-predicts-token-j+1 alignment."""
+    model = build_model("llama", 6)
+    buffer = generate_replay(model, num_sequences=10, max_new_tokens=10, top_k=4, batch_size=4, progress=False,
+                             prompts=[[1], [1, 9, 10]])
+    other = build_model("llama", 7)
+    for batch in buffer.batches(4, shuffle=True, seed=0):
+        for student, expect_zero in ((model, True), (other, False)):
+            hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            kl = reference_replay_kl(hidden.double(), student.lm_head.weight.double(), batch["teacher_ids"],
+                                     batch["teacher_logprobs"], mask=batch["mask"],
+                                     teacher_tail_logprob=batch["teacher_tail_logprob"], reduction="none")
+            assert (kl[~batch["mask"]] == 0).all()
+            if expect_zero:
+                assert kl.abs().max() < 1e-5
+            else:
+                assert kl[batch["mask"]].min() > 1e-4
+
+
+def test_sampled_teacher_mode():
+    model = build_model("llama", 8)
+    draws = 400
+    buffer = generate_replay(model, num_sequences=4, max_new_tokens=5, top_k=48, batch_size=4, progress=False,
+                             sampled_draws=draws, seed=3)
+    assert buffer.mode == "sampled" and buffer.k == 48
+    buffer.validate()
+    mask = buffer.teacher_ids[..., 0] >= 0
+    freqs = torch.where(buffer.teacher_ids >= 0, buffer.teacher_logprobs.double().exp(), 0.0)
+    torch.testing.assert_close(freqs[mask].sum(-1), torch.ones(int(mask.sum()), dtype=torch.float64))
+    counts = freqs * draws
+    torch.testing.assert_close(counts, counts.round(), atol=1e-3, rtol=0)  # frequencies are counts / N
+    # frequencies estimate the model's probabilities (binomial standard error <= 0.025 at N = 400)
+    with torch.no_grad():
+        for i, seq in enumerate(buffer.sequences()):
+            probs = torch.softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+            for j in torch.nonzero(mask[i])[:, 0].tolist():
+                dense = torch.zeros(48, dtype=torch.float64)
+                ids = buffer.teacher_ids[i, j]
+                dense[ids[ids >= 0].long()] = freqs[i, j][ids >= 0]
+                assert (dense - probs[j]).abs().max() < 0.11
+
+
+def test_self_draft_accepts_everything():
+    model = build_model("llama", 9)
+    buffer = generate_replay(model, num_sequences=8, max_new_tokens=10, top_k=4, batch_size=4, progress=False,
+                             draft_model=model, num_draft_tokens=3, eos_token_id=[])
+    # p == q up to float rounding of a different block shape: every draft is accepted
+    assert buffer.generation_stats.acceptance_rate > 0.99
+    assert (buffer.lengths == 11).all()
+
+
+def test_same_seed_same_output_different_seed_differs():
+    model = build_model("llama", 10)
+    a = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=4, batch_size=3, seed=11, progress=False)
+    b = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=4, batch_size=3, seed=11, progress=False)
+    c = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=4, batch_size=3, seed=12, progress=False)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.teacher_logprobs, b.teacher_logprobs)
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_sample_categorical_matches_probabilities():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(700, generator=g, dtype=torch.float64) * 2, 0)
+    probs[[3, 300, 699]] = 0.0  # zero-probability ids, one at the end of a padded block
+    draws = sample_categorical(probs.float()[None], g, 200_000)[0]
+    counts = torch.bincount(draws, minlength=700).double()
+    assert counts[[3, 300, 699]].sum() == 0
+    expected = probs / probs.sum() * counts.sum()
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expect = torch.cat([expected[big], expected[~big].sum()[None]])
+    assert scipy_stats.chisquare(observed.numpy(), (expect / expect.sum() * observed.sum()).numpy()).pvalue > 1e-3
