@@ -1,0 +1,1 @@
+"""Microbenchmarks of selfreplay-fast: each implementation beside its baselines, in one run."""
