@@ -71,12 +71,14 @@ def _step_fn(impl, hidden, weight, ids, logprobs):
     if impl == "bare_matmuls":
         grad_logits = torch.empty(hidden.shape[0], weight.shape[0], device=hidden.device, dtype=hidden.dtype)
 
-        def step():
+        hidden_grad = torch.empty_like(hidden)
+        weight_grad = torch.empty_like(weight)
+
+        def step():  # logits, then the two gradient matmuls, into preallocated outputs
             with torch.no_grad():
                 torch.mm(hidden, weight.T, out=grad_logits)
-                hidden_grad = grad_logits @ weight
-                weight_grad = grad_logits.T @ hidden
-            del hidden_grad, weight_grad
+                torch.mm(grad_logits, weight, out=hidden_grad)
+                torch.mm(grad_logits.T, hidden, out=weight_grad)
 
         return step
     if impl == "liger_jsd":

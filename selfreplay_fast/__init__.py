@@ -5,9 +5,24 @@ a KL penalty toward that cached teacher while fine-tuning. See README.md and doc
 """
 
 from ._inputs import skip_value_checks
+from .generation import Drafter, GenerationStats, ModelDrafter, NGramDrafter, generate_replay, load_model_for_generation
 from .reference import reference_replay_kl
+from .replay_buffer import ReplayBuffer, ReplayBufferError
 from .replay_kl import fused_replay_kl
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_replay_kl", "reference_replay_kl", "skip_value_checks", "__version__"]
+__all__ = [
+    "fused_replay_kl",
+    "reference_replay_kl",
+    "skip_value_checks",
+    "generate_replay",
+    "load_model_for_generation",
+    "ReplayBuffer",
+    "ReplayBufferError",
+    "GenerationStats",
+    "Drafter",
+    "ModelDrafter",
+    "NGramDrafter",
+    "__version__",
+]

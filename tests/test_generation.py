@@ -4,8 +4,6 @@ the cached teacher against a separate full forward pass, speculative decoding, r
 Every model is a tiny random Hugging Face model built from a config; no hub access is needed.
 """
 
-import argparse
-import itertools
 import json
 import os
 import subprocess
@@ -312,11 +310,12 @@ def test_batches_align_with_hidden_states_kl_to_self_is_zero():
                 assert kl[batch["mask"]].min() > 1e-4
 
 
-def test_sampled_teacher_mode():
+@pytest.mark.parametrize("drafter", [None, "ngram"])
+def test_sampled_teacher_mode(drafter):
     model = build_model("llama", 8)
     draws = 400
     buffer = generate_replay(model, num_sequences=4, max_new_tokens=5, top_k=48, batch_size=4, progress=False,
-                             sampled_draws=draws, seed=3)
+                             sampled_draws=draws, seed=3, drafter=drafter)
     assert buffer.mode == "sampled" and buffer.k == 48
     buffer.validate()
     mask = buffer.teacher_ids[..., 0] >= 0
@@ -365,3 +364,274 @@ def test_sample_categorical_matches_probabilities():
     observed = torch.cat([counts[big], counts[~big].sum()[None]])
     expect = torch.cat([expected[big], expected[~big].sum()[None]])
     assert scipy_stats.chisquare(observed.numpy(), (expect / expect.sum() * observed.sum()).numpy()).pvalue > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume after a kill
+# ----------------------------------------------------------------------------------------------------
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from selfreplay_fast.generation import generate_replay
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+
+    def kill_after_shard_1(shard, out_dir):
+        if shard == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # abrupt death: no cleanup, no finally blocks
+
+    def run(out_dir, kill):
+        return generate_replay(model, num_sequences=14, max_new_tokens=9, top_k=5, batch_size=3, shard_size=4,
+                               seed=7, out_dir=out_dir, progress=False, draft_model=None,
+                               on_shard_written=kill_after_shard_1 if kill else None)
+
+    for step in sys.argv[1:]:
+        action, out_dir = step.split("=", 1)
+        run(out_dir, kill=(action == "kill"))
+    """
+)
+
+
+def run_resume_script(tmp_path, *steps):
+    script = tmp_path / "resume_script.py"
+    script.write_text(RESUME_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(script), *steps], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+    killed = run_resume_script(tmp_path, f"kill={resumed}")
+    assert killed.returncode == -9, killed.stderr  # SIGKILL
+    with open(os.path.join(resumed, "metadata.json")) as handle:
+        meta = json.load(handle)
+    assert [s["file"] for s in meta["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert meta["complete"] is False
+    with pytest.raises(ValueError, match="incomplete"):
+        ReplayBuffer.load(resumed)
+    partial = ReplayBuffer.load(resumed, allow_incomplete=True)
+    assert len(partial) == 8
+    # a stray temp file from a write that was killed midway must not confuse the resume
+    (tmp_path / "resumed" / ".shard-00002.safetensors.abc.tmp").write_bytes(b"half a shard")
+
+    finished = run_resume_script(tmp_path, f"resume={resumed}", f"run={straight}")
+    assert finished.returncode == 0, finished.stderr
+    a, b = ReplayBuffer.load(resumed), ReplayBuffer.load(straight)
+    assert len(a) == len(b) == 14
+    for name in ("input_ids", "lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.sequences()[:8] == partial.sequences()  # the shards written before the kill were kept
+    # shards 0 and 1 were not regenerated: their files are byte-identical to the uninterrupted run's
+    for shard in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00003.safetensors"):
+        assert (tmp_path / "resumed" / shard).read_bytes() == (tmp_path / "straight" / shard).read_bytes()
+
+
+def test_rerun_of_a_complete_buffer_returns_it(tmp_path):
+    model = build_model("llama", 12)
+    kwargs = dict(num_sequences=5, max_new_tokens=6, top_k=4, batch_size=2, shard_size=2, progress=False,
+                  out_dir=str(tmp_path / "buf"))
+    first = generate_replay(model, **kwargs)
+    calls = []
+    again = generate_replay(model, on_shard_written=lambda shard, d: calls.append(shard), **kwargs)
+    assert calls == []  # nothing regenerated
+    assert torch.equal(first.input_ids, again.input_ids)
+    assert torch.equal(ReplayBuffer.load(str(tmp_path / "buf"), expected_vocab_size=48).teacher_ids, first.teacher_ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_no_bos_and_no_prompts_is_refused():
+    model = build_model("llama", 0)
+    model.config.bos_token_id = None
+    model.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="no BOS token"):
+        generate_replay(model, num_sequences=2, max_new_tokens=3, top_k=2, progress=False)
+    # prompts make BOS unnecessary
+    buffer = generate_replay(model, num_sequences=2, max_new_tokens=3, top_k=2, progress=False, prompts=[[5, 6]])
+    assert buffer.sequences()[0][:2] == [5, 6]
+
+
+def test_draft_with_another_vocabulary_is_refused():
+    model = build_model("llama", 0)
+    draft = build_model("llama", 1, vocab=50)
+    with pytest.raises(ValueError, match="draft_model has a vocabulary of 50 tokens but model has 48"):
+        generate_replay(model, num_sequences=2, max_new_tokens=3, top_k=2, draft_model=draft, progress=False)
+
+
+def test_top_k_larger_than_vocabulary_is_refused():
+    model = build_model("llama", 0)
+    with pytest.raises(ValueError, match="top_k = 49 exceeds the model's vocabulary size 48"):
+        generate_replay(model, num_sequences=2, max_new_tokens=3, top_k=49, progress=False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        generate_replay(build_model("llama", 0), num_sequences=2, max_new_tokens=3, top_k=2,
+                        temperature=temperature, progress=False)
+
+
+def test_out_dir_with_a_foreign_buffer_is_refused(tmp_path):
+    out = str(tmp_path / "buf")
+    generate_replay(build_model("llama", 0), num_sequences=2, max_new_tokens=3, top_k=2, out_dir=out, progress=False)
+    other_model = build_model("qwen2", 0)
+    with pytest.raises(ValueError, match="holds a replay buffer made with other settings.*config_hash"):
+        generate_replay(other_model, num_sequences=2, max_new_tokens=3, top_k=2, out_dir=out, progress=False)
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        generate_replay(build_model("llama", 0), num_sequences=2, max_new_tokens=3, top_k=2, out_dir=out,
+                        seed=1, progress=False)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a buffer")
+    with pytest.raises(ValueError, match="not empty and holds no replay buffer"):
+        generate_replay(build_model("llama", 0), num_sequences=2, max_new_tokens=3, top_k=2, out_dir=str(junk),
+                        progress=False)
+    (tmp_path / "alien").mkdir()
+    (tmp_path / "alien" / "metadata.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a replay buffer"):
+        generate_replay(build_model("llama", 0), num_sequences=2, max_new_tokens=3, top_k=2,
+                        out_dir=str(tmp_path / "alien"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(num_sequences=0), ValueError, "num_sequences"),
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(top_k=0), ValueError, "top_k"),
+        (dict(num_sequences=2.5), ValueError, "num_sequences"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(shard_size=0), ValueError, "shard_size"),
+        (dict(prompts=["hello"]), ValueError, "tokenizer"),
+        (dict(prompts=[[1, 99]]), ValueError, r"prompts\[0\] holds token 99"),
+        (dict(prompts=[[]]), ValueError, r"prompts\[0\] is empty"),
+        (dict(prompts=[]), ValueError, "at least one prompt"),
+        (dict(prompts="abc"), TypeError, "prompts"),
+        (dict(eos_token_id=480), ValueError, "eos_token_id 480"),
+        (dict(drafter="medusa"), ValueError, "drafter"),
+        (dict(drafter=object()), TypeError, "drafter"),
+        (dict(max_new_tokens=70), ValueError, "max_position_embeddings"),
+        (dict(logprob_dtype="bfloat16"), ValueError, "logprob_dtype"),
+        (dict(sampled_draws=0), ValueError, "sampled_draws"),
+        (dict(out_dir=3), TypeError, "out_dir"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, error, match):
+    base = dict(num_sequences=2, max_new_tokens=3, top_k=2, progress=False)
+    base.update(kwargs)
+    with pytest.raises(error, match=match):
+        generate_replay(build_model("llama", 0), **base)
+
+
+def test_bad_model_and_conflicting_drafters_are_refused():
+    with pytest.raises(TypeError, match="model must be a Hugging Face causal LM"):
+        generate_replay(torch.nn.Linear(2, 2), num_sequences=2, max_new_tokens=3, progress=False)
+    model = build_model("llama", 0)
+    with pytest.raises(ValueError, match="either draft_model or drafter"):
+        generate_replay(model, num_sequences=2, max_new_tokens=3, top_k=2, draft_model=model, drafter="ngram",
+                        progress=False)
+    with pytest.raises(ValueError, match="max_ngram"):
+        NGramDrafter(max_ngram=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_generate_command(tmp_path, capsys):
+    from selfreplay_fast import cli
+
+    model_dir, draft_dir, out = tmp_path / "model", tmp_path / "draft", tmp_path / "out"
+    build_model("llama", 0).save_pretrained(model_dir)
+    build_model("llama", 1, layers=1).save_pretrained(draft_dir)
+    assert cli.main([
+        "generate", "--model", str(model_dir), "--out", str(out), "--num-sequences", "5", "--max-new-tokens", "6",
+        "--top-k", "4", "--draft", str(draft_dir), "--batch-size", "2", "--seed", "3", "--device", "cpu",
+        "--no-progress",
+    ]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sequences"] == 5 and 0 <= summary["acceptance_rate"] <= 1
+    buffer = ReplayBuffer.load(str(out), expected_vocab_size=48)
+    assert len(buffer) == 5 and buffer.k == 4
+    assert buffer.metadata["generation"]["drafter"]["type"] == "ModelDrafter"
+    assert_teacher_matches_full_forward(build_model("llama", 0), buffer, 4)
+
+
+def test_progress_bar_reports_sequences(capsys):
+    model = build_model("llama", 13)
+    buffer = generate_replay(model, num_sequences=6, max_new_tokens=5, top_k=4, batch_size=2, progress=True,
+                             drafter="ngram")
+    err = capsys.readouterr().err
+    assert "generate_replay" in err and "6/6" in err
+    stats = buffer.generation_stats.as_dict()
+    assert stats["sequences"] == 6 and stats["generated_tokens"] == buffer.num_tokens - 6
+    assert stats["tokens_per_second"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+
+
+def test_ngram_drafter_proposals():
+    tokens = torch.zeros(3, 13, dtype=torch.long)
+    seqs = [[1, 5, 6, 7, 5, 6], [1, 2, 3, 4], [1, 9, 9, 9]]
+    for i, seq in enumerate(seqs):
+        tokens[i, : len(seq)] = torch.tensor(seq)
+    state = generation._DecodeState(tokens, torch.tensor([len(s) for s in seqs]), torch.ones(3, dtype=torch.bool),
+                                    None, 1.0, 12)
+    drafts, probs = NGramDrafter().propose(state, 5)
+    assert probs is None  # deterministic proposal
+    assert drafts.tolist() == [
+        [7, 5, 6, 7, 5],  # "5 6" occurred before, followed by "7 5 6": continued periodically
+        [4, 4, 4, 4, 4],  # no earlier occurrence of any suffix: the last token repeated
+        [9, 9, 9, 9, 9],
+    ]
+
+
+def test_model_ignoring_custom_masks_is_detected():
+    class MaskIgnoringLlama(LlamaForCausalLM):
+        """Stands in for architectures that rebuild their own mask (e.g. ALiBi) and ignore ours."""
+
+        def forward(self, *args, attention_mask=None, **kwargs):
+            return super().forward(*args, attention_mask=None, **kwargs)
+
+    source = build_model("llama", 0)
+    model = MaskIgnoringLlama(source.config).eval()
+    model.load_state_dict(source.state_dict())
+    with pytest.raises(NotImplementedError, match="does not reproduce its plain forward pass"):
+        generate_replay(model, num_sequences=2, max_new_tokens=3, top_k=2, progress=False)
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 6])
+def test_speculative_with_one_or_many_draft_tokens(num_draft_tokens):
+    model, draft = build_model("llama", 14), build_model("llama", 15, layers=1)
+    buffer = generate_replay(model, num_sequences=5, max_new_tokens=9, top_k=4, batch_size=2, progress=False,
+                             draft_model=draft, num_draft_tokens=num_draft_tokens, prompts=[[1, 3]])
+    assert_teacher_matches_full_forward(model, buffer, 4, [2] * 5)
+    stats = buffer.generation_stats
+    assert stats.draft_proposed > 0 and 0 <= stats.draft_accepted <= stats.draft_proposed
+
+
+def test_keep_in_memory_false_writes_shards_only(tmp_path):
+    model = build_model("llama", 16)
+    kwargs = dict(num_sequences=5, max_new_tokens=6, top_k=4, batch_size=2, shard_size=2, progress=False, seed=4)
+    assert generate_replay(model, out_dir=str(tmp_path / "a"), keep_in_memory=False, **kwargs) is None
+    in_memory = generate_replay(model, out_dir=str(tmp_path / "b"), **kwargs)
+    loaded = ReplayBuffer.load(str(tmp_path / "a"))
+    assert torch.equal(loaded.input_ids, in_memory.input_ids)
+    assert torch.equal(loaded.teacher_logprobs, in_memory.teacher_logprobs)
+    with open(tmp_path / "a" / "metadata.json") as handle:
+        assert json.load(handle)["generation_stats"]["sequences"] == 5
+    with pytest.raises(ValueError, match="keep_in_memory=False needs out_dir"):
+        generate_replay(model, keep_in_memory=False, **kwargs)

@@ -150,7 +150,7 @@ def test_peaked_softmax_fp32(impl, reduction, mode):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tiny_student_tail_mass_is_finite_and_exact(impl):
     """Teacher leaves 10% outside its slots, the student about 1e-30: huge but exact tail gradient."""
-    vocab, dim = 6, 6
+    vocab = 6
     z = torch.tensor([[80.0, 70.0, 0.0, -1.0, 0.5, 2.0]], dtype=torch.float64)
     ids = torch.tensor([[0, 1]])
     lp = torch.tensor([[math.log(0.6), math.log(0.3)]], dtype=torch.float32)

@@ -1,0 +1,188 @@
+"""Replay generation throughput: ``generate_replay`` vs Hugging Face ``generate``, same model/batch/length.
+
+    python -m benchmarks.bench_generate                  # CPU: tiny Llama (hidden 64, 2 layers, vocab 32000)
+    python -m benchmarks.bench_generate --device cuda    # GPU: 1B Llama-shaped model (random weights), batch 256
+
+Both sides sample from the full distribution (HF: ``do_sample=True, top_k=0, top_p=1.0,
+output_scores=True``), start from BOS and generate exactly ``max_new_tokens`` tokens per sequence (the
+model has no EOS, so neither side stops early and continuous batching gains nothing: this measures
+the decode loop itself). ``generate_replay`` additionally records the top-k teacher and tail mass at
+every position; HF keeps its dense fp32 scores. Tokens/s counts generated tokens; every measurement
+is the median of ``--repeats`` runs after a warm-up. With ``--speculative`` it also times
+speculative decoding with a draft made of the target's first ``--draft-layers`` layers.
+Writes JSON with machine info to benchmarks/results/generate_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.machine import machine_info, results_path
+
+PRESETS = {
+    "cpu": dict(vocab=32000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, batch_size=32,
+                max_new_tokens=128, dtype="float32"),
+    # 1B Llama-shaped (Llama-3.2-1B dimensions), random weights
+    "cuda": dict(vocab=128256, hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, batch_size=256,
+                 max_new_tokens=256, dtype="bfloat16"),
+}
+
+
+def build_model(args, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2048, args.max_new_tokens + 16), bos_token_id=1, eos_token_id=None,
+        pad_token_id=0, tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def draft_from(model, num_layers):
+    """A layer-skip draft: the target's embeddings, first ``num_layers`` layers, norm and head."""
+    draft = copy.deepcopy(model)
+    draft.model.layers = draft.model.layers[:num_layers]
+    draft.config.num_hidden_layers = num_layers
+    return draft.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_hf(model, batch_size, max_new_tokens, device):
+    inputs = torch.full((batch_size, 1), 1, dtype=torch.long, device=device)
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            inputs, attention_mask=torch.ones_like(inputs), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            max_new_tokens=max_new_tokens, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    sync(device)
+    seconds = time.perf_counter() - start
+    generated = (out.sequences.shape[1] - 1) * batch_size
+    assert generated == batch_size * max_new_tokens, "HF stopped early"
+    return generated / seconds, {}
+
+
+def time_ours(model, batch_size, max_new_tokens, top_k, device, draft=None, num_draft_tokens=4):
+    from selfreplay_fast.generation import generate_replay
+
+    sync(device)
+    start = time.perf_counter()
+    buffer = generate_replay(
+        model, num_sequences=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
+        progress=False, eos_token_id=[], draft_model=draft, num_draft_tokens=num_draft_tokens, shard_size=batch_size,
+    )
+    sync(device)
+    seconds = time.perf_counter() - start
+    generated = buffer.num_tokens - len(buffer)
+    assert generated == batch_size * max_new_tokens
+    extra = {}
+    if draft is not None:
+        extra["acceptance_rate"] = buffer.generation_stats.acceptance_rate
+        extra["target_forwards"] = buffer.generation_stats.target_forwards
+    return generated / seconds, extra
+
+
+def measure_interleaved(fns, repeats):
+    """Run each of ``fns`` once per round, ``repeats`` rounds: on a shared machine a burst of load
+    then hits all contenders alike instead of one of them."""
+    runs = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(fn())
+    out = {}
+    for name, results in runs.items():
+        rates = [r[0] for r in results]
+        out[name] = {"tokens_per_s_median": statistics.median(rates), "tokens_per_s_runs": rates, **results[-1][1]}
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads on the CPU (default: leave torch's choice)")
+    parser.add_argument("--speculative", action="store_true", help="also time speculative decoding")
+    parser.add_argument("--spec-batch-size", type=int, default=8)
+    parser.add_argument("--draft-layers", type=int, default=1)
+    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--out", default=None, help="result file (default benchmarks/results/generate_<device>.json)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    preset = PRESETS["cuda" if device.type == "cuda" else "cpu"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args, device, dtype)
+
+    # warm-up (allocator, kernels, lazy imports)
+    time_hf(model, args.batch_size, 4, device)
+    time_ours(model, args.batch_size, 4, args.top_k, device)
+
+    results = measure_interleaved({
+        "hf_generate": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device),
+        "generate_replay": lambda: time_ours(model, args.batch_size, args.max_new_tokens, args.top_k, device),
+    }, args.repeats)
+    results["speedup_vs_hf"] = results["generate_replay"]["tokens_per_s_median"] / results["hf_generate"]["tokens_per_s_median"]
+    if args.speculative:
+        draft = draft_from(model, args.draft_layers)
+        b = args.spec_batch_size
+        spec_runs = measure_interleaved({
+            "plain": lambda: time_ours(model, b, args.max_new_tokens, args.top_k, device),
+            "speculative": lambda: time_ours(model, b, args.max_new_tokens, args.top_k, device, draft,
+                                             args.num_draft_tokens),
+        }, args.repeats)
+        plain, spec = spec_runs["plain"], spec_runs["speculative"]
+        results["speculative"] = {"batch_size": b, "draft_layers": args.draft_layers,
+                                  "num_draft_tokens": args.num_draft_tokens, "plain": plain, "speculative": spec,
+                                  "speedup_vs_plain": spec["tokens_per_s_median"] / plain["tokens_per_s_median"]}
+    import transformers
+
+    report = {
+        "benchmark": "bench_generate",
+        "machine": {**machine_info(device.type), "transformers": transformers.__version__},
+        "config": {key: getattr(args, key) for key in
+                   ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch_size", "max_new_tokens",
+                    "dtype", "top_k", "repeats", "threads")},
+        "results": results,
+    }
+    path = args.out or results_path(f"generate_{device.type}")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=2)
+        handle.write("\n")
+    print(json.dumps(results, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Tests of ReplayBuffer: format, save/load round trip, atomic writes, checksums, vocabulary check,
+validation of teacher values, concatenation and training batches."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from selfreplay_fast import replay_buffer as rb
+from selfreplay_fast.replay_buffer import ReplayBuffer, ReplayBufferError
+
+VOCAB, K = 37, 5
+
+
+def make_buffer(num_seq=7, seed=0, logprob_dtype=torch.float32, mode="tail"):
+    """A buffer built independently of the generator: random sequences, random next-token
+    distributions, top-k and tail computed by plain torch ops."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 12, (num_seq,), generator=g)
+    width = int(lengths.max())
+    input_ids = torch.zeros(num_seq, width, dtype=torch.long)
+    teacher_ids = torch.full((num_seq, width, K), -1, dtype=torch.int32)
+    teacher_lp = torch.zeros(num_seq, width, K)
+    tail = torch.full((num_seq, width), float("-inf"))
+    for i, n in enumerate(lengths.tolist()):
+        input_ids[i, :n] = torch.randint(0, VOCAB, (n,), generator=g)
+        logp = torch.log_softmax(torch.randn(n - 1, VOCAB, generator=g, dtype=torch.float64) * 3, -1)
+        values, ids = logp.topk(K, -1)
+        teacher_ids[i, : n - 1] = ids.int()
+        teacher_lp[i, : n - 1] = values.float()
+        tail[i, : n - 1] = logp.scatter(1, ids, float("-inf")).logsumexp(-1).float()
+    return ReplayBuffer(input_ids, lengths, teacher_ids, teacher_lp.to(logprob_dtype), tail.to(logprob_dtype),
+                        vocab_size=VOCAB, mode=mode, metadata={"model_name": "unit-test", "seed": seed})
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    assert a.sequences() == b.sequences()
+    for name in ("lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob"):
+        x, y = getattr(a, name), getattr(b, name)
+        w = min(x.shape[1], y.shape[1]) if x.dim() > 1 else None
+        if w is None:
+            assert torch.equal(x, y), name
+        else:
+            assert torch.equal(x[:, :w], y[:, :w]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_save_load_round_trip(tmp_path, dtype):
+    buffer = make_buffer(logprob_dtype=dtype)
+    buffer.save(str(tmp_path / "buf"), shard_size=3)
+    files = sorted(os.listdir(tmp_path / "buf"))
+    assert files == ["metadata.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    meta = json.loads((tmp_path / "buf" / "metadata.json").read_text())
+    assert meta["format_version"] == rb.FORMAT_VERSION and meta["vocab_size"] == VOCAB and meta["k"] == K
+    assert meta["num_sequences"] == 7 and meta["num_tokens"] == buffer.num_tokens and meta["complete"]
+    assert meta["model_name"] == "unit-test"
+    assert all(len(s["sha256"]) == 64 for s in meta["shards"])
+    loaded = ReplayBuffer.load(str(tmp_path / "buf"), expected_vocab_size=VOCAB)
+    assert loaded.teacher_logprobs.dtype == dtype
+    assert loaded.vocab_size == VOCAB and loaded.mode == "tail" and loaded.metadata["seed"] == 0
+    assert_same(buffer, loaded)
+
+
+def test_save_refuses_existing_buffer_unless_overwrite(tmp_path):
+    path = str(tmp_path / "buf")
+    make_buffer(seed=0).save(path, shard_size=2)  # 4 shards
+    with pytest.raises(FileExistsError):
+        make_buffer(seed=1).save(path)
+    make_buffer(seed=1, num_seq=3).save(path, overwrite=True, shard_size=2)  # 2 shards: stale ones removed
+    assert sorted(os.listdir(path)) == ["metadata.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert_same(ReplayBuffer.load(path), make_buffer(seed=1, num_seq=3))
+
+
+def test_no_temporary_files_left_and_crash_before_metadata_is_not_a_buffer(tmp_path, monkeypatch):
+    path = str(tmp_path / "buf")
+
+    def crash(directory, metadata):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rb, "write_metadata", crash)
+    with pytest.raises(OSError, match="disk full"):
+        make_buffer().save(path, shard_size=3)
+    with pytest.raises(FileNotFoundError, match="metadata.json is missing"):
+        ReplayBuffer.load(path)
+    assert not any(name.endswith(".tmp") for name in os.listdir(path))
+
+
+def test_atomic_write_keeps_old_content_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "file.bin"
+    rb.atomic_write_bytes(str(target), b"old")
+
+    def boom(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(rb.os, "replace", boom)
+    with pytest.raises(OSError):
+        rb.atomic_write_bytes(str(target), b"new content")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["file.bin"]  # the temp file was removed
+
+
+def test_checksum_corruption_is_detected(tmp_path):
+    path = tmp_path / "buf"
+    make_buffer().save(str(path), shard_size=4)
+    shard = path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # one flipped bit in the tensor payload
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ReplayBufferError, match="checksum mismatch for .*shard-00001"):
+        ReplayBuffer.load(str(path))
+    # explicitly opting out of verification still reads it
+    ReplayBuffer.load(str(path), verify_checksums=False, validate=False)
+
+
+def test_missing_shard_and_foreign_metadata(tmp_path):
+    path = tmp_path / "buf"
+    make_buffer().save(str(path), shard_size=4)
+    (path / "shard-00000.safetensors").unlink()
+    with pytest.raises(ReplayBufferError, match="cannot read shard"):
+        ReplayBuffer.load(str(path))
+    (path / "metadata.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ReplayBufferError, match="does not describe a selfreplay-fast replay buffer"):
+        ReplayBuffer.load(str(path))
+    (path / "metadata.json").write_text(json.dumps({"format": rb.FORMAT_NAME, "format_version": 99}))
+    with pytest.raises(ReplayBufferError, match="format version 99"):
+        ReplayBuffer.load(str(path))
+    with pytest.raises(FileNotFoundError):
+        ReplayBuffer.load(str(tmp_path / "nowhere"))
+    with pytest.raises(TypeError, match="directory"):
+        ReplayBuffer.load(3)
+
+
+def test_foreign_vocabulary_is_refused(tmp_path):
+    make_buffer().save(str(tmp_path / "buf"))
+    with pytest.raises(ValueError, match=f"made for a vocabulary of {VOCAB} tokens.*expected_vocab_size is 32000"):
+        ReplayBuffer.load(str(tmp_path / "buf"), expected_vocab_size=32000)
+    with pytest.raises(ValueError, match="expected_vocab_size"):
+        ReplayBuffer.load(str(tmp_path / "buf"), expected_vocab_size=0)
+
+
+def test_validate_accepts_good_and_rejects_each_bad_value():
+    make_buffer().validate()
+    make_buffer(logprob_dtype=torch.float16).validate()
+
+    def broken(edit):
+        b = make_buffer()
+        edit(b)
+        return b
+
+    cases = [
+        (lambda b: b.teacher_ids.__setitem__((0, 0, 0), VOCAB), "teacher_ids: expected ids in"),
+        (lambda b: b.teacher_ids.__setitem__((0, 0, 0), -2), "teacher_ids: expected ids in"),
+        (lambda b: b.teacher_ids.__setitem__((0, 0, 1), int(b.teacher_ids[0, 0, 0])), "duplicate"),
+        (lambda b: b.teacher_logprobs.__setitem__((0, 0, 2), float("nan")), "finite"),
+        (lambda b: b.teacher_logprobs.__setitem__((0, 0, 0), 0.5), "at most 1"),
+        (lambda b: b.teacher_tail_logprob.__setitem__((0, 0), float("nan")), "teacher_tail_logprob"),
+        (lambda b: b.teacher_tail_logprob.__setitem__((0, 0), 0.0), "at most 1"),  # top-k mass + 1 > 1
+        (lambda b: b.input_ids.__setitem__((0, 0), VOCAB), "input_ids"),
+        (lambda b: b.teacher_ids.__setitem__((0, int(b.lengths[0]), 0), 3) if b.lengths[0] < b.seq_len else
+         b.teacher_ids.__setitem__((1, int(b.lengths[1]), 0), 3), "past the end"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(ValueError, match=match):
+            broken(edit).validate()
+
+
+def test_load_refuses_invalid_values(tmp_path):
+    b = make_buffer()
+    b.teacher_ids[2, 0, 0] = VOCAB + 5
+    b.save(str(tmp_path / "buf"))
+    with pytest.raises(ValueError, match="teacher_ids"):
+        ReplayBuffer.load(str(tmp_path / "buf"))
+
+
+def test_constructor_checks():
+    good = make_buffer()
+    args = [good.input_ids, good.lengths, good.teacher_ids, good.teacher_logprobs, good.teacher_tail_logprob]
+    with pytest.raises(ValueError, match="vocab_size"):
+        ReplayBuffer(*args, vocab_size=0)
+    with pytest.raises(ValueError, match="mode"):
+        ReplayBuffer(*args, vocab_size=VOCAB, mode="topk")
+    with pytest.raises(TypeError, match="teacher_ids must have dtype"):
+        ReplayBuffer(args[0], args[1], args[2].float(), *args[3:], vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        ReplayBuffer(args[0], args[1][:-1], *args[2:], vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="teacher_logprobs must have the shape"):
+        ReplayBuffer(*args[:3], args[3][:, :, :2], args[4], vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="lengths must lie"):
+        ReplayBuffer(args[0], args[1] * 0, *args[2:], vocab_size=VOCAB)
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):
+        ReplayBuffer([1], *args[1:], vocab_size=VOCAB)
+
+
+def test_concat_and_select():
+    a, b = make_buffer(num_seq=3, seed=1), make_buffer(num_seq=4, seed=2)
+    both = ReplayBuffer.concat([a, b])
+    assert len(both) == 7 and both.sequences() == a.sequences() + b.sequences()
+    assert_same(both.select(slice(0, 3)), a)
+    assert_same(both.select([3, 4, 5, 6]), b)
+    with pytest.raises(ValueError, match="k="):
+        other_k = make_buffer()
+        other_k.teacher_ids = other_k.teacher_ids[:, :, :2]
+        other_k.teacher_logprobs = other_k.teacher_logprobs[:, :, :2]
+        ReplayBuffer.concat([a, other_k])
+    with pytest.raises(ValueError, match="at least one"):
+        ReplayBuffer.concat([])
+    with pytest.raises(TypeError, match=r"buffers\[1\]"):
+        ReplayBuffer.concat([a, "b"])
+
+
+def test_batches_cover_every_sequence_once_and_are_aligned():
+    buffer = make_buffer(num_seq=11)
+    seen = []
+    for batch in buffer.batches(4, shuffle=True, seed=3):
+        idx = batch["indices"]
+        seen += idx.tolist()
+        width = batch["input_ids"].shape[1]
+        assert width == int(buffer.lengths[idx].max())  # trimmed to the longest sequence
+        for row, i in enumerate(idx.tolist()):
+            n = int(buffer.lengths[i])
+            assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+            assert torch.equal(batch["input_ids"][row, :n], buffer.input_ids[i, :n])
+            # position j carries the teacher for token j + 1: rows 0..n-2, never the last token or padding
+            assert batch["mask"][row].tolist() == [True] * (n - 1) + [False] * (width - n + 1)
+            assert torch.equal(batch["teacher_ids"][row, : n - 1], buffer.teacher_ids[i, : n - 1])
+            assert torch.equal(batch["teacher_logprobs"][row], buffer.teacher_logprobs[i, :width])
+            assert torch.equal(batch["teacher_tail_logprob"][row], buffer.teacher_tail_logprob[i, :width])
+    assert sorted(seen) == list(range(11))
+    again = [b["indices"].tolist() for b in buffer.batches(4, shuffle=True, seed=3)]
+    other = [b["indices"].tolist() for b in buffer.batches(4, shuffle=True, seed=4)]
+    assert [s for chunk in again for s in chunk] == seen and again != other
+    assert [b["indices"].tolist() for b in buffer.batches(4, shuffle=False)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert len(list(buffer.batches(4, drop_last=True))) == 2 == buffer.num_batches(4, drop_last=True)
+    batch = next(buffer.batches(4, trim=False, teacher_dtype=torch.float64))
+    assert batch["input_ids"].shape[1] == buffer.seq_len and batch["teacher_logprobs"].dtype == torch.float64
+    with pytest.raises(ValueError, match="batch_size"):
+        next(buffer.batches(0))
+
+
+def test_batches_feed_fused_replay_kl_reference():
+    """Batches are accepted as-is by the replay KL (shapes, dtypes, masks, value checks)."""
+    from selfreplay_fast.reference import reference_replay_kl
+
+    buffer = make_buffer(num_seq=6)
+    weight = torch.randn(VOCAB, 8, dtype=torch.float64)
+    for batch in buffer.batches(3):
+        hidden = torch.randn(*batch["input_ids"].shape, 8, dtype=torch.float64)
+        loss = reference_replay_kl(hidden, weight, batch["teacher_ids"], batch["teacher_logprobs"], mask=batch["mask"],
+                                   teacher_tail_logprob=batch["teacher_tail_logprob"])
+        assert torch.isfinite(loss) and loss > 0
