@@ -9,6 +9,7 @@ from .generation import Drafter, GenerationStats, ModelDrafter, NGramDrafter, ge
 from .reference import reference_replay_kl
 from .replay_buffer import ReplayBuffer, ReplayBufferError
 from .replay_kl import fused_replay_kl
+from .topk import extension_available, linear_topk_logprobs, topk_logprobs
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,8 @@ __all__ = [
     "Drafter",
     "ModelDrafter",
     "NGramDrafter",
+    "extension_available",
+    "topk_logprobs",
+    "linear_topk_logprobs",
     "__version__",
 ]
