@@ -9,6 +9,7 @@ from .generation import Drafter, GenerationStats, ModelDrafter, NGramDrafter, ge
 from .reference import reference_replay_kl
 from .replay_buffer import ReplayBuffer, ReplayBufferError
 from .replay_kl import fused_replay_kl
+from .teacher_cache import build_teacher_cache
 from .topk import extension_available, linear_topk_logprobs, topk_logprobs
 
 __version__ = "0.1.0"
@@ -28,5 +29,6 @@ __all__ = [
     "extension_available",
     "topk_logprobs",
     "linear_topk_logprobs",
+    "build_teacher_cache",
     "__version__",
 ]

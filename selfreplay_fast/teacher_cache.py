@@ -1,0 +1,212 @@
+"""Teacher caches for text the model did not generate: real replay data, or the fine-tuning data itself.
+
+``build_teacher_cache`` runs the frozen model over given token sequences and records, at every position,
+the top-k ids and log-probabilities of its next-token distribution and the log of the remaining mass
+(``linear_topk_logprobs``: chunked over tokens, so no [tokens, V] logits tensor ever exists). It writes
+the replay-buffer format of ``generate_replay`` (replay_buffer.py), shard by shard, so a long corpus run
+that is interrupted resumes after its last complete shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ._inputs import check_temperature
+from .generation import _model_name, model_config_hash
+from .replay_buffer import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ReplayBuffer,
+    ReplayBufferError,
+    read_metadata,
+    read_shard,
+    write_metadata,
+    write_shard,
+)
+from .topk import linear_topk_logprobs
+
+SETTINGS_KEY = "teacher_cache"
+
+
+def lm_head_of(model):
+    """(base model, lm_head weight, lm_head bias) of a Hugging Face causal LM.
+
+    Refuses heads whose logits are not ``hidden @ weight.T + bias`` (logit scaling, final-logit
+    softcapping): caching their top-k through the plain linear head would be silently wrong."""
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        raise NotImplementedError(f"the model applies final_logit_softcapping={softcap}: not supported yet")
+    scale = getattr(config, "logit_scale", None)
+    if scale not in (None, 1, 1.0):
+        raise NotImplementedError(f"the model scales its logits (logit_scale={scale}): not supported yet")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"model's output embeddings must be an nn.Linear lm_head, got {type(head).__name__}")
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None:
+        raise TypeError(f"model {type(model).__name__} has no base model under {model.base_model_prefix!r}")
+    return base, head.weight, head.bias
+
+
+def _check_sequences(token_sequences, vocab_size: int) -> List[torch.Tensor]:
+    if isinstance(token_sequences, (str, bytes)) or not isinstance(token_sequences, Sequence):
+        raise TypeError("token_sequences must be a list of token-id lists (or 1-D integer tensors)")
+    out = []
+    for i, seq in enumerate(token_sequences):
+        t = seq if isinstance(seq, torch.Tensor) else torch.as_tensor(seq)
+        if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64) or t.numel() < 1:
+            raise ValueError(f"token_sequences[{i}] must be a non-empty 1-D list of integer token ids")
+        if int(t.min()) < 0 or int(t.max()) >= vocab_size:
+            raise ValueError(f"token_sequences[{i}] holds token ids outside [0, {vocab_size}) (the model's vocabulary)")
+        out.append(t.long())
+    if not out:
+        raise ValueError("token_sequences must hold at least one sequence")
+    return out
+
+
+def _digest(sequences: List[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in sequences:
+        h.update(t.numpy().astype("<i8").tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+@torch.inference_mode()
+def _teacher_rows(base, weight, bias, sequences, k, temperature, batch_size, chunk_size, pad_token_id, bar):
+    """Tensors of one shard in the replay-buffer layout."""
+    device = weight.device
+    num, length = len(sequences), max(len(s) for s in sequences)
+    input_ids = torch.full((num, length), pad_token_id, dtype=torch.int64)
+    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        input_ids[i, : len(s)] = s
+    teacher_ids = torch.full((num, length, k), -1, dtype=torch.int32)
+    teacher_logprobs = torch.zeros((num, length, k), dtype=torch.float32)
+    tail = torch.full((num, length), -math.inf, dtype=torch.float32)
+    head_bias = bias / temperature if bias is not None else None
+    for start in range(0, num, batch_size):
+        rows = slice(start, min(start + batch_size, num))
+        ids = input_ids[rows].to(device)
+        attention = (torch.arange(length)[None, :] < lengths[rows, None]).long().to(device)
+        hidden = base(input_ids=ids, attention_mask=attention).last_hidden_state
+        # Row j predicts token j + 1: positions 0 .. length-2 of each sequence have a teacher.
+        predicts = (torch.arange(length)[None, :] < (lengths[rows, None] - 1)).to(device)
+        h = hidden[predicts]
+        if h.shape[0]:
+            top_ids, top_lp, top_tail = linear_topk_logprobs(h / temperature, weight, k, bias=head_bias,
+                                                             chunk_size=chunk_size)
+            where = predicts.cpu()
+            teacher_ids[rows][where] = top_ids.cpu()
+            teacher_logprobs[rows][where] = top_lp.cpu()
+            tail[rows][where] = top_tail.cpu()
+        bar.update(rows.stop - rows.start)
+    return {"input_ids": input_ids, "lengths": lengths, "teacher_ids": teacher_ids,
+            "teacher_logprobs": teacher_logprobs, "teacher_tail_logprob": tail}
+
+
+def build_teacher_cache(
+    model,
+    token_sequences,
+    k: int,
+    out_dir,
+    *,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    progress: bool = True,
+) -> ReplayBuffer:
+    """Record ``model``'s top-k teacher at every position of ``token_sequences`` into ``out_dir``.
+
+    Args:
+        model: a Hugging Face causal LM with a linear lm_head, on its device (run under inference mode).
+        token_sequences: list of token-id lists (or 1-D integer tensors), each at least one token.
+        k: teacher slots per position, 1 <= k <= vocabulary size.
+        out_dir: directory of the buffer; a rerun with the same model, sequences and settings resumes
+            after the last complete shard; a directory holding another buffer is refused.
+        batch_size: sequences per forward pass. shard_size: sequences per shard file.
+        temperature: the teacher is softmax(logits / temperature).
+        chunk_size: positions per logits chunk of ``linear_topk_logprobs`` (default: its own).
+        pad_token_id: padding id in ``input_ids`` (default: the model's, else 0).
+    Returns the complete ReplayBuffer (mode "tail"), as ``ReplayBuffer.load(out_dir)`` would.
+    """
+    base, weight, bias = lm_head_of(model)
+    vocab = weight.shape[0]
+    for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if k > vocab:
+        raise ValueError(f"k must be <= the vocabulary size {vocab}, got {k}")
+    temperature = check_temperature(temperature)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.fspath(out_dir)
+    sequences = _check_sequences(token_sequences, vocab)
+    if pad_token_id is None:
+        pad_token_id = getattr(model.config, "pad_token_id", None)
+        pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+
+    settings = {
+        "model_name": _model_name(model),
+        "config_hash": model_config_hash(model),
+        "vocab_size": vocab,
+        "k": k,
+        "temperature": temperature,
+        "num_sequences": len(sequences),
+        "sequences_sha256": _digest(sequences),
+        "shard_size": shard_size,
+        "pad_token_id": pad_token_id,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        existing = read_metadata(out_dir)
+    except ReplayBufferError as exc:
+        raise ValueError(f"out_dir {out_dir} holds something that is not a replay buffer: {exc}") from exc
+    done: List[dict] = []
+    if existing is not None:
+        previous = existing.get(SETTINGS_KEY)
+        if previous != settings:
+            raise ValueError(
+                f"out_dir {out_dir} holds a replay buffer made by another run "
+                f"({'generate_replay' if previous is None else 'build_teacher_cache with other settings'}); "
+                "use a fresh directory, or rerun with the original model, sequences and settings to resume"
+            )
+        done = list(existing.get("shards", []))
+        for entry in done:  # the resumed run builds on these: verify them now
+            read_shard(out_dir, entry, verify=True)
+    elif any(not name.startswith(".") for name in os.listdir(out_dir)):
+        raise ValueError(f"out_dir {out_dir} is not empty and holds no replay buffer; use an empty directory")
+
+    metadata = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": vocab, "k": k, "mode": "tail",
+        "pad_token_id": pad_token_id, "logprob_dtype": "float32", "model_name": settings["model_name"],
+        "config_hash": settings["config_hash"], "temperature": temperature, "source": "corpus",
+        SETTINGS_KEY: settings,
+    }
+
+    def write_progress(entries, complete):
+        meta = dict(metadata, shards=entries, shard_size=shard_size, complete=complete,
+                    num_sequences=sum(e["num_sequences"] for e in entries),
+                    num_tokens=sum(e["num_tokens"] for e in entries))
+        write_metadata(out_dir, meta)
+
+    num_shards = -(-len(sequences) // shard_size)
+    done_sequences = sum(e["num_sequences"] for e in done)
+    with tqdm(total=len(sequences), initial=done_sequences, desc="teacher cache", unit="seq",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for index in range(len(done), num_shards):
+            shard = sequences[index * shard_size : (index + 1) * shard_size]
+            tensors = _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size,
+                                    pad_token_id, bar)
+            done.append(write_shard(out_dir, index, tensors))
+            write_progress(done, complete=index == num_shards - 1)  # metadata last: only whole shards
+    return ReplayBuffer.load(out_dir, expected_vocab_size=vocab)

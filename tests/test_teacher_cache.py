@@ -1,0 +1,176 @@
+"""build_teacher_cache and `selfreplay cache` against a separate full forward pass of the model."""
+
+import json
+
+import pytest
+import torch
+
+import selfreplay_fast as sf
+from selfreplay_fast import cli
+from selfreplay_fast import teacher_cache as tc
+
+VOCAB = 61
+
+
+def tiny_model(kind="llama", seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                             initializer_range=0.5)  # peaked logits: no ties in the top k
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64, initializer_range=0.5)
+        model = GPT2LMHeadModel(config)
+    return model.eval()
+
+
+def corpus(seed=0, count=7):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 9, 17, 5, 12, 3, 8, 11][:count]
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]  # no pad/bos/eos
+
+
+def expected_rows(model, seq, k, temperature=1.0):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0].double() / temperature
+    log_p = torch.log_softmax(logits, -1)
+    top = log_p.topk(k, -1)
+    rest = log_p.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+    return top.indices, top.values, rest
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_cache_equals_the_models_own_log_softmax(tmp_path, kind, temperature):
+    model = tiny_model(kind)
+    seqs = corpus()
+    k = 5
+    buf = sf.build_teacher_cache(model, seqs, k, tmp_path / "c", batch_size=3, shard_size=4,
+                                 temperature=temperature, progress=False)
+    assert len(buf) == len(seqs) and buf.k == k and buf.vocab_size == VOCAB
+    assert buf.lengths.tolist() == [len(s) for s in seqs]
+    for i, seq in enumerate(seqs):
+        n = len(seq)
+        assert buf.input_ids[i, :n].tolist() == seq
+        ids, lp, rest = expected_rows(model, seq, k, temperature)
+        for j in range(n - 1):  # row j predicts token j + 1
+            got_ids = buf.teacher_ids[i, j].long()
+            assert set(got_ids.tolist()) == set(ids[j].tolist())
+            order = torch.argsort(got_ids)
+            torch.testing.assert_close(buf.teacher_logprobs[i, j][order].double(),
+                                       lp[j][torch.argsort(ids[j])], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(buf.teacher_tail_logprob[i, j].double(), rest[j], rtol=1e-5, atol=1e-5)
+        # the last token predicts nothing within the sequence, and padding has no teacher
+        assert (buf.teacher_ids[i, n - 1 :] == -1).all()
+        assert torch.isinf(buf.teacher_tail_logprob[i, n - 1 :]).all()
+
+
+def test_a_model_against_its_own_cache_has_zero_kl(tmp_path):
+    model = tiny_model()
+    buf = sf.build_teacher_cache(model, corpus(), 4, tmp_path / "c", progress=False)
+    batch = next(buf.batches(7, shuffle=False))
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        kl = sf.fused_replay_kl(hidden, model.lm_head.weight, batch["teacher_ids"], batch["teacher_logprobs"],
+                                mask=batch["mask"], teacher_tail_logprob=batch["teacher_tail_logprob"])
+        other = tiny_model(seed=1)
+        hidden2 = other.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        kl_other = sf.fused_replay_kl(hidden2, other.lm_head.weight, batch["teacher_ids"], batch["teacher_logprobs"],
+                                      mask=batch["mask"], teacher_tail_logprob=batch["teacher_tail_logprob"])
+    assert abs(kl.item()) < 1e-5 and kl_other.item() > 1e-3
+
+
+def test_interrupted_run_resumes_to_the_same_buffer(tmp_path, monkeypatch):
+    model, seqs = tiny_model(), corpus(count=9)
+    full = sf.build_teacher_cache(model, seqs, 3, tmp_path / "full", shard_size=2, progress=False)
+
+    calls = {"n": 0}
+    original = tc.write_shard
+
+    def dying_write_shard(*args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed after two shards")
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "write_shard", dying_write_shard)
+    with pytest.raises(KeyboardInterrupt):
+        sf.build_teacher_cache(model, seqs, 3, tmp_path / "resumed", shard_size=2, progress=False)
+    with pytest.raises(sf.ReplayBufferError, match="incomplete"):
+        sf.ReplayBuffer.load(tmp_path / "resumed")
+    monkeypatch.setattr(tc, "write_shard", original)
+    computed = []
+    original_rows = tc._teacher_rows
+    monkeypatch.setattr(tc, "_teacher_rows", lambda *a: computed.append(len(a[3])) or original_rows(*a))
+    resumed = sf.build_teacher_cache(model, seqs, 3, tmp_path / "resumed", shard_size=2, progress=False)
+    assert computed == [2, 2, 1]  # shards 0 and 1 were not recomputed
+    for name in ("input_ids", "lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob"):
+        assert torch.equal(getattr(full, name), getattr(resumed, name)), name
+
+
+def test_other_runs_directory_is_refused(tmp_path):
+    model, seqs = tiny_model(), corpus()
+    sf.build_teacher_cache(model, seqs, 3, tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="another run"):
+        sf.build_teacher_cache(model, seqs, 4, tmp_path / "c", progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not empty"):
+        sf.build_teacher_cache(model, seqs, 3, tmp_path / "junk", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0), "k must be"),
+        (dict(k=VOCAB + 1), "k must be <="),
+        (dict(token_sequences=[]), "at least one"),
+        (dict(token_sequences=[[1, 2], []]), r"token_sequences\[1\]"),
+        (dict(token_sequences=[[1, VOCAB]]), "outside"),
+        (dict(token_sequences="abc"), "list of token-id lists"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(out_dir=3), "out_dir"),
+    ],
+)
+def test_bad_input(tmp_path, kwargs, match):
+    args = dict(token_sequences=corpus(), k=3, out_dir=tmp_path / "c")
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sf.build_teacher_cache(tiny_model(), args.pop("token_sequences"), args.pop("k"), args.pop("out_dir"),
+                               progress=False, **args)
+
+
+def test_softcapped_head_is_refused():
+    model = tiny_model()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="softcapping"):
+        tc.lm_head_of(model)
+
+
+def test_cache_command_reads_jsonl_ids_and_text(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0").save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"input_ids": [3, 4, 5, 6]}) + "\n\n" + json.dumps({"text": "w7 w8 w9"}) + "\n")
+    assert cli.main(["cache", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"),
+                     "--top-k", "4", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"out": str(tmp_path / "out"), "sequences": 2, "teacher_rows": 5, "k": 4, "vocab_size": VOCAB}
+    buf = sf.ReplayBuffer.load(tmp_path / "out", expected_vocab_size=VOCAB)
+    assert buf.input_ids[0, :4].tolist() == [3, 4, 5, 6] and buf.input_ids[1, :3].tolist() == [7, 8, 9]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tokens": [1]}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        cli.main(["cache", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o2")])
