@@ -35,7 +35,7 @@ import json
 import numbers
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -101,8 +101,7 @@ def _canonical_config(config) -> dict:
     # Fields that change with how a model was loaded (path, dtype, attention kernel, library version)
     # rather than with what it computes are left out, so a reload gets the same hash.
     data = config.to_dict()
-    volatile = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
-                "_attn_implementation_autoset", "use_cache", "name_or_path"}
+    volatile = {"transformers_version", "torch_dtype", "dtype", "use_cache", "name_or_path"}
     return {key: value for key, value in data.items() if key not in volatile and not key.startswith("_")}
 
 
@@ -218,7 +217,7 @@ class _SlotModel:
         self.flash = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._checked_layers = False
-        self._arange_cache = torch.arange(max(max_len + 64, 64), device=self.device)
+        self._arange_cache = torch.arange(max_len + 64, device=self.device)
         # Draft tokens past a sequence's budget are verified but never kept; their positions may run past
         # the model's position table (GPT-2's learned positions would fail), so clamp them.
         max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -315,6 +314,9 @@ class _SlotModel:
     def rollback(self, span: int, keep: torch.Tensor, live: torch.Tensor) -> None:
         """Invalidate, per live slot, the last ``span - keep[b]`` of the last ``span`` cache columns
         (the rejected draft tokens)."""
+        # A live slot keeps all its draft columns through a compaction, so a compaction in the feed
+        # can leave fewer than `span` columns only when no slot is live: then there is nothing to drop.
+        span = min(span, self.valid.shape[1])
         if span == 0:
             return
         drop = (self._arange(span)[None, :] >= keep[:, None]) & live[:, None]
@@ -410,9 +412,6 @@ class Drafter:
     distribution; a poor drafter costs speed, never correctness.
     """
 
-    #: Whether the drafter draws from a distribution (True) or proposes deterministically (False).
-    stochastic = False
-
     def start(self, batch_size: int, max_len: int, vocab_size: int) -> None:
         """Called at the start of every shard with the slot count and maximum sequence length."""
 
@@ -432,8 +431,6 @@ class Drafter:
 class ModelDrafter(Drafter):
     """Drafts with a smaller causal LM that shares the target's vocabulary, batched like the target."""
 
-    stochastic = True
-
     def __init__(self, draft_model):
         self.model = draft_model
         self._slots: Optional[_SlotModel] = None
@@ -451,12 +448,10 @@ class ModelDrafter(Drafter):
     def propose(self, state, num_tokens):
         drafts, probs = [], []
         slots = self._slots
-        extra = None
+        extra = None  # the first feed takes the pending tokens, each later one the previous draft
         for i in range(num_tokens):
-            if i == 0:
-                logits = slots.feed(state.tokens, state.lengths, state.live, self._width, keep=1)[:, -1]
-            else:
-                logits = slots.feed(state.tokens, state.lengths, state.live, 0, extra=extra, keep=1)[:, -1]
+            width = self._width if i == 0 else 0
+            logits = slots.feed(state.tokens, state.lengths, state.live, width, extra=extra, keep=1)[:, -1]
             q = torch.softmax(logits / state.temperature, dim=-1)
             token = sample_categorical(q, state.generator)
             drafts.append(token)
@@ -549,8 +544,8 @@ class GenerationStats:
         return self.draft_accepted / self.draft_proposed if self.draft_proposed else None
 
     def add(self, other: "GenerationStats") -> None:
-        for field in ("sequences", "generated_tokens", "seconds", "target_forwards", "draft_proposed", "draft_accepted"):
-            setattr(self, field, getattr(self, field) + getattr(other, field))
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -584,10 +579,6 @@ class _Rows:
         self.total = self.weights.sum(-1)
         self.shift = shift[..., 0]
         self.lse = self.shift + self.total.log()
-
-    def probs_at(self, ids: torch.Tensor) -> torch.Tensor:
-        """p(ids) for ids [..., n] -> [..., n]."""
-        return self.weights.gather(-1, ids) / self.total[..., None]
 
 
 class _Recorder:
@@ -676,7 +667,7 @@ class _ShardEngine:
         self.slot_seq = [-1] * B  # which sequence each slot holds (host side), -1 = none
         self.results = [None] * len(self.prompts)
         self.next_seq = 0
-        self.rows = torch.arange(B, device=dev)
+        self.slot_ids = torch.arange(B, device=dev)  # for indexing one entry per slot
         self.scratch = scratch
         self.target = _SlotModel(self.model, B, L + 1)
         if self.drafter is not None:
@@ -769,10 +760,10 @@ class _ShardEngine:
     def _record(self, row_index: torch.Tensor, rows: _Rows):
         """Write teacher rows: ``row_index`` [B] or [B, C] (scratch for rows not to keep)."""
         ids, values, tail = self.recorder(rows, self.generator)
-        rows = self.rows if row_index.dim() == 1 else self.rows[:, None].expand_as(row_index)
-        self.t_ids[rows, row_index] = ids
-        self.t_lp[rows, row_index] = values
-        self.t_tail[rows, row_index] = tail
+        slot_ids = self.slot_ids if row_index.dim() == 1 else self.slot_ids[:, None].expand_as(row_index)
+        self.t_ids[slot_ids, row_index] = ids
+        self.t_lp[slot_ids, row_index] = values
+        self.t_tail[slot_ids, row_index] = tail
 
     def _plain_step(self, width: int):
         live = self.live
@@ -780,7 +771,7 @@ class _ShardEngine:
         rows = _Rows(logits, self.temperature, self.recorder.top)
         token = sample_categorical(rows.weights, self.generator)[:, 0]
         self._record(torch.where(live, self.lengths - 1, self.scratch), rows)
-        self.tokens[self.rows, torch.where(live, self.lengths, self.scratch)] = token
+        self.tokens[self.slot_ids, torch.where(live, self.lengths, self.scratch)] = token
         step = live.long()
         self.lengths += step
         self.generated += step
@@ -794,7 +785,7 @@ class _ShardEngine:
         drafts, q = self.drafter.propose(self.state, K)  # [B, K], [B, K, V] or None
         logits = self.target.feed(self.tokens, self.lengths, live, width, extra=drafts, keep=K + 1)
         rows = _Rows(logits, self.temperature, self.recorder.top)  # [B, K+1, V]: p_0..p_K
-        p_draft = rows.probs_at(torch.cat([drafts, drafts[:, :1]], 1)[:, :, None])[:, :K, 0]  # p_i(d_{i+1})
+        p_draft = rows.weights[:, :K].gather(2, drafts[:, :, None])[:, :, 0] / rows.total[:, :K]  # p_i(d_{i+1})
         uniform = torch.rand(B, K, generator=self.generator, device=self.device)
         if q is not None:
             q_draft = q.gather(2, drafts[:, :, None])[:, :, 0]
@@ -803,19 +794,18 @@ class _ShardEngine:
             accept = uniform < p_draft  # point-mass proposal: accept with probability p(d)
         accepted = accept.long().cumprod(1).sum(1)  # [B] leading accepts, 0..K
         # Correction token: from normalize(max(p_a - q_a, 0)) after a rejection, from p_K (bonus) otherwise.
-        p_a = rows.weights.gather(1, accepted[:, None, None].expand(B, 1, V))[:, 0]
-        p_a = p_a / rows.total.gather(1, accepted[:, None])
+        p_a = rows.weights[self.slot_ids, accepted] / rows.total[self.slot_ids, accepted][:, None]
         rejected = accepted < K
-        at = accepted.clamp(max=K - 1)
+        at = accepted.clamp(max=K - 1)  # the rejected draft's row (any row when all were accepted: unused)
         if q is not None:
-            q_a = q.gather(1, at[:, None, None].expand(B, 1, V))[:, 0]
+            q_a = q[self.slot_ids, at]
         else:
-            q_a = torch.zeros(B, V, device=self.device).scatter_(1, drafts.gather(1, at[:, None]), 1.0)
+            q_a = torch.zeros(B, V, device=self.device).scatter_(1, drafts[self.slot_ids, at][:, None], 1.0)
         correction = sample_categorical(_correction_distribution(p_a, q_a, rejected), self.generator)[:, 0]
 
         cols = torch.arange(K + 1, device=self.device)[None, :]
-        emitted = torch.cat([drafts, drafts[:, :1]], 1)
-        emitted = torch.where(cols == accepted[:, None], correction[:, None], emitted)  # [B, K+1]
+        # d_1..d_a, then the correction (or bonus) token in column a; later columns are never kept.
+        emitted = torch.cat([drafts, correction[:, None]], 1).scatter_(1, accepted[:, None], correction[:, None])
         num_emit = accepted + 1
         # Truncate at the first EOS and at the token budget.
         is_eos = self._is_eos(emitted) & (cols < num_emit[:, None])
@@ -825,7 +815,7 @@ class _ShardEngine:
         num_keep = torch.where(live, num_keep, 0)
         keep = cols < num_keep[:, None]
         self._record(torch.where(keep, self.lengths[:, None] - 1 + cols, self.scratch), rows)
-        self.tokens[self.rows[:, None].expand(B, K + 1), torch.where(keep, self.lengths[:, None] + cols, self.scratch)] = emitted
+        self.tokens[self.slot_ids[:, None].expand(B, K + 1), torch.where(keep, self.lengths[:, None] + cols, self.scratch)] = emitted
         hit_eos = is_eos.any(1) & (first_eos <= num_keep)
         finished = live & (hit_eos | (self.generated + num_keep >= self.max_new_tokens))
         self.lengths += num_keep
@@ -967,7 +957,7 @@ def generate_replay(
     vocab_size = _vocab_size(model)
     if top_k > vocab_size:
         raise ValueError(f"top_k = {top_k} exceeds the model's vocabulary size {vocab_size}")
-    k = top_k if sampled_draws is None else min(top_k, sampled_draws, vocab_size)
+    k = top_k if sampled_draws is None else min(top_k, sampled_draws)
 
     if draft_model is not None and drafter is not None:
         raise ValueError("pass either draft_model or drafter, not both")
@@ -1063,6 +1053,7 @@ def generate_replay(
 
     # ---- resume ----
     done_entries: List[dict] = []
+    parts: List[ReplayBuffer] = []  # the shards of the returned buffer (with keep_in_memory)
     if out_dir is not None:
         if not isinstance(out_dir, (str, os.PathLike)):
             raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
@@ -1087,7 +1078,11 @@ def generate_replay(
                 )
             done_entries = list(existing.get("shards", []))
             for entry in done_entries:  # a resumed run builds on these: verify them now, not at load time
-                read_shard(out_dir, entry, verify=True)
+                t = read_shard(out_dir, entry, verify=True)
+                if keep_in_memory:
+                    parts.append(ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
+                                              t["teacher_tail_logprob"], vocab_size=vocab_size, mode=settings["mode"],
+                                              pad_token_id=pad_token_id))
 
     metadata = {
         "format": FORMAT_NAME,
@@ -1123,13 +1118,6 @@ def generate_replay(
     # ---- generation ----
     recorder = _Recorder(k, sampled_draws)
     total_stats = GenerationStats()
-    parts: List[ReplayBuffer] = []
-    if out_dir is not None and keep_in_memory:
-        for entry in done_entries:
-            t = read_shard(out_dir, entry, verify=False)
-            parts.append(ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                                      t["teacher_tail_logprob"], vocab_size=vocab_size, mode=settings["mode"],
-                                      pad_token_id=pad_token_id))
     start_shard = len(done_entries)
     done_sequences = sum(e["num_sequences"] for e in done_entries)
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -68,7 +68,10 @@ def _fsync_dir(path: str) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` holds either the old content or all of ``data``."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    # A unique hidden name in the same directory (so that the rename is atomic), created with the mode
+    # open() gives, i.e. under the umask: mkstemp's 0600 would make the buffer unreadable to other users.
+    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -119,8 +122,10 @@ def read_metadata(directory: str) -> Optional[dict]:
             metadata = json.load(handle)
     except (OSError, json.JSONDecodeError) as exc:
         raise ReplayBufferError(f"{path} is not a readable replay-buffer metadata file: {exc}") from exc
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-        raise ReplayBufferError(f"{path} does not describe a selfreplay-fast replay buffer (format {metadata.get('format')!r})" if isinstance(metadata, dict) else f"{path} is not a replay-buffer metadata file")
+    if not isinstance(metadata, dict):
+        raise ReplayBufferError(f"{path} is not a replay-buffer metadata file (a JSON {type(metadata).__name__})")
+    if metadata.get("format") != FORMAT_NAME:
+        raise ReplayBufferError(f"{path} does not describe a selfreplay-fast replay buffer (format {metadata.get('format')!r})")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise ReplayBufferError(
@@ -249,11 +254,17 @@ class ReplayBuffer:
         )
 
     def select(self, index) -> "ReplayBuffer":
-        """A buffer holding the sequences ``index`` (slice, list or tensor of indices), trimmed to their length."""
+        """A buffer holding the sequences ``index`` (slice, indices, or a boolean mask over the
+        sequences), trimmed to their length."""
         if isinstance(index, slice):
             idx = torch.arange(len(self))[index]
         else:
-            idx = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+            idx = torch.as_tensor(index)
+            if idx.dtype == torch.bool:  # converted as is, a mask would read as the indices 0 and 1
+                if idx.shape != (len(self),):
+                    raise ValueError(f"index: a boolean mask must have shape [{len(self)}], got {tuple(idx.shape)}")
+                idx = idx.nonzero()[:, 0]
+            idx = idx.to(torch.int64).reshape(-1)
         lengths = self.lengths[idx]
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
         return ReplayBuffer(
@@ -330,7 +341,6 @@ class ReplayBuffer:
             used = ids >= 0
             if (used.any(dim=-1) & ~inside).any():
                 raise ValueError(f"teacher_ids: a row past the end of its sequence carries a teacher {where}")
-            # the last token of a sequence predicts nothing that was recorded
             sorted_ids = torch.where(used, ids, -1).sort(dim=-1).values
             if ((sorted_ids[..., 1:] == sorted_ids[..., :-1]) & (sorted_ids[..., 1:] >= 0)).any():
                 raise ValueError(f"teacher_ids: expected no duplicate token id within a row {where}")
@@ -449,14 +459,13 @@ class ReplayBuffer:
             raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        old = read_metadata(directory) if os.path.exists(os.path.join(directory, METADATA_FILE)) else None
+        old = read_metadata(directory)
         if old is not None and not overwrite:
             raise FileExistsError(f"{directory} already holds a replay buffer; pass overwrite=True to replace it")
-        shards = []
-        for index, start in enumerate(range(0, max(len(self), 1), shard_size)):
-            if len(self) == 0:
-                break
-            shards.append(write_shard(directory, index, self._tensors(slice(start, start + shard_size))))
+        shards = [
+            write_shard(directory, index, self._tensors(slice(start, start + shard_size)))
+            for index, start in enumerate(range(0, len(self), shard_size))
+        ]
         meta = self.describe()
         meta.update(
             shards=shards,
@@ -514,6 +523,7 @@ class ReplayBuffer:
                 f"the replay buffer at {directory} is incomplete ({len(meta.get('shards', []))} shard(s) written): "
                 "rerun the generation into the same directory to finish it, or pass allow_incomplete=True"
             )
+        mode, pad_token_id = meta.get("mode", "tail"), meta.get("pad_token_id", 0)
         parts = []
         for entry in meta.get("shards", []):
             t = read_shard(directory, entry, verify=verify_checksums)
@@ -523,14 +533,14 @@ class ReplayBuffer:
                 )
             parts.append(
                 cls(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"], t["teacher_tail_logprob"],
-                    vocab_size=vocab, mode=meta.get("mode", "tail"), pad_token_id=meta.get("pad_token_id", 0))
+                    vocab_size=vocab, mode=mode, pad_token_id=pad_token_id)
             )
         listed = sum(entry.get("num_sequences", 0) for entry in meta.get("shards", []))
         if meta.get("num_sequences") != listed:
             raise ReplayBufferError(
                 f"metadata.json of {directory} says {meta.get('num_sequences')} sequences but its shards hold {listed}"
             )
-        meta_only = {k: v for k, v in meta.items() if k not in ("shards",)}
+        meta_only = {key: value for key, value in meta.items() if key != "shards"}
         if parts:
             buffer = cls.concat(parts, metadata=meta_only)
         else:
@@ -538,7 +548,7 @@ class ReplayBuffer:
             dtype = LOGPROB_DTYPES.get(meta.get("logprob_dtype", "float32"), torch.float32)
             buffer = cls(torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
                          torch.zeros(0, 1, k, dtype=torch.int32), torch.zeros(0, 1, k, dtype=dtype),
-                         torch.zeros(0, 1, dtype=dtype), vocab_size=vocab, mode=meta.get("mode", "tail"),
+                         torch.zeros(0, 1, dtype=dtype), vocab_size=vocab, mode=mode, pad_token_id=pad_token_id,
                          metadata=meta_only)
         if validate:
             buffer.validate()

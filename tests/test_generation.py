@@ -635,3 +635,20 @@ def test_keep_in_memory_false_writes_shards_only(tmp_path):
         assert json.load(handle)["generation_stats"]["sequences"] == 5
     with pytest.raises(ValueError, match="keep_in_memory=False needs out_dir"):
         generate_replay(model, keep_in_memory=False, **kwargs)
+
+
+def test_cache_compaction_while_every_slot_is_finished(monkeypatch):
+    # With delayed finish checks every slot can sit finished (not yet refilled) for several steps. A
+    # compaction then may leave the cache narrower than a draft block; the rollback must cope.
+    monkeypatch.setattr(generation, "_COMPACT_SLACK", 0)
+
+    class EosFirstLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[..., EOS] += 30.0  # every sequence ends at its first token
+            return out
+
+    model = EosFirstLlama(tiny_llama(0).config).eval()
+    buffer = generate_replay(model, num_sequences=8, max_new_tokens=3, top_k=2, batch_size=4, drafter="ngram",
+                             num_draft_tokens=4, check_every=30, progress=False)
+    assert buffer.sequences() == [[BOS, EOS]] * 8

@@ -250,3 +250,33 @@ def test_batches_feed_fused_replay_kl_reference():
         loss = reference_replay_kl(hidden, weight, batch["teacher_ids"], batch["teacher_logprobs"], mask=batch["mask"],
                                    teacher_tail_logprob=batch["teacher_tail_logprob"])
         assert torch.isfinite(loss) and loss > 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_files_follow_the_umask(tmp_path):
+    # Files must be created like open() creates them: a temp file from mkstemp is 0600, so a buffer
+    # written by one user or job would be unreadable to the training jobs of another.
+    previous = os.umask(0o022)
+    try:
+        make_buffer().save(str(tmp_path / "buf"), shard_size=4)
+    finally:
+        os.umask(previous)
+    for name in os.listdir(tmp_path / "buf"):
+        assert os.stat(tmp_path / "buf" / name).st_mode & 0o777 == 0o644, name
+
+
+def test_empty_buffer_round_trip(tmp_path):
+    t = make_buffer().select([])._tensors()
+    empty = ReplayBuffer(*t.values(), vocab_size=VOCAB, pad_token_id=7)
+    empty.save(str(tmp_path / "buf"))
+    assert sorted(os.listdir(tmp_path / "buf")) == ["metadata.json"]
+    loaded = ReplayBuffer.load(str(tmp_path / "buf"), expected_vocab_size=VOCAB)
+    assert len(loaded) == 0 and loaded.k == K and loaded.pad_token_id == 7
+
+
+def test_select_by_boolean_mask():
+    buffer = make_buffer()
+    long = buffer.lengths > 5
+    assert buffer.select(long).sequences() == [s for s, keep in zip(buffer.sequences(), long.tolist()) if keep]
+    with pytest.raises(ValueError, match="index"):
+        buffer.select(long[:-1])
