@@ -121,7 +121,11 @@ def prepare_replay_kl_inputs(
     mode="tail",
     temperature=1.0,
     reduction="mean",
+    vocab_size=None,
 ) -> ReplayKLInputs:
+    """Checks and flattens the arguments. ``vocab_size``: the size of the vocabulary the teacher ids
+    index, when ``weight`` holds only a shard of it (vocab-parallel; see
+    :func:`prepare_sharded_inputs`); default ``weight.shape[0]``."""
     _check_choice("mode", mode, MODES)
     _check_choice("reduction", reduction, REDUCTIONS)
     temperature = check_temperature(temperature)
@@ -152,7 +156,7 @@ def prepare_replay_kl_inputs(
     if vocab < 1 or dim < 1:
         raise ValueError(f"weight must have V >= 1 and D >= 1, got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (vocab,):
-        raise ValueError(f"bias must have shape [V] = [{vocab}], got {tuple(bias.shape)}")
+        raise ValueError(f"bias must have shape [V] = [{vocab}] (weight.shape[0]), got {tuple(bias.shape)}")
     if teacher_ids.dim() < 1 or teacher_ids.shape[:-1] != lead:
         raise ValueError(
             f"teacher_ids must have shape [..., k] with leading shape {tuple(lead)} (that of hidden), "
@@ -195,7 +199,7 @@ def prepare_replay_kl_inputs(
     tail = teacher_tail_logprob.reshape(n).detach().to(row_dtype) if teacher_tail_logprob is not None else None
 
     if value_checks_enabled():
-        _check_teacher_values(ids, logprobs, tail, mask2, vocab, mode)
+        _check_teacher_values(ids, logprobs, tail, mask2, vocab if vocab_size is None else vocab_size, mode)
 
     # Positions that do not count are neutralized (no valid slot, no tail), so whatever the cache holds
     # there (padding, NaN) can never reach the loss or the gradients.
@@ -247,3 +251,78 @@ def _check_teacher_values(ids, logprobs, tail, mask, vocab, mode):
     for (name, expected, _), bad in zip(flags, failed):
         if bad:
             raise ValueError(f"{name}: expected {expected}")
+
+
+# --- vocab-parallel (docs/design.md, section 6) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VocabShardLayout:
+    """Where this rank's rows of the lm_head sit in the global vocabulary (Megatron convention:
+    contiguous shards in rank order, possibly uneven)."""
+
+    group: object  # the torch.distributed process group
+    rank: int
+    sizes: tuple  # V_r of every rank, in rank order
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def size(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def vocab_size(self) -> int:
+        return sum(self.sizes)
+
+
+def check_process_group(process_group):
+    """(rank, world size) of ``process_group``; TypeError for anything that is not a process group."""
+    rank, size = getattr(process_group, "rank", None), getattr(process_group, "size", None)
+    if not (callable(rank) and callable(size)):
+        raise TypeError(
+            "process_group must be None or a torch.distributed process group (e.g. torch.distributed.new_group()) "
+            f"whose ranks each hold a vocabulary shard of weight; got {type(process_group).__name__}"
+        )
+    return int(rank()), int(size())
+
+
+def prepare_sharded_inputs(process_group, hidden, weight, teacher_ids, teacher_logprobs, **kwargs):
+    """:func:`prepare_replay_kl_inputs` for a ``weight`` (and ``bias``) that is this rank's vocabulary
+    shard. Returns (inputs, layout).
+
+    Costs one all_gather of one int64 per rank (the shard sizes, which also carry a "this rank's
+    arguments were rejected" flag) and the usual single host sync of the value checks. The order
+    keeps every rank in step whatever fails: the shape checks run first (the shard arguments differ
+    by rank, so they may fail on one rank only: the others then raise too, naming it); the teacher
+    value checks run after the gather, against the global vocabulary size, on replicated inputs, so
+    they fail on every rank alike.
+    """
+    import torch.distributed as dist
+
+    rank, world = check_process_group(process_group)
+    error = None
+    try:
+        with skip_value_checks():  # shapes, dtypes, devices: no data read, no sync
+            prepare_replay_kl_inputs(hidden, weight, teacher_ids, teacher_logprobs, **kwargs)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    local = torch.tensor([-1 if error is not None else weight.shape[0]], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=process_group)
+    sizes = tuple(torch.cat(gathered).tolist())
+    if error is not None:
+        raise error
+    bad = [r for r, v in enumerate(sizes) if v < 0]
+    if bad:
+        raise ValueError(
+            f"process_group: the weight/bias shard arguments of rank(s) {bad} were rejected (see the error "
+            "raised on those ranks)"
+        )
+    inp = prepare_replay_kl_inputs(
+        hidden, weight, teacher_ids, teacher_logprobs, vocab_size=sum(sizes), **kwargs
+    )
+    return inp, VocabShardLayout(process_group, rank, sizes)

@@ -7,9 +7,33 @@ checking). Use it for testing, never for training at scale. The math is in docs/
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ._inputs import check_chunk_size, prepare_replay_kl_inputs, IMPLS, _check_choice
+from ._inputs import check_chunk_size, prepare_replay_kl_inputs, prepare_sharded_inputs, IMPLS, _check_choice
+
+
+class _GatherShards(torch.autograd.Function):
+    """The full [V, ...] tensor from every rank's vocabulary shard [V_r, ...] (uneven shards are
+    padded to the largest for the all_gather). Backward keeps this rank's rows of the gradient, with
+    no sum over ranks: every rank computes the same replicated loss, hence the same full gradient."""
+
+    @staticmethod
+    def forward(ctx, shard, layout):
+        import torch.distributed as dist
+
+        ctx.rows = slice(layout.offset, layout.offset + layout.size)
+        pad = max(layout.sizes)
+        padded = shard.new_zeros((pad,) + tuple(shard.shape[1:]))
+        padded[: shard.shape[0]] = shard
+        gathered = [torch.empty_like(padded) for _ in layout.sizes]
+        dist.all_gather(gathered, padded.contiguous(), group=layout.group)
+        return torch.cat([g[:size] for g, size in zip(gathered, layout.sizes)])
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        return grad_full[ctx.rows], None
 
 
 def reference_replay_kl(
@@ -29,15 +53,20 @@ def reference_replay_kl(
     teacher_tail_logprob=None,
 ):
     """Same signature and result as :func:`selfreplay_fast.fused_replay_kl`; ``impl`` and
-    ``chunk_size`` are accepted for drop-in use and ignored."""
+    ``chunk_size`` are accepted for drop-in use and ignored. With a ``process_group`` (vocab-parallel,
+    the same contract as ``fused_replay_kl``) it all-gathers the weight and bias shards (O(V D) memory
+    and traffic: a reference, not a training path) and computes the plain loss on every rank;
+    backward gives each rank the full hidden gradient and its shard's weight/bias gradient."""
     _check_choice("impl", impl, IMPLS)
     check_chunk_size(chunk_size)
-    if process_group is not None:
-        raise NotImplementedError("reference_replay_kl: process_group (vocab-parallel) is not implemented yet")
-    inp = prepare_replay_kl_inputs(
-        hidden, weight, teacher_ids, teacher_logprobs, bias=bias, mask=mask,
-        teacher_tail_logprob=teacher_tail_logprob, mode=mode, temperature=temperature, reduction=reduction,
-    )
+    kwargs = dict(bias=bias, mask=mask, teacher_tail_logprob=teacher_tail_logprob, mode=mode,
+                  temperature=temperature, reduction=reduction)
+    if process_group is None:
+        inp = prepare_replay_kl_inputs(hidden, weight, teacher_ids, teacher_logprobs, **kwargs)
+    else:
+        inp, layout = prepare_sharded_inputs(process_group, hidden, weight, teacher_ids, teacher_logprobs, **kwargs)
+        full_bias = _GatherShards.apply(inp.bias, layout) if inp.bias is not None else None
+        inp = dataclasses.replace(inp, weight=_GatherShards.apply(inp.weight, layout), bias=full_bias)
     dtype = inp.row_dtype
     logits = inp.hidden.to(dtype) @ inp.weight.to(dtype).T
     if inp.bias is not None:

@@ -8,6 +8,10 @@ computed during the forward (three matmuls in all, the minimum) and only scaled 
 gradient in backward; ``reduction="none"`` cannot be scaled after the fact, so it recomputes in
 backward instead. ``mode="topk"`` never touches the rest of the vocabulary: it gathers the k lm_head
 rows of each position (an indexed dot, O(N k D)).
+
+Vocab-parallel (``process_group``, docs/design.md, section 6): the same chunk loop runs on every rank
+over its shard of the vocabulary; a ``_VocabShard`` combines the per-row scalars across ranks and sums
+the hidden-gradient partials. Without a process group ``_WHOLE_VOCAB`` makes those hooks identities.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from typing import Optional
 import torch
 
 from . import _vocab_pass_torch
-from ._inputs import IMPLS, ReplayKLInputs, _check_choice, check_chunk_size, prepare_replay_kl_inputs
+from ._inputs import (
+    IMPLS,
+    ReplayKLInputs,
+    VocabShardLayout,
+    _check_choice,
+    check_chunk_size,
+    prepare_replay_kl_inputs,
+    prepare_sharded_inputs,
+)
 from ._row_terms import compute_row_terms
 
 # Bytes of one fp32 [chunk, V] logits buffer when chunk_size is None. A chunk needs about two of
@@ -97,6 +109,80 @@ class _HeadMatmuls:
         acc.addmm_(grad_logits.T, hidden_chunk.to(self.operand_dtype))
 
 
+class _WholeVocab:
+    """This process holds the whole vocabulary: every hook is the identity (no work, no copies)."""
+
+    def local_ids(self, ids):
+        return ids
+
+    def on_shard(self, values, local_ids):
+        """``values`` [c, k] (already 0 on unused slots) restricted to this shard's slots."""
+        return values
+
+    def combine_teacher_logits(self, z_teacher):
+        return z_teacher
+
+    def combine_lse(self, z_teacher, lse_complement):
+        return z_teacher, lse_complement
+
+    def sum_partials(self, partial, acc_dtype):
+        return partial
+
+    def max_local_rows(self, inp):
+        """Vocabulary rows of the largest logits chunk any rank materializes (sets the chunk size)."""
+        return inp.vocab_size
+
+
+_WHOLE_VOCAB = _WholeVocab()
+
+
+class _VocabShard(_WholeVocab):
+    """This rank holds rows [offset, offset + V_r) of the vocabulary (docs/design.md, section 6).
+
+    Every rank calls the hooks in the same order with tensors of the same shapes: [c, k] and [c] for
+    the scalars (z_teacher by MAX, each slot's logit lives on one rank and is -inf elsewhere;
+    LSE_c by MAX then SUM of exp(LSE_c,r - max)), [c, D] for the hidden gradient. No host syncs.
+    """
+
+    def __init__(self, layout: VocabShardLayout):
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.group = layout.group
+        self.offset, self.size, self.sizes = layout.offset, layout.size, layout.sizes
+
+    def _all_reduce(self, t, op):
+        self._dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def local_ids(self, ids):
+        local = ids - self.offset
+        return torch.where((ids >= self.offset) & (local < self.size), local, -1)
+
+    def on_shard(self, values, local_ids):
+        return torch.where(local_ids >= 0, values, 0.0)
+
+    def combine_teacher_logits(self, z_teacher):
+        return self._all_reduce(z_teacher.contiguous(), self._dist.ReduceOp.MAX)
+
+    def combine_lse(self, z_teacher, lse_complement):
+        k = z_teacher.shape[1]
+        # One MAX over [c, k + 1]: the slots' logits (exact: one finite value per used slot) and the
+        # per-row maximum of the ranks' complement log-sum-exps.
+        packed = self._all_reduce(torch.cat([z_teacher, lse_complement[:, None]], dim=1), self._dist.ReduceOp.MAX)
+        top = packed[:, k]
+        top = torch.where(top == float("-inf"), 0.0, top)  # every rank's complement empty: sum 0, log 0 = -inf
+        total = self._all_reduce((lse_complement - top).exp(), self._dist.ReduceOp.SUM)  # [c], each term <= 1
+        return packed[:, :k], total.log() + top
+
+    def sum_partials(self, partial, acc_dtype):
+        # Summed in the accumulation dtype: sharding adds no 16-bit rounding to the hidden gradient.
+        return self._all_reduce(partial.to(acc_dtype).contiguous(), self._dist.ReduceOp.SUM)
+
+    def max_local_rows(self, inp):
+        return max(self.sizes)  # the same chunk size on every rank, whatever its shard
+
+
 @dataclass
 class _Grads:
     hidden: Optional[torch.Tensor]
@@ -104,19 +190,21 @@ class _Grads:
     bias: Optional[torch.Tensor]
 
 
-def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls) -> int:
+def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
     budget = _CHUNK_BYTES["cuda" if inp.hidden.is_cuda else "cpu"]
     if inp.mode == "topk":
         per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * head.weight.element_size() * 2
     else:
-        per_row = inp.vocab_size * torch.finfo(head.acc_dtype).bits // 8
+        per_row = vocab.max_local_rows(inp) * torch.finfo(head.acc_dtype).bits // 8
     return max(1, min(inp.num_rows, budget // per_row))
 
 
-def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b):
+def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b):
     """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T).
 
-    ``passes`` is the module with ``masked_lse`` and ``softmax_grad`` (Triton or PyTorch)."""
+    ``passes`` is the module with ``masked_lse`` and ``softmax_grad`` (Triton or PyTorch); ``vocab``
+    the vocabulary this process holds (``_WHOLE_VOCAB`` or a ``_VocabShard``, whose ranks must all
+    run this loop with the same chunks and the same ``want_h``)."""
     n, dim = inp.hidden.shape
     dev = inp.hidden.device
     loss = torch.empty(n, dtype=inp.row_dtype, device=dev)
@@ -131,8 +219,9 @@ def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b
     for start in range(0, n, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n))
         h = inp.hidden[rows].detach()
-        ids, lp = inp.teacher_ids[rows], inp.teacher_logprobs[rows]
-        valid = ids >= 0
+        global_ids, lp = inp.teacher_ids[rows], inp.teacher_logprobs[rows]
+        valid = global_ids >= 0
+        ids = vocab.local_ids(global_ids)  # rows of this process's weight, -1 for slots held elsewhere
         tail = tail_all[rows] if tail_all is not None else None
         if inp.mode == "topk":
             safe_ids = ids.clamp_min(0)
@@ -140,13 +229,15 @@ def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b
             z = torch.einsum("cd,ckd->ck", h.to(head.acc_dtype), w_rows)
             if head.bias is not None:
                 z = z + head.bias[safe_ids]
-            z = torch.where(valid, z * inv_temp, float("-inf"))
+            z = vocab.combine_teacher_logits(torch.where(ids >= 0, z * inv_temp, float("-inf")))
             terms = compute_row_terms(z, None, lp, valid, None, "topk")
             loss[rows] = terms.loss
             if want_any:
-                g = terms.grad_teacher * row_scale[rows, None]  # dL/dx on the slots, 0 elsewhere
+                # dL/dx on this process's slots, 0 elsewhere
+                g = vocab.on_shard(terms.grad_teacher * row_scale[rows, None], ids)
                 if want_h:
-                    grads.hidden[rows] = torch.einsum("ck,ckd->cd", g, w_rows).to(grads.hidden.dtype)
+                    partial = torch.einsum("ck,ckd->cd", g, w_rows)
+                    grads.hidden[rows] = vocab.sum_partials(partial, head.acc_dtype).to(grads.hidden.dtype)
                 if want_w:
                     outer = (g[:, :, None] * h.to(head.acc_dtype)[:, None, :]).reshape(-1, dim)
                     grads.weight.index_add_(0, safe_ids.reshape(-1), outer.to(grads.weight.dtype))
@@ -155,7 +246,7 @@ def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b
             continue
 
         logits = head.logits(h)  # [c, V] raw logits, fp32/fp64
-        z_teacher, lse_complement = passes.masked_lse(logits, ids, inv_temp)
+        z_teacher, lse_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
         terms = compute_row_terms(z_teacher, lse_complement, lp, valid, tail, inp.mode)
         loss[rows] = terms.loss
         if not want_any:
@@ -167,7 +258,8 @@ def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b
         grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out)
         del logits
         if want_h:
-            grads.hidden[rows] = head.grad_hidden(grad_logits).to(grads.hidden.dtype)
+            partial = head.grad_hidden(grad_logits)
+            grads.hidden[rows] = vocab.sum_partials(partial, head.acc_dtype).to(grads.hidden.dtype)
         if want_w:
             head.accumulate_grad_weight(grads.weight, grad_logits, h)
         if want_b:
@@ -176,10 +268,14 @@ def _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b
 
 
 class _FusedReplayKL(torch.autograd.Function):
-    """Inputs after ``inp``: hidden [N, D], weight [V, D], bias [V] or None (for autograd only)."""
+    """Inputs after ``vocab``: hidden [N, D], weight [V, D], bias [V] or None (for autograd only).
+
+    Vocab-parallel: the loss is replicated and every rank's backward returns the full gradient of its
+    replica of hidden (already summed over the ranks' shards) and its own shard's weight/bias
+    gradient; the caller must not all-reduce the hidden gradient again."""
 
     @staticmethod
-    def forward(ctx, inp: ReplayKLInputs, impl, chunk_size, low_precision, hidden, weight, bias):
+    def forward(ctx, inp: ReplayKLInputs, impl, chunk_size, low_precision, vocab, hidden, weight, bias):
         device_type = hidden.device.type
         # Under autocast the head matmuls run in the autocast dtype, as an nn.Linear would; everything
         # else here chooses its precision explicitly, so autocast is off inside.
@@ -188,21 +284,23 @@ class _FusedReplayKL(torch.autograd.Function):
         else:
             matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         with torch.autocast(device_type, enabled=False):
-            return _FusedReplayKL._forward(ctx, inp, impl, chunk_size, low_precision, matmul_dtype, hidden, weight, bias)
+            return _FusedReplayKL._forward(
+                ctx, inp, impl, chunk_size, low_precision, vocab, matmul_dtype, hidden, weight, bias
+            )
 
     @staticmethod
-    def _forward(ctx, inp, impl, chunk_size, low_precision, matmul_dtype, hidden, weight, bias):
+    def _forward(ctx, inp, impl, chunk_size, low_precision, vocab, matmul_dtype, hidden, weight, bias):
         passes = _triton_vocab_pass() if impl == "triton" else _vocab_pass_torch
         head = _HeadMatmuls(weight, bias, matmul_dtype, low_precision)
-        chunk_rows = chunk_size or _default_chunk_rows(inp, head)
-        want_h, want_w, want_b = ctx.needs_input_grad[4:7]
+        chunk_rows = chunk_size or _default_chunk_rows(inp, head, vocab)
+        want_h, want_w, want_b = ctx.needs_input_grad[5:8]
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         counted = inp.mask
 
         if inp.reduction == "none":
-            loss_rows, _ = _run_chunks(inp, head, passes, None, chunk_rows, False, False, False)
-            ctx.recompute = (inp, head, passes, chunk_rows)
+            loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
+            ctx.recompute = (inp, head, passes, vocab, chunk_rows)
             if counted is not None:
                 loss_rows = torch.where(counted, loss_rows, 0.0)
             ctx.grads = None
@@ -216,7 +314,7 @@ class _FusedReplayKL(torch.autograd.Function):
         if inp.reduction == "mean":
             weight_rows = weight_rows / weight_rows.sum().clamp_min(1)
         loss_rows, grads = _run_chunks(
-            inp, head, passes, weight_rows / inp.temperature, chunk_rows, want_h, want_w, want_b
+            inp, head, passes, vocab, weight_rows / inp.temperature, chunk_rows, want_h, want_w, want_b
         )
         ctx.grads = grads
         ctx.recompute = None
@@ -226,13 +324,14 @@ class _FusedReplayKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if ctx.recompute is not None:  # reduction="none": gradients need the per-row grad_output
-            inp, head, passes, chunk_rows = ctx.recompute
-            want_h, want_w, want_b = ctx.needs_input_grad[4:7]
+            # Vocab-parallel: the same collectives as the forward, in the same order on every rank.
+            inp, head, passes, vocab, chunk_rows = ctx.recompute
+            want_h, want_w, want_b = ctx.needs_input_grad[5:8]
             row_scale = grad_output.reshape(-1).to(inp.row_dtype) / inp.temperature
             if inp.mask is not None:
                 row_scale = torch.where(inp.mask, row_scale, 0.0)
             with torch.autocast(inp.hidden.device.type, enabled=False):
-                _, grads = _run_chunks(inp, head, passes, row_scale, chunk_rows, want_h, want_w, want_b)
+                _, grads = _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b)
         else:
             grads = ctx.grads
             if grads is None:
@@ -245,7 +344,7 @@ class _FusedReplayKL(torch.autograd.Function):
                 if g is not None:
                     g.mul_(grad_output.to(g.dtype))
         return (
-            None, None, None, None,
+            None, None, None, None, None,
             grads.hidden,
             grads.weight.to(ctx.weight_dtype) if grads.weight is not None else None,
             grads.bias.to(ctx.bias_dtype) if grads.bias is not None else None,
@@ -286,7 +385,18 @@ def fused_replay_kl(
         impl: "torch" (chunked PyTorch), "triton" (CUDA tensors, or CPU tensors under
             TRITON_INTERPRET=1) or "auto" (triton on CUDA, torch otherwise).
         chunk_size: positions per chunk (default: about 256 MiB of fp32 logits on CUDA, 32 MiB on CPU).
-        process_group: reserved for the vocab-parallel version (not implemented yet).
+        process_group: a torch.distributed process group for a vocab-parallel lm_head (Megatron
+            convention): ``weight`` [V_r, D] and ``bias`` [V_r] are this rank's contiguous shard of
+            the vocabulary, shards in rank order and possibly uneven (V = sum of V_r, each V_r >= 1);
+            ``hidden``, ``teacher_ids`` (global ids), ``teacher_logprobs``, ``mask`` and
+            ``teacher_tail_logprob`` are the same on every rank. Every rank must make the call with
+            the same arguments otherwise (mode, reduction, chunk_size, impl, temperature, which
+            of hidden needs a gradient) and run its backward. Every rank returns the same global
+            loss; backward gives every rank the full hidden gradient (already summed across the
+            shards: do not all-reduce it again) and its own shard's weight/bias gradient. Cost per
+            chunk of c positions: two all-reduces, of c (k + 1) and c elements (topk mode: one, of
+            c k), and, when hidden needs a gradient, one of c D; plus one all_gather of one int per
+            rank per call (docs/design.md, section 6). ``reference_replay_kl`` accepts it too.
         teacher_tail_logprob: [...] optional exact log of the teacher's mass outside its k slots
             (``mode="tail"``), used instead of log(1 - sum p).
 
@@ -294,21 +404,21 @@ def fused_replay_kl(
     bias, never to the teacher; a weight (or bias) with ``requires_grad=False`` costs no gradient
     work. Math and numerics: docs/design.md.
     """
-    if process_group is not None:
-        raise NotImplementedError(
-            "fused_replay_kl: process_group (vocab-parallel over torch.distributed) is not implemented yet"
-        )
     chunk_size = check_chunk_size(chunk_size)
     _check_choice("impl", impl, IMPLS)
-    inp = prepare_replay_kl_inputs(
-        hidden, weight, teacher_ids, teacher_logprobs, bias=bias, mask=mask,
-        teacher_tail_logprob=teacher_tail_logprob, mode=mode, temperature=temperature, reduction=reduction,
-    )
+    kwargs = dict(bias=bias, mask=mask, teacher_tail_logprob=teacher_tail_logprob, mode=mode,
+                  temperature=temperature, reduction=reduction)
+    vocab = _WHOLE_VOCAB
+    if process_group is None:
+        inp = prepare_replay_kl_inputs(hidden, weight, teacher_ids, teacher_logprobs, **kwargs)
+    else:
+        inp, layout = prepare_sharded_inputs(process_group, hidden, weight, teacher_ids, teacher_logprobs, **kwargs)
+        vocab = _VocabShard(layout)
     impl = resolve_impl(impl, inp.hidden.device)
-    return _apply(inp, impl, chunk_size, low_precision=inp.hidden.is_cuda)
+    return _apply(inp, impl, chunk_size, low_precision=inp.hidden.is_cuda, vocab=vocab)
 
 
-def _apply(inp: ReplayKLInputs, impl: str, chunk_size, low_precision: bool):
+def _apply(inp: ReplayKLInputs, impl: str, chunk_size, low_precision: bool, vocab: _WholeVocab = _WHOLE_VOCAB):
     """Runs the autograd Function. ``low_precision`` (16-bit gradient matmuls, the CUDA default) is a
     separate switch so CPU tests can exercise that arithmetic too."""
-    return _FusedReplayKL.apply(inp, impl, chunk_size, low_precision, inp.hidden, inp.weight, inp.bias)
+    return _FusedReplayKL.apply(inp, impl, chunk_size, low_precision, vocab, inp.hidden, inp.weight, inp.bias)

@@ -322,9 +322,25 @@ def test_sampled_mass_over_one_and_good_call_pass():
         _call(mode="sampled", teacher_logprobs=torch.full((2, 3, 3), -0.5))
 
 
-def test_process_group_is_reserved():
-    with pytest.raises(NotImplementedError, match="process_group"):
-        _call(process_group=object())
+@pytest.mark.parametrize("fn", [sf.fused_replay_kl, sf.reference_replay_kl], ids=["fused", "reference"])
+def test_process_group_must_be_a_process_group(fn):
+    with pytest.raises(TypeError, match="process_group"):
+        _call(fn, process_group=object())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_single_rank_process_group_matches_no_group(mode):
+    """The vocab-parallel path with one rank holding the whole vocabulary (its collectives are
+    no-ops); tests/test_vocab_parallel.py runs 2 and 3 ranks."""
+    import torch.distributed as dist
+
+    group = dist.ProcessGroupGloo(dist.HashStore(), 0, 1)  # in-process: no init_process_group
+    case = make_case((3, 4), 6, 13, 4, mode, seed=17, temperature=0.8)
+    for fn in (sf.fused_replay_kl, sf.reference_replay_kl):
+        expected = run(fn, case, torch.float64, reduction="none", impl="torch", chunk_size=5)
+        got = run(fn, case, torch.float64, reduction="none", impl="torch", chunk_size=5, process_group=group)
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
