@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order ``selfreplay --help`` lists them.
-COMMANDS = ["demo", "generate", "cache"]
+COMMANDS = ["demo", "generate", "cache", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

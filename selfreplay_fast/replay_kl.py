@@ -264,6 +264,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             head.accumulate_grad_weight(grads.weight, grad_logits, h)
         if want_b:
             grads.bias += grad_logits.sum(dim=0, dtype=head.acc_dtype)
+        del grad_logits, out  # free this chunk's buffers before the next chunk allocates its own
     return loss, grads
 
 
