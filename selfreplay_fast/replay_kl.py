@@ -17,6 +17,7 @@ the hidden-gradient partials. Without a process group ``_WHOLE_VOCAB`` makes tho
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,6 +34,9 @@ from ._inputs import (
     prepare_sharded_inputs,
 )
 from ._row_terms import compute_row_terms
+
+# torch.mm(a, b, out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS accumulates and writes fp32).
+_MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 # Bytes of one fp32 [chunk, V] logits buffer when chunk_size is None. A chunk needs about two of
 # them alive (logits and their gradient, plus PyTorch temporaries on the CPU path).
@@ -86,9 +90,10 @@ class _HeadMatmuls:
         self.low_precision = low_precision_matmuls and matmul_dtype in (torch.float16, torch.bfloat16)
         self.operand_dtype = matmul_dtype if self.low_precision else self.acc_dtype
         self.weight = weight.detach().to(self.operand_dtype)
-        # On CPU a 16-bit matmul cannot output fp32, so the logits use an upcast copy of the weight.
+        # Without a 16-bit x 16-bit -> fp32 matmul (CPU; torch builds before aten::mm.dtype) the
+        # logits use an upcast copy of the weight, made once per call.
         self._weight_for_logits = self.weight
-        if self.low_precision and weight.device.type != "cuda":
+        if self.low_precision and (weight.device.type != "cuda" or not _MM_HAS_OUT_DTYPE):
             self._weight_for_logits = self.weight.to(self.acc_dtype)
         self.bias = bias.detach().to(self.acc_dtype) if bias is not None else None
 
@@ -352,6 +357,26 @@ class _FusedReplayKL(torch.autograd.Function):
         )
 
 
+def _refuse_dtensors(**tensors):
+    """FSDP2 (``fully_shard``) swaps in the unsharded, plain parameters only inside the forward of the
+    module whose group holds them; read outside it (e.g. a lm_head given its own ``fully_shard`` group,
+    whose forward never runs here) the weight is still a sharded DTensor, and the matmuls would fail
+    with a cryptic mixed-tensor error. Its ``to_local()`` is an FSDP shard, not a vocab shard in the
+    ``process_group`` sense, so it cannot simply be used either: refuse with a pointer instead."""
+    dtensor_module = sys.modules.get("torch.distributed.tensor")  # not imported: there are no DTensors
+    if dtensor_module is None:
+        return
+    for name, t in tensors.items():
+        if isinstance(t, dtensor_module.DTensor):
+            raise ValueError(
+                f"fused_replay_kl: {name} is a DTensor (placements {t.placements}), e.g. an FSDP2-sharded "
+                "parameter read outside its module's forward. Call fused_replay_kl inside the forward of "
+                "a fully_shard module whose group holds the lm_head (there it is a plain, unsharded "
+                "tensor), and give the lm_head no fully_shard group of its own; see README, "
+                "'Data-parallel training (DDP, FSDP2)'"
+            )
+
+
 def fused_replay_kl(
     hidden,
     weight,
@@ -407,6 +432,7 @@ def fused_replay_kl(
     """
     chunk_size = check_chunk_size(chunk_size)
     _check_choice("impl", impl, IMPLS)
+    _refuse_dtensors(hidden=hidden, weight=weight, bias=bias)
     kwargs = dict(bias=bias, mask=mask, teacher_tail_logprob=teacher_tail_logprob, mode=mode,
                   temperature=temperature, reduction=reduction)
     vocab = _WHOLE_VOCAB

@@ -10,7 +10,6 @@ that the test reads back, together with its losses (which must be bitwise equal 
 import json
 import math
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ if not torch.cuda.is_available():  # before triton is imported anywhere (the spa
 import selfreplay_fast as sf
 from selfreplay_fast import replay_kl as rk
 
+from dist_utils import init_gloo, spawn
 from replay_cases import log_mass_outside, make_case, rel_err
 
 VOCAB, DIM, K = 37, 8, 5
@@ -98,13 +98,7 @@ def _expect_error(name, call, match, failures):
 
 
 def _worker(rank, world, init_file, out_dir):
-    os.environ["TRITON_INTERPRET"] = "1"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
+    dist = init_gloo(rank, world, init_file)
     group = dist.new_group(list(range(world)))  # a group other than the default one
     sizes = SHARDS[world]
     offset = sum(sizes[:rank])
@@ -177,9 +171,7 @@ def _worker(rank, world, init_file, out_dir):
 
 @pytest.mark.parametrize("world", sorted(SHARDS))
 def test_vocab_parallel_matches_one_process(world, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    spawn(_worker, world, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for r, res in enumerate(results):
         assert not res["failures"], f"rank {r}:\n" + "\n".join(res["failures"])
