@@ -128,7 +128,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "numpy", "scipy"],
+        "test": ["pytest>=7", "numpy", "scipy", "peft", "matplotlib"],
         "bench": ["matplotlib"],
         "flash": ["flash-attn"],
     },
