@@ -6,6 +6,7 @@ a KL penalty toward that cached teacher while fine-tuning. See README.md and doc
 
 from ._inputs import skip_value_checks
 from .generation import Drafter, GenerationStats, ModelDrafter, NGramDrafter, generate_replay, load_model_for_generation
+from .model_glue import ReplayKLLoss, ReplayStepLosses, last_hidden_states, lm_head_of, replay_step, task_nll
 from .reference import reference_replay_kl
 from .replay_buffer import ReplayBuffer, ReplayBufferError
 from .replay_kl import fused_replay_kl
@@ -13,6 +14,16 @@ from .teacher_cache import build_teacher_cache
 from .topk import extension_available, linear_topk_logprobs, topk_logprobs
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ReplayTrainer imports transformers.Trainer (slow, pulls in accelerate): only on first use.
+    if name == "ReplayTrainer":
+        from .trainer import ReplayTrainer
+
+        return ReplayTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "fused_replay_kl",
@@ -30,5 +41,12 @@ __all__ = [
     "topk_logprobs",
     "linear_topk_logprobs",
     "build_teacher_cache",
+    "lm_head_of",
+    "last_hidden_states",
+    "task_nll",
+    "ReplayKLLoss",
+    "ReplayStepLosses",
+    "replay_step",
+    "ReplayTrainer",
     "__version__",
 ]

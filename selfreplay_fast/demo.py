@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .demo_data import BOS, EOS, VOCAB_SIZE, TextSplit, evaluation_windows, load_texts, random_windows, split
-from .replay_kl import fused_replay_kl
+from .model_glue import ReplayKLLoss, task_nll
 
 
 @dataclass
@@ -103,17 +103,9 @@ def build_model(cfg: DemoConfig):
     return LlamaForCausalLM(config).to(cfg.device)
 
 
-def _hidden(model, input_ids, attention_mask=None):
-    """Last hidden states, without computing logits (the base model, not the LM head)."""
-    return model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def next_token_loss(model, windows: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of every next byte, as fused_replay_kl against a k = 1 teacher (the label)."""
-    hidden = _hidden(model, windows)[:, :-1]
-    labels = windows[:, 1:, None]
-    return fused_replay_kl(hidden, model.lm_head.weight, labels, torch.zeros(labels.shape, device=windows.device),
-                           reduction=reduction)
+    return task_nll(model, windows, reduction=reduction)
 
 
 @torch.no_grad()
@@ -160,6 +152,7 @@ def finetune(model, name: str, text_b: TextSplit, eval_a, eval_b, cfg: DemoConfi
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     result = RunResult(name, math.nan, math.nan)
     replay_iter = _cycle_batches(replay, cfg) if replay is not None else None
+    replay_kl = ReplayKLLoss(mode="tail")
     start = time.perf_counter()
     with _bar(cfg.finetune_steps, f"fine-tune on B: {name}", cfg) as bar:
         for step in range(cfg.finetune_steps + 1):
@@ -173,10 +166,7 @@ def finetune(model, name: str, text_b: TextSplit, eval_a, eval_b, cfg: DemoConfi
             loss = next_token_loss(model, batch)
             postfix = {"task": f"{loss.item():.3f}"}
             if replay_iter is not None:
-                b = next(replay_iter)
-                hidden = _hidden(model, b["input_ids"], b["attention_mask"])
-                kl = fused_replay_kl(hidden, model.lm_head.weight, b["teacher_ids"], b["teacher_logprobs"],
-                                     mask=b["mask"], teacher_tail_logprob=b["teacher_tail_logprob"])
+                kl = replay_kl(model, next(replay_iter))
                 loss = loss + cfg.replay_weight * kl
                 postfix["replay_kl"] = f"{kl.item():.4f}"
             loss.backward()

@@ -448,4 +448,10 @@ def fused_replay_kl(
 def _apply(inp: ReplayKLInputs, impl: str, chunk_size, low_precision: bool, vocab: _WholeVocab = _WHOLE_VOCAB):
     """Runs the autograd Function. ``low_precision`` (16-bit gradient matmuls, the CUDA default) is a
     separate switch so CPU tests can exercise that arithmetic too."""
-    return _FusedReplayKL.apply(inp, impl, chunk_size, low_precision, vocab, inp.hidden, inp.weight, inp.bias)
+    hidden, weight, bias = inp.hidden, inp.weight, inp.bias
+    if not torch.is_grad_enabled():
+        # An autograd.Function sees its inputs' requires_grad even under no_grad / inference_mode, and
+        # this one computes gradients during forward: detach, so evaluation does no gradient work.
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
+    return _FusedReplayKL.apply(inp, impl, chunk_size, low_precision, vocab, hidden, weight, bias)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ._inputs import check_temperature
 from .generation import _model_name, model_config_hash
+from .model_glue import lm_head_of
 from .replay_buffer import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -32,27 +33,6 @@ from .replay_buffer import (
 from .topk import linear_topk_logprobs
 
 SETTINGS_KEY = "teacher_cache"
-
-
-def lm_head_of(model):
-    """(base model, lm_head weight, lm_head bias) of a Hugging Face causal LM.
-
-    Refuses heads whose logits are not ``hidden @ weight.T + bias`` (logit scaling, final-logit
-    softcapping): caching their top-k through the plain linear head would be silently wrong."""
-    config = model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap:
-        raise NotImplementedError(f"the model applies final_logit_softcapping={softcap}: not supported yet")
-    scale = getattr(config, "logit_scale", None)
-    if scale not in (None, 1, 1.0):
-        raise NotImplementedError(f"the model scales its logits (logit_scale={scale}): not supported yet")
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"model's output embeddings must be an nn.Linear lm_head, got {type(head).__name__}")
-    base = getattr(model, model.base_model_prefix, None)
-    if base is None:
-        raise TypeError(f"model {type(model).__name__} has no base model under {model.base_model_prefix!r}")
-    return base, head.weight, head.bias
 
 
 def _check_sequences(token_sequences, vocab_size: int) -> List[torch.Tensor]:

@@ -376,3 +376,21 @@ def test_tail_mode_is_a_lower_bound_exact_when_student_tail_has_teacher_shape():
             torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
         else:
             assert (got <= full + 1e-12).all() and (got < full - 1e-3).any()
+
+
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_no_gradient_work_with_autograd_off(grad_off, monkeypatch):
+    """Evaluation under no_grad must not run the gradient matmuls (they happen during forward)."""
+    case = make_case((6,), 8, 41, 4, "tail", seed=52)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("gradient work with autograd off")
+
+    monkeypatch.setattr(rk._HeadMatmuls, "accumulate_grad_weight", forbidden)
+    monkeypatch.setattr(rk._HeadMatmuls, "grad_hidden", forbidden)
+    h, w, b = case.leaves(torch.float32)
+    ids, lp, kw = case.teacher()
+    with grad_off():
+        loss = sf.fused_replay_kl(h, w, ids, lp, bias=b, impl="torch", **kw)
+    expected = sf.reference_replay_kl(case.hidden, case.weight, ids, lp, bias=case.bias, **kw)
+    assert not loss.requires_grad and rel_err(loss, expected) <= 1e-4

@@ -1,0 +1,298 @@
+"""Glue between Hugging Face causal LMs and ``fused_replay_kl``: no full-logit tensor in a training step.
+
+A causal LM's logits are ``lm_head(base_model(input_ids).last_hidden_state)``. Everything here runs the
+base model only and hands its last hidden states plus the lm_head weight (and bias) to
+``fused_replay_kl``, which never materializes more than one chunk of logits:
+
+* :func:`lm_head_of`: (base model, lm_head weight, bias) of a model, PEFT-wrapped or not.
+* :func:`last_hidden_states`: the base model's output, never the lm_head.
+* :func:`task_nll`: the next-token cross-entropy, as ``fused_replay_kl`` against a k = 1 teacher (the
+  label, log-probability 0): for that teacher the tail-mode KL is exactly the cross-entropy.
+* :class:`ReplayKLLoss`: KL(cached teacher || model) on a ``ReplayBuffer.batches`` batch.
+* :func:`replay_step`: both, and their weighted sum.
+
+Heads: a plain ``nn.Linear`` lm_head, tied to the input embedding or not (a tied weight is the same
+Parameter, so its gradient from the fused KL and from the embedding add up as autograd would), under
+PEFT (``PeftModel``: the LoRA layers inside the base model apply as usual; an lm_head listed in
+``modules_to_save`` uses the active adapter's copy). Refused with an error that says so: a LoRA-adapted
+lm_head (leave ``lm_head`` out of ``target_modules``; merging ``B A`` into the weight would be wrong
+under LoRA dropout), heads whose logits are not ``hidden @ W.T + b`` (``final_logit_softcapping``,
+``logit_scale``, ``logits_scaling``: ``NotImplementedError``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Mapping, NamedTuple, Optional
+
+import torch
+
+from ._inputs import (
+    IMPLS,
+    MODES,
+    _check_choice,
+    check_chunk_size,
+    check_temperature,
+    skip_value_checks,
+    value_checks_enabled,
+)
+from .replay_kl import fused_replay_kl
+
+__all__ = [
+    "lm_head_of",
+    "last_hidden_states",
+    "task_nll",
+    "ReplayKLLoss",
+    "ReplayStepLosses",
+    "replay_step",
+    "check_replay_weight",
+]
+
+
+def _unwrap_peft(model):
+    """The transformers model inside a ``peft.PeftModel`` (LoRA layers stay injected), else ``model``."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and hasattr(model, "peft_config"):
+        return get_base()
+    return model
+
+
+def _check_plain_logits(config) -> None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for cfg in {id(config): config, id(text): text}.values():
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        if softcap:
+            raise NotImplementedError(
+                f"the model applies final_logit_softcapping={softcap} to its logits: not supported yet "
+                "(the fused losses assume logits = hidden @ lm_head.weight.T + bias)"
+            )
+        for name in ("logit_scale", "logits_scaling"):
+            scale = getattr(cfg, name, None)
+            if scale not in (None, 1, 1.0):
+                raise NotImplementedError(
+                    f"the model scales its logits ({name}={scale}): not supported yet "
+                    "(the fused losses assume logits = hidden @ lm_head.weight.T + bias)"
+                )
+
+
+def _resolve_head(head):
+    """The nn.Linear that computes the logits, through PEFT's wrappers where that is exact."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # peft not installed: no PEFT wrappers can occur
+        return head
+    if isinstance(head, BaseTunerLayer):
+        raise NotImplementedError(
+            f"the lm_head is adapted by PEFT ({type(head).__module__}.{type(head).__name__}): not supported. "
+            "Leave 'lm_head' out of the LoRA target_modules (a frozen lm_head costs no weight-gradient work), "
+            "or train it fully with modules_to_save=['lm_head']"
+        )
+    if isinstance(head, ModulesToSaveWrapper):
+        active = head.active_adapters
+        if getattr(head, "disable_adapters", False) or not active:
+            return head.original_module
+        if len(active) != 1 or active[0] not in head.modules_to_save:
+            raise NotImplementedError(f"the lm_head has several active modules_to_save adapters {active}: not supported")
+        return head.modules_to_save[active[0]]
+    return head
+
+
+def lm_head_of(model):
+    """(base model, lm_head weight, lm_head bias) of a Hugging Face causal LM, or a PEFT model around one.
+
+    The base model maps ``input_ids`` to the last hidden states (final norm included); the logits are
+    ``hidden @ weight.T + bias``. Raises NotImplementedError for heads that are not that (logit scaling,
+    final-logit softcapping, a LoRA-adapted lm_head) and TypeError for models without an nn.Linear head.
+    """
+    inner = _unwrap_peft(model)
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(inner, "get_output_embeddings"):
+        raise TypeError(f"model must be a Hugging Face causal LM (or a PEFT model around one), got {type(model).__name__}")
+    _check_plain_logits(config)
+    head = _resolve_head(inner.get_output_embeddings())
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"model's output embeddings must be an nn.Linear lm_head, got {type(head).__name__}")
+    base = getattr(inner, inner.base_model_prefix, None)
+    if base is None:
+        raise TypeError(f"model {type(inner).__name__} has no base model under {inner.base_model_prefix!r}")
+    return base, head.weight, head.bias
+
+
+def last_hidden_states(model, input_ids, attention_mask=None):
+    """[B, L, D] last hidden states of ``model``'s base model (final norm included), without the lm_head.
+
+    Runs with ``use_cache=False``; gradient checkpointing, PEFT adapters and autocast apply as in the
+    model's own forward."""
+    base, _, _ = lm_head_of(model)
+    return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def _check_num_items(num_items):
+    if num_items is None:
+        return None
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items.shape)}")
+        return num_items.reshape(())
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or not num_items > 0:
+        raise ValueError(f"num_items_in_batch must be None, a positive number or a scalar tensor, got {num_items!r}")
+    return num_items
+
+
+def task_nll(
+    model,
+    input_ids,
+    attention_mask=None,
+    labels=None,
+    *,
+    ignore_index: int = -100,
+    num_items_in_batch=None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    chunk_size: Optional[int] = None,
+):
+    """Next-token negative log-likelihood of ``model`` on a batch, without full logits.
+
+    As Hugging Face computes ``model(input_ids, labels=labels).loss``: position j predicts ``labels[:, j+1]``
+    and labels equal to ``ignore_index`` do not count. Without ``labels`` they are ``input_ids`` with the
+    padding (``attention_mask == 0``) ignored; with ``labels`` the attention mask is not consulted for them
+    (as in Hugging Face: set padded labels to ``ignore_index``).
+
+    reduction: "mean" over counted tokens (0 when none count), "sum" or "none" ([B, L-1], 0 where not
+    counted). ``num_items_in_batch`` (Trainer's count over a whole gradient-accumulation window): the sum
+    divided by it instead of the mean. Counted labels outside the vocabulary raise ValueError (one host
+    sync, skipped under ``skip_value_checks()``).
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a [B, L] integer tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must hold at least 2 positions to predict a next token, got {tuple(input_ids.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be an integer tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {getattr(labels, 'shape', type(labels))}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape):
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {getattr(attention_mask, 'shape', type(attention_mask))}")
+    num_items = _check_num_items(num_items_in_batch)
+    if num_items is not None and reduction != "mean":
+        raise ValueError(f"num_items_in_batch replaces the mean: use it with reduction='mean', got {reduction!r}")
+
+    base, weight, bias = lm_head_of(model)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    if labels is not None:
+        target = labels[:, 1:]
+        counted = target != ignore_index
+    elif attention_mask is not None:
+        target = input_ids[:, 1:]
+        counted = attention_mask[:, 1:].bool()
+    else:
+        target, counted = input_ids[:, 1:], None
+    if value_checks_enabled():  # one host sync; the k = 1 teacher built below is valid by construction
+        vocab = weight.shape[0]
+        bad = (target < 0) | (target >= vocab)
+        if bool((bad if counted is None else bad & counted).any()):
+            what = "labels" if labels is not None else "input_ids"
+            raise ValueError(f"{what}: expected ids in [0, {vocab}) (the lm_head's rows)"
+                             + (f" or ignore_index={ignore_index}" if labels is not None else ""))
+    teacher_ids = (target if counted is None else torch.where(counted, target, -1))[..., None]
+    logprobs = torch.zeros(teacher_ids.shape, dtype=torch.float32, device=teacher_ids.device)
+    kwargs = dict(bias=bias, mask=counted, impl=impl, chunk_size=chunk_size)
+    with skip_value_checks():
+        if num_items is None:
+            return fused_replay_kl(hidden, weight, teacher_ids, logprobs, reduction=reduction, **kwargs)
+        total = fused_replay_kl(hidden, weight, teacher_ids, logprobs, reduction="sum", **kwargs)
+    return total / num_items
+
+
+_REPLAY_KEYS = ("input_ids", "attention_mask", "teacher_ids", "teacher_logprobs", "mask")
+
+
+class ReplayKLLoss(torch.nn.Module):
+    """KL(cached teacher || model) on a replay batch (a dict of ``ReplayBuffer.batches``), no full logits.
+
+    ``forward(model, replay_batch, num_items=None)``: the base model's hidden states at every position of
+    the batch (unshifted: row j is the teacher for token j + 1) go to ``fused_replay_kl`` with the lm_head.
+    ``num_items``: divide the sum by it instead of taking the mean (a gradient-accumulation window).
+    Arguments as in ``fused_replay_kl``; ``mode="tail"`` uses the batch's ``teacher_tail_logprob``.
+    """
+
+    def __init__(self, mode: str = "tail", temperature: float = 1.0, impl: str = "auto",
+                 chunk_size: Optional[int] = None, reduction: str = "mean"):
+        super().__init__()
+        _check_choice("mode", mode, MODES)
+        _check_choice("impl", impl, IMPLS)
+        _check_choice("reduction", reduction, ("mean", "sum", "none"))
+        self.mode = mode
+        self.temperature = check_temperature(temperature)
+        self.impl = impl
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode!r}, temperature={self.temperature}, impl={self.impl!r}, "
+                f"chunk_size={self.chunk_size}, reduction={self.reduction!r}")
+
+    def forward(self, model, replay_batch: Mapping[str, torch.Tensor], num_items=None):
+        if not isinstance(replay_batch, Mapping):
+            raise TypeError(f"replay_batch must be a dict of ReplayBuffer.batches, got {type(replay_batch).__name__}")
+        missing = [k for k in _REPLAY_KEYS if k not in replay_batch]
+        if self.mode == "tail" and "teacher_tail_logprob" not in replay_batch:
+            missing.append("teacher_tail_logprob")
+        if missing:
+            raise KeyError(f"replay_batch lacks {missing} (expected a batch of ReplayBuffer.batches)")
+        num_items = _check_num_items(num_items)
+        if num_items is not None and self.reduction != "mean":
+            raise ValueError(f"num_items replaces the mean: use it with reduction='mean', got {self.reduction!r}")
+        base, weight, bias = lm_head_of(model)
+        b = replay_batch
+        hidden = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        tail = b["teacher_tail_logprob"] if self.mode == "tail" else None
+        reduction = "sum" if num_items is not None else self.reduction
+        kl = fused_replay_kl(hidden, weight, b["teacher_ids"], b["teacher_logprobs"], bias=bias, mask=b["mask"],
+                             teacher_tail_logprob=tail, mode=self.mode, temperature=self.temperature,
+                             reduction=reduction, impl=self.impl, chunk_size=self.chunk_size)
+        return kl / num_items if num_items is not None else kl
+
+
+def check_replay_weight(replay_weight) -> float:
+    if isinstance(replay_weight, bool) or not isinstance(replay_weight, numbers.Real):
+        raise TypeError(f"replay_weight must be a real number >= 0, got {type(replay_weight).__name__}")
+    replay_weight = float(replay_weight)
+    if not math.isfinite(replay_weight) or replay_weight < 0:
+        raise ValueError(f"replay_weight must be a finite number >= 0, got {replay_weight}")
+    return replay_weight
+
+
+class ReplayStepLosses(NamedTuple):
+    """``loss = task_loss + replay_weight * replay_kl``: call ``loss.backward()``."""
+
+    task_loss: torch.Tensor
+    replay_kl: torch.Tensor
+    loss: torch.Tensor
+
+
+def replay_step(model, task_batch: Mapping[str, torch.Tensor], replay_batch: Mapping[str, torch.Tensor],
+                replay_weight: float, *, replay_loss: Optional[ReplayKLLoss] = None) -> ReplayStepLosses:
+    """Losses of one training step, without full logits anywhere: (task_loss, replay_kl, loss).
+
+    task_batch: dict with ``input_ids`` [B, L] and optionally ``attention_mask`` and ``labels`` (see
+    :func:`task_nll`). replay_batch: a batch of ``ReplayBuffer.batches`` on the model's device.
+    replay_loss: the :class:`ReplayKLLoss` to use (default: tail mode, temperature 1). The caller runs
+    ``loss.backward()`` (or scales it first) and the optimizer step.
+    """
+    weight = check_replay_weight(replay_weight)
+    if not isinstance(task_batch, Mapping) or "input_ids" not in task_batch:
+        raise TypeError("task_batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels')")
+    if replay_loss is None:
+        replay_loss = ReplayKLLoss()
+    elif not isinstance(replay_loss, ReplayKLLoss):
+        raise TypeError(f"replay_loss must be a ReplayKLLoss or None, got {type(replay_loss).__name__}")
+    task = task_nll(model, task_batch["input_ids"], task_batch.get("attention_mask"), task_batch.get("labels"),
+                    impl=replay_loss.impl, chunk_size=replay_loss.chunk_size)
+    kl = replay_loss(model, replay_batch)
+    return ReplayStepLosses(task, kl, task + weight * kl)
