@@ -129,7 +129,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "numpy", "scipy", "peft", "matplotlib"],
-        "bench": ["matplotlib"],
+        "plot": ["matplotlib"],  # the demo's and the benchmarks' PNG plots
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["selfreplay=selfreplay_fast.cli:main"]},
