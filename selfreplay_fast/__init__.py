@@ -8,7 +8,7 @@ from ._inputs import skip_value_checks
 from .generation import Drafter, GenerationStats, ModelDrafter, NGramDrafter, generate_replay, load_model_for_generation
 from .model_glue import ReplayKLLoss, ReplayStepLosses, last_hidden_states, lm_head_of, replay_step, task_nll
 from .reference import reference_replay_kl
-from .replay_buffer import ReplayBuffer, ReplayBufferError
+from .replay_buffer import ReplayBuffer, ReplayBufferError, ShardedBufferWriter, ShardedReplayBuffer
 from .replay_kl import fused_replay_kl
 from .teacher_cache import build_teacher_cache
 from .topk import extension_available, linear_topk_logprobs, topk_logprobs
@@ -33,6 +33,8 @@ __all__ = [
     "load_model_for_generation",
     "ReplayBuffer",
     "ReplayBufferError",
+    "ShardedReplayBuffer",
+    "ShardedBufferWriter",
     "GenerationStats",
     "Drafter",
     "ModelDrafter",

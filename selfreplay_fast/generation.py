@@ -46,11 +46,7 @@ from .replay_buffer import (
     FORMAT_VERSION,
     LOGPROB_DTYPES,
     ReplayBuffer,
-    ReplayBufferError,
-    read_metadata,
-    read_shard,
-    write_metadata,
-    write_shard,
+    ShardedBufferWriter,
 )
 
 __all__ = [
@@ -1051,39 +1047,6 @@ def generate_replay(
         "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
     }
 
-    # ---- resume ----
-    done_entries: List[dict] = []
-    parts: List[ReplayBuffer] = []  # the shards of the returned buffer (with keep_in_memory)
-    if out_dir is not None:
-        if not isinstance(out_dir, (str, os.PathLike)):
-            raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
-        out_dir = os.fspath(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
-        try:
-            existing = read_metadata(out_dir)
-        except ReplayBufferError as exc:
-            raise ValueError(f"out_dir {out_dir} holds something that is not a replay buffer: {exc}") from exc
-        if existing is None:
-            leftovers = [name for name in os.listdir(out_dir) if not name.startswith(".")]
-            if leftovers:
-                raise ValueError(f"out_dir {out_dir} is not empty and holds no replay buffer ({leftovers[:3]}...); use an empty directory")
-        else:
-            previous = existing.get("generation", {})
-            differing = sorted(key for key in set(settings) | set(previous) if settings.get(key) != previous.get(key))
-            if differing:
-                detail = ", ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differing[:6])
-                raise ValueError(
-                    f"out_dir {out_dir} holds a replay buffer made with other settings ({detail}); "
-                    "use a fresh directory, or rerun with the original settings to resume"
-                )
-            done_entries = list(existing.get("shards", []))
-            for entry in done_entries:  # a resumed run builds on these: verify them now, not at load time
-                t = read_shard(out_dir, entry, verify=True)
-                if keep_in_memory:
-                    parts.append(ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                                              t["teacher_tail_logprob"], vocab_size=vocab_size, mode=settings["mode"],
-                                              pad_token_id=pad_token_id))
-
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -1099,27 +1062,28 @@ def generate_replay(
         "generation": settings,
     }
 
-    def write_progress_metadata(entries, complete, stats):
-        meta = dict(metadata)
-        meta.update(
-            shards=entries,
-            shard_size=shard_size,
-            num_sequences=sum(e["num_sequences"] for e in entries),
-            num_tokens=sum(e["num_tokens"] for e in entries),
-            complete=complete,
-        )
-        if stats is not None:
-            meta["generation_stats"] = stats.as_dict()
-        write_metadata(out_dir, meta)
-
-    if out_dir is not None and not done_entries:
-        write_progress_metadata([], False, None)
+    # ---- resume ----
+    writer: Optional[ShardedBufferWriter] = None
+    parts: List[ReplayBuffer] = []  # the shards of the returned buffer (with keep_in_memory)
+    if out_dir is not None:
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
+        writer = ShardedBufferWriter(out_dir, "generation", settings, metadata, shard_size, num_shards,
+                                     producer="generate_replay", keep_done=keep_in_memory)
+        out_dir = writer.out_dir
+        for t in writer.done_tensors:
+            parts.append(ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
+                                      t["teacher_tail_logprob"], vocab_size=vocab_size, mode=settings["mode"],
+                                      pad_token_id=pad_token_id))
+        writer.done_tensors = []  # held by parts now
+        if not writer.entries:
+            writer.write_progress()  # claim the directory before the first shard
 
     # ---- generation ----
     recorder = _Recorder(k, sampled_draws)
     total_stats = GenerationStats()
-    start_shard = len(done_entries)
-    done_sequences = sum(e["num_sequences"] for e in done_entries)
+    start_shard = writer.num_done_shards if writer is not None else 0
+    done_sequences = writer.num_done_sequences if writer is not None else 0
 
     bar = None
     if progress:
@@ -1150,7 +1114,6 @@ def generate_replay(
     model.eval()
     if draft_model is not None:
         draft_model.eval()
-    entries = list(done_entries)
     try:
         with torch.inference_mode():
             if start_shard < num_shards:
@@ -1173,11 +1136,9 @@ def generate_replay(
                 total_stats.add(engine.stats)
                 if keep_in_memory:
                     parts.append(part)
-                if out_dir is not None:
-                    entry = write_shard(out_dir, shard, part._tensors())
-                    entry["stats"] = engine.stats.as_dict()
-                    entries.append(entry)
-                    write_progress_metadata(entries, shard == num_shards - 1, total_stats)
+                if writer is not None:
+                    writer.write_shard(part._tensors(), entry_extra={"stats": engine.stats.as_dict()},
+                                       extra_metadata={"generation_stats": total_stats.as_dict()})
                     if on_shard_written is not None:
                         on_shard_written(shard, out_dir)
                 elif on_shard_written is not None:

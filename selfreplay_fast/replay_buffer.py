@@ -28,6 +28,7 @@ import secrets
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
@@ -156,6 +157,118 @@ def read_shard(directory: str, entry: dict, *, verify: bool = True) -> Dict[str,
     if missing:
         raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
     return tensors
+
+
+class ShardedBufferWriter:
+    """The resumable, shard-by-shard writing of a buffer directory (``generate_replay`` and
+    ``build_teacher_cache`` both write through it).
+
+    On construction it creates ``out_dir`` if needed and reads the buffer already there: a directory
+    holding something else is refused, and so is a buffer whose ``metadata[settings_key]`` differs from
+    ``settings`` (another producer, or the same one with other settings). The shards it lists are
+    verified against their sha256 (a resumed run builds on them) and, with ``keep_done``, their tensors
+    are kept in ``done_tensors``. :meth:`write_shard` then writes the next shard and, after it, the
+    progress ``metadata.json`` (``metadata`` plus the shard list and counts; ``complete`` once
+    ``num_shards`` shards are written), so the metadata only ever lists whole shards.
+
+    ``producer`` names the caller in error messages.
+    """
+
+    def __init__(
+        self,
+        out_dir,
+        settings_key: str,
+        settings: dict,
+        metadata: dict,
+        shard_size: int,
+        num_shards: int,
+        *,
+        producer: str,
+        keep_done: bool = False,
+    ):
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            existing = read_metadata(out_dir)
+        except ReplayBufferError as exc:
+            raise ValueError(f"out_dir {out_dir} holds something that is not a replay buffer: {exc}") from exc
+        self.out_dir = out_dir
+        self.settings_key = settings_key
+        self.metadata = dict(metadata)
+        self.shard_size = shard_size
+        self.num_shards = num_shards
+        self.entries: List[dict] = []
+        self.done_tensors: List[Dict[str, torch.Tensor]] = []
+        if existing is None:
+            leftovers = [name for name in os.listdir(out_dir) if not name.startswith(".")]
+            if leftovers:
+                raise ValueError(
+                    f"out_dir {out_dir} is not empty and holds no replay buffer ({leftovers[:3]}...); use an empty directory"
+                )
+        else:
+            previous = existing.get(settings_key)
+            if not isinstance(previous, dict):
+                raise ValueError(
+                    f"out_dir {out_dir} holds a replay buffer made by another run (not by {producer}: its "
+                    f"metadata.json has no {settings_key!r} settings); use a fresh directory"
+                )
+            differing = sorted(key for key in set(settings) | set(previous) if settings.get(key) != previous.get(key))
+            if differing:
+                detail = ", ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differing[:6])
+                raise ValueError(
+                    f"out_dir {out_dir} holds a replay buffer made with other settings by another run of {producer} "
+                    f"({detail}); use a fresh directory, or rerun with the original settings to resume"
+                )
+            for entry in existing.get("shards", []):  # a resumed run builds on these: verify them now
+                tensors = read_shard(out_dir, entry, verify=True)
+                if keep_done:
+                    self.done_tensors.append(tensors)
+                self.entries.append(entry)
+
+    @property
+    def num_done_shards(self) -> int:
+        return len(self.entries)
+
+    @property
+    def num_done_sequences(self) -> int:
+        return sum(e["num_sequences"] for e in self.entries)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.entries) >= self.num_shards
+
+    def write_progress(self, *, extra_metadata: Optional[dict] = None) -> None:
+        """Write ``metadata.json`` for the shards written so far (atomically)."""
+        meta = dict(self.metadata)
+        meta.update(
+            shards=self.entries,
+            shard_size=self.shard_size,
+            num_sequences=self.num_done_sequences,
+            num_tokens=sum(e["num_tokens"] for e in self.entries),
+            complete=self.complete,
+        )
+        if extra_metadata:
+            meta.update(extra_metadata)
+        write_metadata(self.out_dir, meta)
+
+    def write_shard(
+        self,
+        tensors: Dict[str, torch.Tensor],
+        *,
+        entry_extra: Optional[dict] = None,
+        extra_metadata: Optional[dict] = None,
+    ) -> dict:
+        """Write the next shard, then the progress metadata listing it; returns its metadata entry."""
+        if self.complete:
+            raise ValueError(f"all {self.num_shards} shards of {self.out_dir} are written already")
+        entry = write_shard(self.out_dir, len(self.entries), tensors)
+        if entry_extra:
+            entry.update(entry_extra)
+        self.entries.append(entry)
+        self.write_progress(extra_metadata=extra_metadata)  # metadata last: it only lists whole shards
+        return entry
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,29 +613,8 @@ class ReplayBuffer:
         ``expected_vocab_size`` (pass your model's ``lm_head`` rows), and runs :meth:`validate` once.
         A generation that was interrupted is refused unless ``allow_incomplete`` (rerun it to finish).
         """
-        if not isinstance(directory, (str, os.PathLike)):
-            raise TypeError(f"directory must be a path, got {type(directory).__name__}")
-        directory = os.fspath(directory)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"no replay buffer at {directory}: not a directory")
-        meta = read_metadata(directory)
-        if meta is None:
-            raise FileNotFoundError(f"no replay buffer at {directory}: {METADATA_FILE} is missing")
+        directory, meta = _open_metadata(directory, expected_vocab_size, allow_incomplete)
         vocab = meta.get("vocab_size")
-        if expected_vocab_size is not None:
-            if isinstance(expected_vocab_size, bool) or not isinstance(expected_vocab_size, int) or expected_vocab_size < 1:
-                raise ValueError(f"expected_vocab_size must be a positive int or None, got {expected_vocab_size!r}")
-            if vocab != expected_vocab_size:
-                raise ReplayBufferError(
-                    f"the replay buffer at {directory} was made for a vocabulary of {vocab} tokens "
-                    f"(model {meta.get('model_name')!r}), but expected_vocab_size is {expected_vocab_size}: "
-                    "its teacher ids index another vocabulary; regenerate the buffer with this model"
-                )
-        if not meta.get("complete", False) and not allow_incomplete:
-            raise ReplayBufferError(
-                f"the replay buffer at {directory} is incomplete ({len(meta.get('shards', []))} shard(s) written): "
-                "rerun the generation into the same directory to finish it, or pass allow_incomplete=True"
-            )
         mode, pad_token_id = meta.get("mode", "tail"), meta.get("pad_token_id", 0)
         parts = []
         for entry in meta.get("shards", []):
@@ -553,3 +645,351 @@ class ReplayBuffer:
         if validate:
             buffer.validate()
         return buffer
+
+    @classmethod
+    def open(
+        cls,
+        directory,
+        *,
+        expected_vocab_size: Optional[int] = None,
+        verify_checksums: bool = True,
+        validate: bool = True,
+        allow_incomplete: bool = False,
+    ) -> "ShardedReplayBuffer":
+        """Open a buffer directory lazily, for buffers larger than RAM: a :class:`ShardedReplayBuffer`.
+
+        The same checks as :meth:`load` (vocabulary, completeness, every shard's sha256, :meth:`validate`),
+        done shard by shard with one shard in memory at a time; afterwards only the sequence lengths are
+        held. Its ``batches`` yields exactly what ``load(directory).batches`` would, reading each batch's
+        rows from the shard files.
+        """
+        return ShardedReplayBuffer.open(directory, expected_vocab_size=expected_vocab_size,
+                                        verify_checksums=verify_checksums, validate=validate,
+                                        allow_incomplete=allow_incomplete)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lazy, memory-bounded reading of a buffer on disk
+# --------------------------------------------------------------------------------------------------
+
+
+def _open_metadata(directory, expected_vocab_size: Optional[int], allow_incomplete: bool) -> "tuple[str, dict]":
+    """The checks ``ReplayBuffer.load`` and ``ReplayBuffer.open`` share: a buffer directory with readable
+    metadata, the expected vocabulary, complete unless ``allow_incomplete``."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no replay buffer at {directory}: not a directory")
+    meta = read_metadata(directory)
+    if meta is None:
+        raise FileNotFoundError(f"no replay buffer at {directory}: {METADATA_FILE} is missing")
+    vocab = meta.get("vocab_size")
+    if expected_vocab_size is not None:
+        if isinstance(expected_vocab_size, bool) or not isinstance(expected_vocab_size, int) or expected_vocab_size < 1:
+            raise ValueError(f"expected_vocab_size must be a positive int or None, got {expected_vocab_size!r}")
+        if vocab != expected_vocab_size:
+            raise ReplayBufferError(
+                f"the replay buffer at {directory} was made for a vocabulary of {vocab} tokens "
+                f"(model {meta.get('model_name')!r}), but expected_vocab_size is {expected_vocab_size}: "
+                "its teacher ids index another vocabulary; regenerate the buffer with this model"
+            )
+    if not meta.get("complete", False) and not allow_incomplete:
+        raise ReplayBufferError(
+            f"the replay buffer at {directory} is incomplete ({len(meta.get('shards', []))} shard(s) written): "
+            "rerun the generation into the same directory to finish it, or pass allow_incomplete=True"
+        )
+    return directory, meta
+
+
+def _sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ReplayBufferError(f"cannot read shard {path}: {exc}") from exc
+    return digest.hexdigest()
+
+
+class ShardedReplayBuffer:
+    """A replay buffer read from its directory lazily: what :meth:`ReplayBuffer.open` returns.
+
+    Opening streams over the shards once, one shard in memory at a time: it verifies each shard's
+    sha256, checks its tensors and (with ``validate``) runs :meth:`ReplayBuffer.validate` on it. After
+    that only the sequence lengths (8 bytes per sequence) stay in memory. :meth:`batches` yields exactly
+    the batches ``ReplayBuffer.load(directory).batches(...)`` would, for the same arguments and seed
+    (same order, same padding and dtypes), reading just the rows of each batch from the shard files
+    (``safetensors.safe_open`` slices; no shard is ever loaded whole). A shard file that changes after
+    opening (size or mtime) is refused when a batch reads from it.
+    """
+
+    def __init__(self, directory: str, metadata: dict, entries: List[dict], shard_lengths: List[torch.Tensor],
+                 shard_widths: List[int], shard_stats: List[tuple], *, k: int, logprob_dtype: torch.dtype,
+                 validated: bool):
+        self.directory = directory
+        self.metadata = {key: value for key, value in metadata.items() if key != "shards"}
+        self.vocab_size = metadata.get("vocab_size")
+        self.mode = metadata.get("mode", "tail")
+        self.pad_token_id = int(metadata.get("pad_token_id", 0))
+        self._entries = entries
+        self._widths = shard_widths
+        self._stats = shard_stats
+        self._k = k
+        self.logprob_dtype = logprob_dtype
+        self.validated = validated
+        self.lengths = torch.cat(shard_lengths) if shard_lengths else torch.zeros(0, dtype=torch.int64)
+        counts = [t.numel() for t in shard_lengths]
+        # Sequence i lives in shard _shard_of[i], at row _row_of[i].
+        self._shard_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
+        starts = torch.tensor([0] + counts[:-1], dtype=torch.int64).cumsum(0) if counts else torch.zeros(0, dtype=torch.int64)
+        self._row_of = torch.arange(len(self.lengths)) - starts[self._shard_of] if counts else torch.zeros(0, dtype=torch.int64)
+        self.generation_stats = None
+
+    # -- opening ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        directory,
+        *,
+        expected_vocab_size: Optional[int] = None,
+        verify_checksums: bool = True,
+        validate: bool = True,
+        allow_incomplete: bool = False,
+    ) -> "ShardedReplayBuffer":
+        """See :meth:`ReplayBuffer.open`."""
+        directory, meta = _open_metadata(directory, expected_vocab_size, allow_incomplete)
+        vocab, mode, pad = meta.get("vocab_size"), meta.get("mode", "tail"), meta.get("pad_token_id", 0)
+        entries = list(meta.get("shards", []))
+        listed = sum(entry.get("num_sequences", 0) for entry in entries)
+        if meta.get("num_sequences") != listed:
+            raise ReplayBufferError(
+                f"metadata.json of {directory} says {meta.get('num_sequences')} sequences but its shards hold {listed}"
+            )
+        k = int(meta.get("k", 1))
+        dtype = LOGPROB_DTYPES.get(meta.get("logprob_dtype", "float32"), torch.float32)
+        lengths, widths, stats = [], [], []
+        for index, entry in enumerate(entries):
+            path = os.path.join(directory, entry["file"])
+            stat = os.stat(path) if os.path.exists(path) else None
+            if verify_checksums:
+                digest = _sha256_file(path)
+                if digest != entry["sha256"]:
+                    raise ReplayBufferError(
+                        f"checksum mismatch for {path}: metadata.json records sha256 {entry['sha256']}, the file has "
+                        f"{digest} (the shard is corrupt or was modified; regenerate it)"
+                    )
+            shard = cls._load_shard(directory, entry, names=_TENSOR_NAMES if validate else ("lengths",))
+            if shard["lengths"].numel() != entry.get("num_sequences"):
+                raise ReplayBufferError(
+                    f"shard {entry['file']} holds {shard['lengths'].numel()} sequences, metadata.json says {entry.get('num_sequences')}"
+                )
+            shapes = shard.pop("_shapes")
+            if index == 0:
+                k = shapes["teacher_ids"][2] if len(shapes["teacher_ids"]) == 3 else k
+                dtype = shard.pop("_logprob_dtype", dtype)
+            else:
+                shard.pop("_logprob_dtype", None)
+            if validate:
+                try:
+                    part = ReplayBuffer(shard["input_ids"], shard["lengths"], shard["teacher_ids"],
+                                        shard["teacher_logprobs"], shard["teacher_tail_logprob"], vocab_size=vocab,
+                                        mode=mode, pad_token_id=pad)
+                    if part.k != k or part.teacher_logprobs.dtype != dtype:
+                        raise ValueError(f"k={part.k} and {part.teacher_logprobs.dtype} differ from the first shard's "
+                                         f"k={k} and {dtype}")
+                    part.validate()
+                except (TypeError, ValueError) as exc:
+                    raise ReplayBufferError(f"shard {path}: {exc}") from exc
+                del part
+            else:
+                n, width = shapes["input_ids"]
+                if (shapes["teacher_ids"] != [n, width, k] or shapes["teacher_logprobs"] != [n, width, k]
+                        or shapes["teacher_tail_logprob"] != [n, width]):
+                    raise ReplayBufferError(f"shard {path}: tensor shapes {shapes} do not fit [S, L, k={k}]")
+            lengths.append(shard["lengths"].to(torch.int64).clone())
+            widths.append(int(shapes["input_ids"][1]))
+            stats.append((stat.st_size, stat.st_mtime_ns) if stat is not None else None)
+            del shard  # one shard in memory at a time
+        return cls(directory, meta, entries, lengths, widths, stats, k=k, logprob_dtype=dtype,
+                   validated=validate)
+
+    @staticmethod
+    def _load_shard(directory: str, entry: dict, names=_TENSOR_NAMES) -> Dict[str, object]:
+        """Read the tensors ``names`` of one shard whole (and every tensor's shape, under ``"_shapes"``)."""
+        path = os.path.join(directory, entry["file"])
+        try:
+            with safe_open(path, framework="pt") as handle:
+                present = set(handle.keys())
+                missing = [name for name in _TENSOR_NAMES if name not in present]
+                if missing:
+                    raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
+                out: Dict[str, object] = {name: handle.get_tensor(name) for name in names}
+                out["_shapes"] = {name: list(handle.get_slice(name).get_shape()) for name in _TENSOR_NAMES}
+                lp_dtype = handle.get_slice("teacher_logprobs").get_dtype()
+        except ReplayBufferError:
+            raise
+        except OSError as exc:
+            raise ReplayBufferError(f"cannot read shard {path}: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own error types
+            raise ReplayBufferError(f"shard {path} is not a valid safetensors file: {exc}") from exc
+        out["_logprob_dtype"] = {"F32": torch.float32, "F16": torch.float16}.get(lp_dtype, torch.float32)
+        return out
+
+    # -- basic properties -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    @property
+    def seq_len(self) -> int:
+        """The padded length ``ReplayBuffer.load`` would give: the widest shard's."""
+        return max(self._widths) if self._widths else 1
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._entries)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedReplayBuffer({self.directory!r}, sequences={len(self)}, shards={self.num_shards}, k={self.k}, "
+            f"vocab_size={self.vocab_size}, mode={self.mode!r}, tokens={self.num_tokens}, logprob_dtype={self.logprob_dtype})"
+        )
+
+    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    # -- whole shards -----------------------------------------------------------------------------
+
+    def shard(self, index: int) -> ReplayBuffer:
+        """Shard ``index`` as an in-memory :class:`ReplayBuffer` (trimmed to the shard's own width)."""
+        self._check_unchanged(index)
+        t = self._load_shard(self.directory, self._entries[index])
+        return ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
+                            t["teacher_tail_logprob"], vocab_size=self.vocab_size, mode=self.mode,
+                            pad_token_id=self.pad_token_id, metadata=self.metadata)
+
+    def shards(self) -> Iterator[ReplayBuffer]:
+        """Yield each shard as an in-memory :class:`ReplayBuffer`, one at a time (drop each before
+        asking for the next to keep a single shard in memory)."""
+        for index in range(self.num_shards):
+            yield self.shard(index)
+
+    def validate(self) -> "ShardedReplayBuffer":
+        """Run :meth:`ReplayBuffer.validate` over every shard, one shard in memory at a time."""
+        for index in range(self.num_shards):
+            part = self.shard(index)
+            try:
+                part.validate()
+            except ValueError as exc:
+                raise ReplayBufferError(f"shard {self._entries[index]['file']}: {exc}") from exc
+            del part
+        self.validated = True
+        return self
+
+    def _check_unchanged(self, index: int) -> None:
+        path = os.path.join(self.directory, self._entries[index]["file"])
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise ReplayBufferError(f"cannot read shard {path}: {exc}") from exc
+        if self._stats[index] != (stat.st_size, stat.st_mtime_ns):
+            raise ReplayBufferError(
+                f"shard {path} changed since the buffer was opened (its checksum was verified then); reopen it"
+            )
+
+    # -- training batches -------------------------------------------------------------------------
+
+    def _gather(self, idx: torch.Tensor, width: int) -> Dict[str, torch.Tensor]:
+        """Rows ``idx`` of the (virtually concatenated) buffer, cut or padded to ``width``."""
+        num = idx.numel()
+        out = {
+            "input_ids": torch.full((num, width), self.pad_token_id, dtype=torch.int64),
+            "teacher_ids": torch.full((num, width, self.k), -1, dtype=torch.int32),
+            "teacher_logprobs": torch.zeros((num, width, self.k), dtype=self.logprob_dtype),
+            "teacher_tail_logprob": torch.full((num, width), float("-inf"), dtype=self.logprob_dtype),
+        }
+        shard_of, row_of = self._shard_of[idx], self._row_of[idx]
+        for shard in shard_of.unique().tolist():
+            self._check_unchanged(shard)
+            positions = (shard_of == shard).nonzero()[:, 0]
+            rows = row_of[positions]
+            rows, order = rows.sort()
+            positions = positions[order]
+            # Runs of consecutive rows are read with one slice each (all of them when not shuffling).
+            breaks = ((rows[1:] - rows[:-1]) != 1).nonzero()[:, 0] + 1
+            bounds = [0] + breaks.tolist() + [rows.numel()]
+            w = min(width, self._widths[shard])
+            path = os.path.join(self.directory, self._entries[shard]["file"])
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    for name, target in out.items():
+                        sl = handle.get_slice(name)
+                        for a, b in zip(bounds[:-1], bounds[1:]):
+                            first = int(rows[a])
+                            target[positions[a:b], :w] = sl[first : first + (b - a), :w].to(target.dtype)
+            except ReplayBufferError:
+                raise
+            except Exception as exc:
+                raise ReplayBufferError(f"cannot read rows of shard {path}: {exc}") from exc
+        return out
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        device=None,
+        trim: bool = True,
+        teacher_dtype: Optional[torch.dtype] = None,
+    ) -> Iterator[Dict[str, torch.Tensor]]:
+        """The batches of :meth:`ReplayBuffer.batches`, identical for the same arguments, read lazily.
+
+        Memory: one batch (plus the lengths of all sequences); each batch opens the shards it draws
+        from and reads only its rows.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if teacher_dtype is not None and teacher_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"teacher_dtype must be a floating torch dtype or None, got {teacher_dtype!r}")
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(n)
+        stop = (n // batch_size) * batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            idx = order[start : start + batch_size]
+            lengths = self.lengths[idx]
+            width = int(lengths.max()) if trim else self.seq_len
+            rows = self._gather(idx, width)
+            teacher_ids, logprobs, tail = rows["teacher_ids"], rows["teacher_logprobs"], rows["teacher_tail_logprob"]
+            if teacher_dtype is not None:
+                logprobs, tail = logprobs.to(teacher_dtype), tail.to(teacher_dtype)
+            batch = {
+                "input_ids": rows["input_ids"],
+                "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
+                "teacher_ids": teacher_ids,
+                "teacher_logprobs": logprobs,
+                "teacher_tail_logprob": tail,
+                "mask": teacher_ids[:, :, 0] >= 0,
+                "lengths": lengths,
+                "indices": idx,
+            }
+            if device is not None:
+                batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+            yield batch

@@ -20,16 +20,7 @@ from tqdm.auto import tqdm
 from ._inputs import check_temperature
 from .generation import _model_name, model_config_hash
 from .model_glue import lm_head_of
-from .replay_buffer import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    ReplayBuffer,
-    ReplayBufferError,
-    read_metadata,
-    read_shard,
-    write_metadata,
-    write_shard,
-)
+from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, ReplayBuffer, ShardedBufferWriter
 from .topk import linear_topk_logprobs
 
 SETTINGS_KEY = "teacher_cache"
@@ -146,47 +137,20 @@ def build_teacher_cache(
         "shard_size": shard_size,
         "pad_token_id": pad_token_id,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    try:
-        existing = read_metadata(out_dir)
-    except ReplayBufferError as exc:
-        raise ValueError(f"out_dir {out_dir} holds something that is not a replay buffer: {exc}") from exc
-    done: List[dict] = []
-    if existing is not None:
-        previous = existing.get(SETTINGS_KEY)
-        if previous != settings:
-            raise ValueError(
-                f"out_dir {out_dir} holds a replay buffer made by another run "
-                f"({'generate_replay' if previous is None else 'build_teacher_cache with other settings'}); "
-                "use a fresh directory, or rerun with the original model, sequences and settings to resume"
-            )
-        done = list(existing.get("shards", []))
-        for entry in done:  # the resumed run builds on these: verify them now
-            read_shard(out_dir, entry, verify=True)
-    elif any(not name.startswith(".") for name in os.listdir(out_dir)):
-        raise ValueError(f"out_dir {out_dir} is not empty and holds no replay buffer; use an empty directory")
-
     metadata = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": vocab, "k": k, "mode": "tail",
         "pad_token_id": pad_token_id, "logprob_dtype": "float32", "model_name": settings["model_name"],
         "config_hash": settings["config_hash"], "temperature": temperature, "source": "corpus",
         SETTINGS_KEY: settings,
     }
-
-    def write_progress(entries, complete):
-        meta = dict(metadata, shards=entries, shard_size=shard_size, complete=complete,
-                    num_sequences=sum(e["num_sequences"] for e in entries),
-                    num_tokens=sum(e["num_tokens"] for e in entries))
-        write_metadata(out_dir, meta)
-
     num_shards = -(-len(sequences) // shard_size)
-    done_sequences = sum(e["num_sequences"] for e in done)
-    with tqdm(total=len(sequences), initial=done_sequences, desc="teacher cache", unit="seq",
+    writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
+                                 producer="build_teacher_cache")
+    with tqdm(total=len(sequences), initial=writer.num_done_sequences, desc="teacher cache", unit="seq",
               disable=not progress, dynamic_ncols=True) as bar:
-        for index in range(len(done), num_shards):
+        for index in range(writer.num_done_shards, num_shards):
             shard = sequences[index * shard_size : (index + 1) * shard_size]
             tensors = _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size,
                                     pad_token_id, bar)
-            done.append(write_shard(out_dir, index, tensors))
-            write_progress(done, complete=index == num_shards - 1)  # metadata last: only whole shards
+            writer.write_shard(tensors)  # the shard, then metadata.json listing it
     return ReplayBuffer.load(out_dir, expected_vocab_size=vocab)

@@ -37,7 +37,7 @@ from transformers import Trainer
 
 from ._inputs import skip_value_checks
 from .model_glue import ReplayKLLoss, check_replay_weight, lm_head_of, task_nll
-from .replay_buffer import ReplayBuffer
+from .replay_buffer import ReplayBuffer, ShardedReplayBuffer
 
 __all__ = ["ReplayTrainer"]
 
@@ -46,8 +46,9 @@ class ReplayTrainer(Trainer):
     """A ``transformers.Trainer`` whose training loss is task NLL + ``replay_weight`` * replay KL.
 
     Args (besides Trainer's own):
-        replay_buffer: a ``ReplayBuffer`` or the directory of one (loaded with the model's vocabulary
-            size as ``expected_vocab_size``). Its vocabulary must equal the lm_head's rows; it is
+        replay_buffer: a ``ReplayBuffer``, a ``ShardedReplayBuffer`` (``ReplayBuffer.open(dir)``: read
+            lazily, for buffers larger than RAM) or the directory of one (loaded into memory with the
+            model's vocabulary size as ``expected_vocab_size``). Its vocabulary must equal the lm_head's rows; it is
             validated once here (``validate_replay=False`` skips that for a buffer validated already),
             so training steps run under ``skip_value_checks()``.
         replay_weight: lambda >= 0 (the paper used 1 to 10).
@@ -60,7 +61,7 @@ class ReplayTrainer(Trainer):
     def __init__(
         self,
         *args,
-        replay_buffer: Union[ReplayBuffer, str, os.PathLike],
+        replay_buffer: Union[ReplayBuffer, ShardedReplayBuffer, str, os.PathLike],
         replay_weight: float = 1.0,
         replay_batch_size: Optional[int] = None,
         replay_seed: int = 0,
@@ -89,16 +90,17 @@ class ReplayTrainer(Trainer):
         vocab = weight.shape[0]
         if isinstance(replay_buffer, (str, os.PathLike)):
             replay_buffer = ReplayBuffer.load(replay_buffer, expected_vocab_size=vocab)  # validates
-        elif isinstance(replay_buffer, ReplayBuffer):
+        elif isinstance(replay_buffer, (ReplayBuffer, ShardedReplayBuffer)):
             if replay_buffer.vocab_size != vocab:
                 raise ValueError(
                     f"replay_buffer was recorded for a vocabulary of {replay_buffer.vocab_size} tokens, but the "
                     f"model's lm_head has {vocab} rows: replay from another model (or tokenizer) cannot be used"
                 )
-            if validate_replay:
+            # A ShardedReplayBuffer opened with validate=True was validated shard by shard already.
+            if validate_replay and not getattr(replay_buffer, "validated", False):
                 replay_buffer.validate()
         else:
-            raise TypeError(f"replay_buffer must be a ReplayBuffer or a directory path, got {type(replay_buffer).__name__}")
+            raise TypeError(f"replay_buffer must be a ReplayBuffer, a ShardedReplayBuffer or a directory path, got {type(replay_buffer).__name__}")
         if len(replay_buffer) == 0:
             raise ValueError("replay_buffer holds no sequences")
         if replay_loss is None:

@@ -280,3 +280,124 @@ def test_select_by_boolean_mask():
     assert buffer.select(long).sequences() == [s for s, keep in zip(buffer.sequences(), long.tolist()) if keep]
     with pytest.raises(ValueError, match="index"):
         buffer.select(long[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# ShardedReplayBuffer: the lazy path (ReplayBuffer.open)
+# --------------------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path, num_seq=23, shard_size=4, **kw):
+    buffer = make_buffer(num_seq=num_seq, seed=3, **kw)
+    path = str(tmp_path / "buf")
+    buffer.save(path, shard_size=shard_size)
+    return buffer, path
+
+
+def _assert_batches_equal(expected, got):
+    expected, got = list(expected), list(got)
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for name in a:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_open_yields_exactly_the_in_memory_batches(tmp_path, dtype):
+    buffer, path = _saved(tmp_path, logprob_dtype=dtype)
+    loaded = ReplayBuffer.load(path, expected_vocab_size=VOCAB)
+    lazy = ReplayBuffer.open(path, expected_vocab_size=VOCAB)
+    assert isinstance(lazy, rb.ShardedReplayBuffer)
+    assert (len(lazy), lazy.k, lazy.vocab_size, lazy.mode, lazy.seq_len, lazy.num_tokens, lazy.num_shards) == (
+        len(loaded), loaded.k, loaded.vocab_size, loaded.mode, loaded.seq_len, loaded.num_tokens, 6)
+    assert lazy.metadata == loaded.metadata and lazy.validated
+    for kwargs in (dict(seed=0), dict(seed=5, drop_last=True), dict(shuffle=False), dict(seed=1, trim=False),
+                   dict(seed=2, teacher_dtype=torch.bfloat16)):
+        for batch_size in (1, 3, 4, 7, 40):
+            _assert_batches_equal(loaded.batches(batch_size, **kwargs), lazy.batches(batch_size, **kwargs))
+    assert lazy.num_batches(5) == loaded.num_batches(5)
+    # every sequence and teacher row exactly once per pass
+    seen = torch.cat([b["indices"] for b in lazy.batches(4, seed=9)])
+    assert sorted(seen.tolist()) == list(range(len(buffer)))
+    rows = sorted(tuple(r.tolist()) for b in lazy.batches(4, seed=9) for r in b["teacher_ids"][b["mask"]])
+    assert rows == sorted(tuple(r.tolist()) for r in buffer.teacher_ids[buffer.teacher_ids[:, :, 0] >= 0])
+    assert sum(p.num_tokens for p in lazy.shards()) == buffer.num_tokens
+
+
+def test_open_holds_at_most_one_shard_and_batches_load_none(tmp_path, monkeypatch):
+    _, path = _saved(tmp_path)
+    live, peak, loads = [0], [0], [0]
+    original = rb.ShardedReplayBuffer._load_shard
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        loads[0] += 1
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        import weakref
+
+        weakref.finalize(out["lengths"], lambda: live.__setitem__(0, live[0] - 1))
+        return out
+
+    monkeypatch.setattr(rb.ShardedReplayBuffer, "_load_shard", staticmethod(counting))
+    lazy = ReplayBuffer.open(path)
+    assert loads[0] == 6 and peak[0] == 1  # streamed: one shard in memory at a time
+    lazy.validate()
+    assert loads[0] == 12 and peak[0] == 1
+    loads[0] = 0
+    for batch in lazy.batches(3, seed=0):
+        assert batch["input_ids"].shape[0] <= 3
+    assert loads[0] == 0  # batches read only their rows, never a whole shard
+
+
+def test_open_detects_corruption_and_later_modification(tmp_path):
+    _, path = _saved(tmp_path)
+    shard = os.path.join(path, "shard-00002.safetensors")
+    data = bytearray(open(shard, "rb").read())
+    lazy = ReplayBuffer.open(path)
+    data[-3] ^= 0xFF
+    with open(shard, "wb") as handle:
+        handle.write(bytes(data))
+    os.utime(shard, ns=(1, 1))
+    with pytest.raises(ReplayBufferError, match="changed since the buffer was opened"):
+        list(lazy.batches(4, shuffle=False))
+    with pytest.raises(ReplayBufferError, match="checksum mismatch for .*shard-00002"):
+        ReplayBuffer.open(path)
+    os.unlink(shard)
+    with pytest.raises(ReplayBufferError, match="cannot read shard"):
+        ReplayBuffer.open(path)
+
+
+def test_open_validates_values_and_refuses_a_foreign_vocabulary(tmp_path):
+    buffer, path = _saved(tmp_path)
+    with pytest.raises(ReplayBufferError, match=f"made for a vocabulary of {VOCAB} tokens.*expected_vocab_size is 32000"):
+        ReplayBuffer.open(path, expected_vocab_size=32000)
+    bad = make_buffer(num_seq=9, seed=3)
+    bad.teacher_ids[6, 0, 0] = VOCAB  # outside the vocabulary, in the second shard
+    bad.save(str(tmp_path / "bad"), shard_size=4)
+    with pytest.raises(ReplayBufferError, match="shard-00001.*teacher_ids"):
+        ReplayBuffer.open(str(tmp_path / "bad"))
+    lazy = ReplayBuffer.open(str(tmp_path / "bad"), validate=False)
+    assert not lazy.validated and len(lazy) == 9
+    with pytest.raises(ReplayBufferError, match="teacher_ids"):
+        lazy.validate()
+
+
+def test_trainer_accepts_a_sharded_buffer(tmp_path):
+    pytest.importorskip("transformers")
+    import test_training as tt
+
+    teacher = tt.tiny_model(seed=1).eval()
+    cache = tmp_path / "cache"
+    import selfreplay_fast as sf
+
+    sf.build_teacher_cache(teacher, tt.sequences(5, [7, 12, 9, 4, 11, 8, 10, 6]), 4, cache, shard_size=3,
+                           progress=False)
+    in_memory = tt.make_trainer(tmp_path / "a", tt.tiny_model(seed=0), str(cache))
+    lazy = tt.make_trainer(tmp_path / "b", tt.tiny_model(seed=0), ReplayBuffer.open(cache))
+    assert isinstance(lazy.replay_buffer, rb.ShardedReplayBuffer)
+    for _ in range(6):  # crosses a pass over the 8 sequences (batches of 2)
+        _assert_batches_equal([in_memory.next_replay_batch()], [lazy.next_replay_batch()])
+    with pytest.raises(ValueError, match="vocabulary"):
+        tt.make_trainer(tmp_path / "c", tt.tiny_model(seed=0, vocab_size=tt.VOCAB + 1), ReplayBuffer.open(cache))

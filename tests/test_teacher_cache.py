@@ -7,6 +7,7 @@ import torch
 
 import selfreplay_fast as sf
 from selfreplay_fast import cli
+from selfreplay_fast import replay_buffer as rb
 from selfreplay_fast import teacher_cache as tc
 
 VOCAB = 61
@@ -89,7 +90,7 @@ def test_interrupted_run_resumes_to_the_same_buffer(tmp_path, monkeypatch):
     full = sf.build_teacher_cache(model, seqs, 3, tmp_path / "full", shard_size=2, progress=False)
 
     calls = {"n": 0}
-    original = tc.write_shard
+    original = rb.write_shard
 
     def dying_write_shard(*args, **kwargs):
         if calls["n"] == 2:
@@ -97,12 +98,12 @@ def test_interrupted_run_resumes_to_the_same_buffer(tmp_path, monkeypatch):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tc, "write_shard", dying_write_shard)
+    monkeypatch.setattr(rb, "write_shard", dying_write_shard)
     with pytest.raises(KeyboardInterrupt):
         sf.build_teacher_cache(model, seqs, 3, tmp_path / "resumed", shard_size=2, progress=False)
     with pytest.raises(sf.ReplayBufferError, match="incomplete"):
         sf.ReplayBuffer.load(tmp_path / "resumed")
-    monkeypatch.setattr(tc, "write_shard", original)
+    monkeypatch.setattr(rb, "write_shard", original)
     computed = []
     original_rows = tc._teacher_rows
     monkeypatch.setattr(tc, "_teacher_rows", lambda *a: computed.append(len(a[3])) or original_rows(*a))
