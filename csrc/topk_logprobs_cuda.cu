@@ -307,12 +307,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) topk_logprobs_kerne
   if (tid == 0) {
     const double tail_lse = lse_value(tail_total);
     const double top_lse = lse_value(top_total);
+    // A NaN part (a +inf logit: inf - inf in a merge) must reach `full`; fmax would drop it.
+    const bool nan_part = isnan(tail_lse) || isnan(top_lse);
     const double shift = fmax(tail_lse, top_lse);
     double full = shift;  // all logits -inf: outputs come out (-inf) - (-inf) = NaN, as in torch
     if (shift != neg_inf_d()) {
       full = shift + log(exp(tail_lse - shift) + exp(top_lse - shift));  // NaN with a +inf logit
     }
-    if (row_has_nan) full = nan("");
+    if (row_has_nan || nan_part) full = nan("");
     sh.full_lse = full;
     tail_out[row] = static_cast<float>(tail_lse - full);
   }

@@ -276,6 +276,101 @@ def test_cuda_matches_cpu(dtype):
         torch.testing.assert_close(gpu[2].cpu(), cpu[2], atol=5e-5, rtol=1e-5, equal_nan=True)
 
 
+def _selection_stress_logits(vocab):
+    """Rows that stress the CUDA kernel's candidate selection, as float32 [6, vocab]."""
+    g = torch.Generator().manual_seed(vocab)
+    signed_zeros = torch.zeros(vocab)
+    signed_zeros[torch.rand(vocab, generator=g) < 0.5] = -0.0  # -0 and +0 tie: the lower id first
+    with_pos_inf = torch.randn(vocab, generator=g)
+    with_pos_inf[-1] = float("inf")  # NaN log-probs and tail, for every k (k == V included)
+    return torch.stack(
+        [
+            torch.randint(-2, 3, (vocab,), generator=g).float(),  # heavy ties at the k-th value
+            signed_zeros,
+            torch.arange(vocab, dtype=torch.float32) * 1e-3,  # ascending: every logit beats the threshold
+            -torch.arange(vocab, dtype=torch.float32) * 1e-3,  # descending: none after the first selection
+            torch.full((vocab,), NEG_INF),  # no distribution: NaN
+            with_pos_inf,
+        ]
+    )
+
+
+def _check_selection_stress(device):
+    # V around multiples of the kernel's 2048-logit tile; k up to its 2048 limit and k == V.
+    for vocab in (1, 7, 2047, 2048, 2049, 4095, 4097, 6145, 50_257):
+        logits = _selection_stress_logits(vocab)
+        for k in sorted({min(c, vocab) for c in (1, 2, 63, 2048, vocab)}):
+            expected = topk_logprobs(logits, k)
+            got = topk_logprobs(logits.to(device), k)
+            label = f"V={vocab} k={k}"
+            assert torch.equal(got[0].cpu(), expected[0]), label
+            torch.testing.assert_close(got[1].cpu(), expected[1], atol=5e-5, rtol=1e-5, equal_nan=True, msg=label)
+            torch.testing.assert_close(got[2].cpu(), expected[2], atol=5e-5, rtol=1e-5, equal_nan=True, msg=label)
+
+
+def test_selection_stress_rows_fallback_matches_extension():
+    """The torch path (what CUDA uses for k > 2048) and the CPU kernel agree on the same rows."""
+    if not extension_available():
+        pytest.skip("compiled extension not built")
+    def fallback(logits, k):
+        return topk_module._topk_logprobs_torch(logits, k)
+
+    for vocab in (1, 7, 2049, 4097):
+        logits = _selection_stress_logits(vocab)
+        for k in sorted({min(c, vocab) for c in (1, 2, 63, vocab)}):
+            expected = topk_logprobs(logits, k)
+            got = fallback(logits, k)
+            assert torch.equal(got[0], expected[0]), (vocab, k)
+            torch.testing.assert_close(got[1], expected[1], atol=5e-5, rtol=1e-5, equal_nan=True)
+            torch.testing.assert_close(got[2], expected[2], atol=5e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_selection_stress_rows_match_cpu():
+    _check_selection_stress("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_runs_on_the_current_stream():
+    """The op must launch on torch's current stream: on another one it would read `x` before the copy
+    queued behind a sleep on the current stream has written it."""
+    logits = random_logits(256, 50_257, torch.float32, seed=3)
+    expected = topk_logprobs(logits, 64)
+    source = logits.cuda()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x = torch.full_like(source, float("nan"))
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles ahead of the copy
+        x.copy_(source)
+        got = topk_logprobs(x, 64)
+    stream.synchronize()
+    assert torch.equal(got[0].cpu(), expected[0])
+    torch.testing.assert_close(got[1].cpu(), expected[1], atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 16 * 2**30,
+    reason="needs a CUDA GPU with 16 GiB",
+)
+def test_cuda_rows_past_2_31_elements():
+    """Row offsets past 2^31 elements (64-bit indexing) and a grid of ~43k blocks."""
+    vocab = 50_257
+    n = 2**31 // vocab + 4
+    logits = torch.empty(n, vocab, dtype=torch.bfloat16, device="cuda")
+    tail_rows = random_logits(8, vocab, torch.bfloat16, seed=5)
+    logits[:-8] = 0.0
+    logits[-8:] = tail_rows.cuda()
+    ids, logprobs, tail = topk_logprobs(logits, 64)
+    expected = topk_logprobs(tail_rows, 64)
+    assert torch.equal(ids[-8:].cpu(), expected[0])
+    torch.testing.assert_close(logprobs[-8:].cpu(), expected[1], atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(tail[-8:].cpu(), expected[2], atol=5e-5, rtol=1e-5)
+    # An all-zero row: ties everywhere, so ids 0..k-1 and log-probs -log(V).
+    assert torch.equal(ids[0].cpu(), torch.arange(64, dtype=torch.int32))
+    torch.testing.assert_close(logprobs[0].cpu(), torch.full((64,), -math.log(vocab)), atol=1e-5, rtol=1e-6)
+    del logits
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 
