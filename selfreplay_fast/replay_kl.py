@@ -198,7 +198,10 @@ class _Grads:
 def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
     budget = _CHUNK_BYTES["cuda" if inp.hidden.is_cuda else "cpu"]
     if inp.mode == "topk":
-        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * head.weight.element_size() * 2
+        # [c, k, D] alive per row: the gathered lm_head rows in the accumulation dtype, and for the
+        # weight gradient their outer product with h (accumulation dtype) plus its operand-dtype copy.
+        acc_bytes = torch.finfo(head.acc_dtype).bits // 8
+        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * (2 * acc_bytes + head.weight.element_size())
     else:
         per_row = vocab.max_local_rows(inp) * torch.finfo(head.acc_dtype).bits // 8
     return max(1, min(inp.num_rows, budget // per_row))
@@ -259,7 +262,8 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
         out = logits if head.operand_dtype == logits.dtype else torch.empty(
             logits.shape, dtype=head.operand_dtype, device=dev
         )
-        sign, shift, grad_teacher = terms.scaled(row_scale[rows])
+        # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
+        sign, shift, grad_teacher = (t.to(logits.dtype) for t in terms.scaled(row_scale[rows]))
         grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out)
         del logits
         if want_h:

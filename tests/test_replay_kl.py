@@ -198,6 +198,24 @@ def test_float64_is_exact(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_fp32_hidden_fp64_weight(impl):
+    """float64 logits (promoted from an fp64 weight) with fp32 per-row terms: every pass must get
+    its per-row scalars in the logits' dtype (the Triton pass used to reject fp32 sign/shift)."""
+    case = make_case((3, 5), 6, 23, 4, "tail", seed=32, temperature=0.8)
+    dev = device_for(impl)
+    h = case.hidden.to(dev, torch.float32, copy=True).requires_grad_(True)
+    w = case.weight.to(dev, torch.float64, copy=True).requires_grad_(True)
+    ids, lp, kw = case.teacher(dev)
+    loss = sf.fused_replay_kl(h, w, ids, lp, impl=impl, chunk_size=4, **kw)
+    loss.backward()
+    ref_h, ref_w, _ = case.leaves(torch.float64)
+    ref = sf.reference_replay_kl(ref_h, ref_w, *case.teacher()[:2], **case.teacher()[2])
+    ref.backward()
+    for got, expected in [(loss, ref), (h.grad, ref_h.grad), (w.grad, ref_w.grad)]:
+        assert rel_err(got, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_int32_ids_and_all_masked_mean_is_zero(impl):
     case = make_case((4,), 6, 19, 3, "tail", seed=41, id_dtype=torch.int32, mask=False)
     dev = device_for(impl)
