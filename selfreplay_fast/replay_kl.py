@@ -38,6 +38,9 @@ from ._row_terms import compute_row_terms
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS accumulates and writes fp32).
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
+# Vocabulary rows per 16-bit product added into an fp32 weight-gradient accumulator (16 MiB at D = 4096).
+_GRAD_WEIGHT_BLOCK_ROWS = 2048
+
 # Bytes of one fp32 [chunk, V] logits buffer when chunk_size is None. A chunk needs about two of
 # them alive (logits and their gradient, plus PyTorch temporaries on the CPU path).
 _CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
@@ -96,6 +99,9 @@ class _HeadMatmuls:
         if self.low_precision and (weight.device.type != "cuda" or not _MM_HAS_OUT_DTYPE):
             self._weight_for_logits = self.weight.to(self.acc_dtype)
         self.bias = bias.detach().to(self.acc_dtype) if bias is not None else None
+        # The weight gradient accumulates across chunks in the parameter's own precision: 16-bit for a
+        # 16-bit lm_head (as autograd would), fp32 for fp32 master weights under autocast.
+        self.grad_weight_dtype = torch.promote_types(self.operand_dtype, weight.dtype)
 
     def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
         h = hidden_chunk.to(self.operand_dtype)
@@ -111,7 +117,16 @@ class _HeadMatmuls:
         return torch.mm(grad_logits, self.weight)
 
     def accumulate_grad_weight(self, acc: torch.Tensor, grad_logits, hidden_chunk) -> None:
-        acc.addmm_(grad_logits.T, hidden_chunk.to(self.operand_dtype))
+        h = hidden_chunk.to(self.operand_dtype)
+        if acc.dtype == grad_logits.dtype:
+            acc.addmm_(grad_logits.T, h)
+            return
+        # A wider accumulator than the operands (fp32 master weights, 16-bit matmuls): add each block of
+        # vocabulary rows' 16-bit product in the wide dtype, so the running sum is never rounded to
+        # 16 bits; the blocks bound the temporary to _GRAD_WEIGHT_BLOCK_ROWS x D.
+        for start in range(0, acc.shape[0], _GRAD_WEIGHT_BLOCK_ROWS):
+            rows = slice(start, start + _GRAD_WEIGHT_BLOCK_ROWS)
+            acc[rows] += torch.mm(grad_logits[:, rows].T, h)
 
 
 class _WholeVocab:
@@ -219,7 +234,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     want_any = want_h or want_w or want_b
     grads = _Grads(
         hidden=torch.empty(n, dim, dtype=inp.hidden.dtype, device=dev) if want_h else None,
-        weight=torch.zeros(head.weight.shape, dtype=head.operand_dtype, device=dev) if want_w else None,
+        weight=torch.zeros(head.weight.shape, dtype=head.grad_weight_dtype, device=dev) if want_w else None,
         bias=torch.zeros(inp.vocab_size, dtype=head.acc_dtype, device=dev) if want_b else None,
     )
     inv_temp = 1.0 / inp.temperature

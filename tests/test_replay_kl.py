@@ -412,3 +412,29 @@ def test_no_gradient_work_with_autograd_off(grad_off, monkeypatch):
         loss = sf.fused_replay_kl(h, w, ids, lp, bias=b, impl="torch", **kw)
     expected = sf.reference_replay_kl(case.hidden, case.weight, ids, lp, bias=case.bias, **kw)
     assert not loss.requires_grad and rel_err(loss, expected) <= 1e-4
+
+
+def test_fp32_master_weight_gradient_accumulates_in_fp32(monkeypatch):
+    """16-bit matmuls (autocast) with an fp32 lm_head: the weight gradient's running sum over chunks is
+    kept in fp32 (never rounded to bf16 between chunks), in vocabulary blocks."""
+    monkeypatch.setattr(rk, "_GRAD_WEIGHT_BLOCK_ROWS", 16)  # several blocks at V = 97
+    case = make_case((48,), 32, 97, 8, "tail", seed=23)
+    seen = []
+    original = rk._HeadMatmuls.accumulate_grad_weight
+
+    def spy(self, acc, grad_logits, hidden_chunk):
+        seen.append((acc.dtype, grad_logits.dtype))
+        return original(self, acc, grad_logits, hidden_chunk)
+
+    monkeypatch.setattr(rk._HeadMatmuls, "accumulate_grad_weight", spy)
+
+    def autocast_low_precision_kl(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return rk._apply(prepare_replay_kl_inputs(*args, **kwargs), "torch", 4, low_precision=True)
+
+    got = run(autocast_low_precision_kl, case, torch.float32, "cpu", "sum")
+    ref = run(sf.reference_replay_kl, case, torch.float64, "cpu", "sum")
+    assert seen and all(acc == torch.float32 and g == torch.bfloat16 for acc, g in seen)
+    assert got[2].dtype == torch.float32
+    for a, e in zip(got, ref):
+        assert rel_err(a, e) <= 2e-2
