@@ -5,8 +5,8 @@ logits x = h W^T + b are materialized in fp32 ([c, V], bounded by the chunk size
 vocabulary passes (Triton kernels or PyTorch) reduce them to per-row scalars and overwrite them with
 dL/dx, and two more matmuls turn that into the hidden and weight gradients. The gradients are
 computed during the forward (three matmuls in all, the minimum) and only scaled by the incoming
-gradient in backward; ``reduction="none"`` cannot be scaled after the fact, so it recomputes in
-backward instead. ``mode="topk"`` never touches the rest of the vocabulary: it gathers the k lm_head
+gradient in backward; ``reduction="none"`` cannot be scaled after the fact, and fp16 gradients
+formed before the loss scale arrives would underflow, so those two recompute in backward instead. ``mode="topk"`` never touches the rest of the vocabulary: it gathers the k lm_head
 rows of each position (an indexed dot, O(N k D)).
 
 Vocab-parallel (``process_group``, docs/design.md, section 6): the same chunk loop runs on every rank
@@ -323,12 +323,12 @@ class _FusedReplayKL(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         counted = inp.mask
 
+        ctx.grads = ctx.recompute = None
         if inp.reduction == "none":
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
-            ctx.recompute = (inp, head, passes, vocab, chunk_rows)
+            ctx.recompute = (inp, head, passes, vocab, chunk_rows, None)
             if counted is not None:
                 loss_rows = torch.where(counted, loss_rows, 0.0)
-            ctx.grads = None
             return loss_rows.reshape(inp.lead_shape)
 
         # Row weights of the reduction, as tensors (no host sync): mean divides by the count.
@@ -338,23 +338,31 @@ class _FusedReplayKL(torch.autograd.Function):
             weight_rows = counted.to(inp.row_dtype)
         if inp.reduction == "mean":
             weight_rows = weight_rows / weight_rows.sum().clamp_min(1)
+        if head.operand_dtype == torch.float16 and (want_h or want_w or want_b):
+            # fp16 gradients formed before the loss scale (GradScaler's grad_output) arrives would
+            # underflow (mean divides by the token count): recompute them in backward, scaled first.
+            loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
+            ctx.recompute = (inp, head, passes, vocab, chunk_rows, weight_rows)
+            return (loss_rows * weight_rows).sum()
         loss_rows, grads = _run_chunks(
             inp, head, passes, vocab, weight_rows / inp.temperature, chunk_rows, want_h, want_w, want_b
         )
         ctx.grads = grads
-        ctx.recompute = None
         return (loss_rows * weight_rows).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        if ctx.recompute is not None:  # reduction="none": gradients need the per-row grad_output
+        if ctx.recompute is not None:  # reduction="none" (per-row grad_output) or fp16 operands
             # Vocab-parallel: the same collectives as the forward, in the same order on every rank.
-            inp, head, passes, vocab, chunk_rows = ctx.recompute
+            inp, head, passes, vocab, chunk_rows, weight_rows = ctx.recompute
             want_h, want_w, want_b = ctx.needs_input_grad[5:8]
-            row_scale = grad_output.reshape(-1).to(inp.row_dtype) / inp.temperature
-            if inp.mask is not None:
-                row_scale = torch.where(inp.mask, row_scale, 0.0)
+            if weight_rows is None:
+                row_scale = grad_output.reshape(-1).to(inp.row_dtype) / inp.temperature
+                if inp.mask is not None:
+                    row_scale = torch.where(inp.mask, row_scale, 0.0)
+            else:
+                row_scale = grad_output.to(inp.row_dtype) * weight_rows / inp.temperature
             with torch.autocast(inp.hidden.device.type, enabled=False):
                 _, grads = _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b)
         else:
