@@ -28,6 +28,8 @@ NUM_WARPS = 4
 # Under the CPU interpreter each tile costs a fixed number of interpreted numpy operations, so wider
 # tiles are faster there.
 MAX_BLOCK_V_INTERPRETER = 4096
+# Widest tile of teacher slots held in registers at once; more slots (k up to V) loop over tiles.
+MAX_BLOCK_K = 1024
 _MIN_BLOCK_V = 16
 
 _LOGITS_DTYPES = (torch.float32, torch.float64)
@@ -61,30 +63,33 @@ def _masked_lse_kernel(
     lse_complement_ptr: output [c]: log sum_{v not in ids[n]} exp(x[n, v] * inv_temp), -inf for an empty sum.
     inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
     V: vocabulary size (columns of x). K: teacher slots per row.
-    BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: next power of 2 >= K.
+    BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: slot tile width (power of 2, <= MAX_BLOCK_K).
     """
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
     neg_inf = float("-inf")
+    compute_dtype = logits_ptr.dtype.element_ty  # fp32 or fp64
+    scale = tl.full([], inv_temp, compute_dtype)
 
-    # Teacher slots: gather their scaled logits, then remove them from the row.
-    slot = tl.arange(0, BLOCK_K)
-    slot_in_range = slot < K
-    ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
-    used = slot_in_range & (ids >= 0)
-    x_teacher = tl.load(row_logits_ptr + ids, mask=used, other=neg_inf)
-    scale = tl.full([], inv_temp, x_teacher.dtype)  # compute dtype = logits' dtype (fp32 or fp64)
-    z_teacher = tl.where(used, x_teacher * scale, neg_inf)
-    tl.store(z_teacher_ptr + row * z_teacher_row_stride + slot, z_teacher, mask=slot_in_range)
-    tl.store(row_logits_ptr + ids, tl.full([BLOCK_K], neg_inf, x_teacher.dtype), mask=used)
+    # Teacher slots, BLOCK_K at a time: gather their scaled logits, then remove them from the row.
+    # (Used ids are unique, so no tile reads a column that another tile has already masked.)
+    for slot_start in range(0, K, BLOCK_K):
+        slot = slot_start + tl.arange(0, BLOCK_K)
+        slot_in_range = slot < K
+        ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
+        used = slot_in_range & (ids >= 0)
+        x_teacher = tl.load(row_logits_ptr + ids, mask=used, other=neg_inf)
+        z_teacher = tl.where(used, x_teacher * scale, neg_inf)
+        tl.store(z_teacher_ptr + row * z_teacher_row_stride + slot, z_teacher, mask=slot_in_range)
+        tl.store(row_logits_ptr + ids, tl.full([BLOCK_K], neg_inf, compute_dtype), mask=used)
     # The -inf stores must be visible to every thread of the program before the row is read again.
     tl.debug_barrier()
 
     # Streaming log-sum-exp with one running (max, sum) pair per lane, reduced once after the loop:
     # lane_sum = sum over the lane's columns of exp(z - lane_max).
     col = tl.arange(0, BLOCK_V)
-    lane_max = tl.full([BLOCK_V], neg_inf, x_teacher.dtype)
-    lane_sum = tl.zeros([BLOCK_V], x_teacher.dtype)
+    lane_max = tl.full([BLOCK_V], neg_inf, compute_dtype)
+    lane_sum = tl.zeros([BLOCK_V], compute_dtype)
     for start in range(0, V, BLOCK_V):
         cols = start + col
         z = tl.load(row_logits_ptr + cols, mask=cols < V, other=neg_inf) * scale
@@ -136,7 +141,7 @@ def _softmax_grad_kernel(
         then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot i.
     inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
     V: vocabulary size. K: teacher slots per row.
-    BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: next power of 2 >= K.
+    BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: slot tile width (power of 2, <= MAX_BLOCK_K).
     OUT_IS_16BIT: out is bf16/fp16; values are rounded through fp32 (the interpreter cannot cast fp64
         to bf16 directly).
     """
@@ -169,16 +174,17 @@ def _softmax_grad_kernel(
     # The dense stores at the slot positions must land before the sparse stores below overwrite them.
     tl.debug_barrier()
 
-    # Sparse pass: the gradient on the teacher slots.
-    slot = tl.arange(0, BLOCK_K)
-    slot_in_range = slot < K
-    ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
-    used = slot_in_range & (ids >= 0)
-    grad_teacher_offsets = row * grad_teacher_row_stride + slot * grad_teacher_col_stride
-    grad_teacher = tl.load(grad_teacher_ptr + grad_teacher_offsets, mask=used, other=0.0)
-    if OUT_IS_16BIT:
-        grad_teacher = grad_teacher.to(tl.float32)
-    tl.store(row_out_ptr + ids, grad_teacher.to(out_dtype), mask=used)
+    # Sparse pass: the gradient on the teacher slots, BLOCK_K at a time.
+    for slot_start in range(0, K, BLOCK_K):
+        slot = slot_start + tl.arange(0, BLOCK_K)
+        slot_in_range = slot < K
+        ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
+        used = slot_in_range & (ids >= 0)
+        grad_teacher_offsets = row * grad_teacher_row_stride + slot * grad_teacher_col_stride
+        grad_teacher = tl.load(grad_teacher_ptr + grad_teacher_offsets, mask=used, other=0.0)
+        if OUT_IS_16BIT:
+            grad_teacher = grad_teacher.to(tl.float32)
+        tl.store(row_out_ptr + ids, grad_teacher.to(out_dtype), mask=used)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,8 +201,12 @@ def _block_v(V: int, device: torch.device, block_v: Optional[int]) -> int:
     return block_v
 
 
-def _block_k(K: int) -> int:
-    return triton.next_power_of_2(max(K, 1))
+def _block_k(K: int, block_k: Optional[int] = None) -> int:
+    if block_k is None:
+        return min(MAX_BLOCK_K, triton.next_power_of_2(max(K, 1)))
+    if not isinstance(block_k, int) or block_k < 1 or block_k & (block_k - 1):
+        raise ValueError(f"block_k must be a positive power of 2, got {block_k!r}")
+    return block_k
 
 
 def _on_device(device: torch.device):
@@ -261,7 +271,8 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def masked_lse(
-    logits: torch.Tensor, ids: torch.Tensor, inv_temp: float, *, block_v: Optional[int] = None
+    logits: torch.Tensor, ids: torch.Tensor, inv_temp: float, *, block_v: Optional[int] = None,
+    block_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [c, V] float32/float64, last dim contiguous (row stride may be > V).
     ids: [c, k] int64 (or int32), -1 = unused slot; used ids of a row are unique and in [0, V).
@@ -270,7 +281,7 @@ def masked_lse(
       lse_complement[n] = log(sum over v not in the row's used ids of exp(logits[n, v] * inv_temp)),
       -inf when every v is a used id.
     Side effect: logits[n, ids[n, i]] is overwritten with -inf for every used slot.
-    block_v: vocabulary tile width override (power of 2), for tests and tuning.
+    block_v, block_k: vocabulary / slot tile width overrides (powers of 2), for tests and tuning.
     """
     c, V = _check_logits(logits)
     k = _check_ids(ids, c, logits.device)
@@ -293,7 +304,7 @@ def masked_lse(
             V,
             k,
             BLOCK_V=_block_v(V, logits.device, block_v),
-            BLOCK_K=_block_k(k),
+            BLOCK_K=_block_k(k, block_k),
             num_warps=NUM_WARPS,
         )
     return z_teacher, lse_complement
@@ -309,6 +320,7 @@ def softmax_grad(
     out: torch.Tensor,
     *,
     block_v: Optional[int] = None,
+    block_k: Optional[int] = None,
 ) -> torch.Tensor:
     """logits: [c, V] as left by masked_lse (used-slot positions hold -inf).
     ids: [c, k] int64/int32, -1 = unused. grad_teacher: [c, k] (logits.dtype), 0 on unused slots.
@@ -318,7 +330,7 @@ def softmax_grad(
       out[n, v] = sign[n] * exp(z[n, v] - shift[n]) for every v,
       then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot.
     A zero sign gives an exact 0. Returns out.
-    block_v: vocabulary tile width override (power of 2), for tests and tuning.
+    block_v, block_k: vocabulary / slot tile width overrides (powers of 2), for tests and tuning.
     """
     c, V = _check_logits(logits)
     k = _check_ids(ids, c, logits.device)
@@ -362,7 +374,7 @@ def softmax_grad(
             V,
             k,
             BLOCK_V=_block_v(V, logits.device, block_v),
-            BLOCK_K=_block_k(k),
+            BLOCK_K=_block_k(k, block_k),
             OUT_IS_16BIT=out.dtype in (torch.bfloat16, torch.float16),
             num_warps=NUM_WARPS,
         )

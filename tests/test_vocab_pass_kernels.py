@@ -271,3 +271,27 @@ def test_wrappers_reject_bad_arguments():
     with pytest.raises(ValueError, match="out"):
         storage = torch.empty(3, 40, device=DEVICE)
         softmax_grad(storage[:, :37], ids, grad_teacher, *scalars, 1.0, storage[:, 1:38])
+
+
+@pytest.mark.parametrize("c,V,k", [(3, 37, "V"), (7, 300, "3"), (3, 300, "V")])
+def test_slot_tiles_smaller_than_k(c, V, k):
+    """More teacher slots than one register tile holds (k up to V): both kernels loop over slot tiles."""
+    k = _k(k, V)
+    for block_k in (1, 2, 16):
+        logits, ids = make_inputs(c, V, k, seed=block_k, peaked=True)
+        original = logits.clone()
+        z_ref, lse_ref = reference_masked_lse(original, ids, 0.37)
+        z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE, block_k=block_k)
+        assert_close(z_teacher, z_ref, torch.float32, f"z_teacher block_k={block_k}")
+        assert_close(lse, lse_ref, torch.float32, f"lse_complement block_k={block_k}")
+        assert torch.equal(logits, original.masked_fill(slot_mask(ids, V), NEG_INF))
+        grad_teacher, sign, shift = row_scalars(z_teacher, lse, seed=block_k)
+        expected = reference_softmax_grad(original, ids, grad_teacher, sign, shift, 0.37)
+        out = softmax_grad(logits, ids, grad_teacher, sign, shift, 0.37, logits, block_v=TILE, block_k=block_k)
+        assert_close(out, expected, torch.float32, f"softmax_grad block_k={block_k}")
+
+
+def test_block_k_must_be_a_power_of_two():
+    logits, ids = make_inputs(3, 37, 3)
+    with pytest.raises(ValueError, match="block_k"):
+        masked_lse(logits, ids, 1.0, block_k=3)
