@@ -22,13 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"selfreplay_fast.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"selfreplay_fast.commands.{name}":
-                raise
-            continue  # a subcommand not shipped in this build
-        module.register(subparsers)
+        importlib.import_module(f"selfreplay_fast.commands.{name}").register(subparsers)
     return parser
 
 
