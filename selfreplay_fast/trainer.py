@@ -12,17 +12,26 @@ it counts labels, the KL by the replay positions of the window). Accumulating n 
 the same update as one batch n times larger. Without ``num_items_in_batch`` the task term is the
 per-micro-batch mean divided by the number of micro-batches, as Trainer does.
 
-Mixed precision: accelerate's autocast wraps the model's ``forward``, which is bypassed here (only the
-base model runs), so ``compute_loss`` enters ``accelerator.autocast()`` itself.
+Mixed precision: accelerate's autocast wraps the model's ``forward``, which is replaced during a training
+step (only the base model runs), so the replacement enters ``accelerator.autocast()`` itself.
 
 Logging: each training log (every ``logging_steps``) gets ``task_loss`` and ``replay_kl``, their means
 over the optimizer steps since the previous log (``loss`` = ``task_loss + replay_weight * replay_kl``).
 
+Data parallelism (DDP through accelerate, e.g. ``torchrun --nproc_per_node N``): the losses are computed
+inside the forward of the module the Trainer wrapped. ``compute_loss`` sets the unwrapped model's instance
+attribute ``forward`` to a function computing task NLL + replay KL (the base model and ``fused_replay_kl``,
+never the lm_head's forward) and calls the wrapped model, so DDP's forward runs and its reducer all-reduces
+the gradients in backward; ``forward`` is restored afterwards. The replay stream is split over the ranks:
+rank r takes the batches r, r + N, r + 2N, ... of the one shuffled stream, so N ranks with replay batches of
+B together replay what one process with batches of N * B would (within a pass). Both terms are normalized by
+global token counts (see ``compute_loss``), so the update equals that of one process over the union of the
+ranks' batches. FSDP, DeepSpeed, tensor/context/sequence parallelism and DataParallel (several GPUs in one
+process) are refused.
+
 Evaluation (``return_outputs=True`` or the model in eval mode) falls back to Trainer's own loss, which
-computes full logits: prediction needs them. One process on one device only: the base model is called past
-any DDP/FSDP/DataParallel wrapper, which would skip gradient synchronization, so more is refused (for data
-parallelism see README, "Data-parallel training"). Resuming from a checkpoint restarts the replay stream
-at its first pass.
+computes full logits: prediction needs them. Resuming from a checkpoint restarts the replay stream at its
+first pass.
 """
 
 from __future__ import annotations
@@ -79,12 +88,16 @@ class ReplayTrainer(Trainer):
         if replay_loss is not None and not isinstance(replay_loss, ReplayKLLoss):
             raise TypeError(f"replay_loss must be a ReplayKLLoss or None, got {type(replay_loss).__name__}")
         super().__init__(*args, **kwargs)
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
+        distributed = self.accelerator.distributed_type.name
+        others = {name: getattr(self, f"get_{name}_size", lambda: 1)() for name in ("tp", "cp", "sp")}
+        if (self.args.n_gpu > 1 or getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+                or not (distributed == "NO" or distributed.startswith("MULTI_")) or any(v > 1 for v in others.values())):
             raise NotImplementedError(
-                f"ReplayTrainer runs in one process on one device for now (world_size={self.args.world_size}, "
-                f"n_gpu={self.args.n_gpu}): it calls the base model past the DDP/FSDP/DataParallel wrapper, "
-                "which would skip the gradient synchronization. For data-parallel training compute the loss in "
-                "the forward of the wrapped module (README, 'Data-parallel training')"
+                f"ReplayTrainer supports one process or DDP data parallelism (one device per process), got "
+                f"distributed_type={distributed}, n_gpu={self.args.n_gpu}, "
+                f"fsdp={getattr(self, 'is_fsdp_enabled', False)}, deepspeed={getattr(self, 'is_deepspeed_enabled', False)}, "
+                f"{', '.join(f'{k}_size={v}' for k, v in others.items())}. For FSDP2 compute the loss in the "
+                "forward of the wrapped module yourself (README, 'Data-parallel training')"
             )
         _, weight, _ = lm_head_of(self.model)  # refuses softcapped/scaled heads and LoRA'd lm_heads up front
         vocab = weight.shape[0]
@@ -123,11 +136,20 @@ class ReplayTrainer(Trainer):
     # -- the replay stream --------------------------------------------------------------------------------
 
     def _replay_stream(self):
+        # Under DDP rank r keeps the batches r, r + N, ... of the one stream (the others are read and dropped
+        # on the host), so the ranks replay disjoint batches that together make the single-process stream.
+        rank, world = self.args.process_index, self.args.world_size
+        position = 0
         while True:
             seed = self.replay_seed + self.replay_passes
             for batch in self.replay_buffer.batches(self.replay_batch_size, shuffle=True, seed=seed,
-                                                    device=self.args.device):
-                yield batch
+                                                    device=self.args.device if world == 1 else None):
+                mine = position % world == rank
+                position += 1
+                if world == 1:
+                    yield batch
+                elif mine:
+                    yield {name: t.to(self.args.device, non_blocking=True) for name, t in batch.items()}
             self.replay_passes += 1
 
     def next_replay_batch(self):
@@ -140,8 +162,19 @@ class ReplayTrainer(Trainer):
         # The replay batches of this optimizer step, and their counted positions all together.
         self._replay_window.clear()
         batches = [self.next_replay_batch() for _ in batch_samples]
+        if self.args.world_size > 1:
+            # Global counts, the same on every rank (see compute_loss). Every rank runs this once per
+            # optimizer step (accelerate gives the ranks equally many batches), so the collectives match.
+            count = sum((b["mask"].sum() for b in batches), torch.zeros((), dtype=torch.long, device=device))
+            torch.distributed.all_reduce(count)
+            if num_items_in_batch is not None and not self.args.average_tokens_across_devices:
+                # Trainer counted this rank's labels only (with average_tokens_across_devices it gathers).
+                num_items_in_batch = torch.as_tensor(num_items_in_batch, device=device).clone()
+                torch.distributed.all_reduce(num_items_in_batch)
+        elif batches:
+            count = sum(b["mask"].sum() for b in batches)
         if batches:
-            count = sum(b["mask"].sum() for b in batches).clamp_min(1)
+            count = count.clamp_min(1)
             self._replay_window.extend((b, count) for b in batches)
         return batch_samples, num_items_in_batch
 
@@ -160,23 +193,47 @@ class ReplayTrainer(Trainer):
         else:  # compute_loss called outside Trainer's prefetching loop
             replay_batch, replay_count = self.next_replay_batch(), None
         unwrapped = self.accelerator.unwrap_model(model)
-        with self.accelerator.autocast():
-            # The task labels are checked (one host sync); the replay buffer was validated once in __init__.
-            if num_items_in_batch is not None:
-                task = task_nll(unwrapped, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"),
-                                num_items_in_batch=num_items_in_batch, impl=self.replay_loss.impl,
-                                chunk_size=self.replay_loss.chunk_size)
-            else:
-                task = task_nll(unwrapped, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"),
-                                impl=self.replay_loss.impl, chunk_size=self.replay_loss.chunk_size) / ga_steps
-            with skip_value_checks():
-                if replay_count is not None:
-                    kl = self.replay_loss(unwrapped, replay_batch, num_items=replay_count)
+        # Normalization over N ranks. DDP averages the ranks' gradients: g = (1/N) sum_r grad(L_r). A term
+        # normalized by a global count C (num_items_in_batch: the labels of all ranks' windows, gathered by
+        # Trainer with average_tokens_across_devices, all-reduced in get_batch_samples otherwise; replay_count:
+        # the all-reduced teacher positions of all ranks' windows) is L_r = N * S_r / C, S_r the rank's sum
+        # over its micro-batches. Then g = (1/N) sum_r N grad(S_r) / C = grad(sum_r S_r) / C: the gradient of
+        # one process over the union of the ranks' batches. A term without a global count (no labels, or
+        # compute_loss outside Trainer's loop) stays the per-rank mean, averaged over ranks as Trainer does.
+        world = self.args.world_size
+        replay_loss, weight = self.replay_loss, self.replay_weight
+
+        def replay_forward(task_inputs, replay):
+            with self.accelerator.autocast():
+                # The task labels are checked (one host sync); the replay buffer was validated once in __init__.
+                args = (unwrapped, task_inputs["input_ids"], task_inputs.get("attention_mask"), task_inputs.get("labels"))
+                if num_items_in_batch is not None:
+                    task = world * task_nll(*args, num_items_in_batch=num_items_in_batch, impl=replay_loss.impl,
+                                            chunk_size=replay_loss.chunk_size)
                 else:
-                    kl = self.replay_loss(unwrapped, replay_batch) / ga_steps
-        sums = torch.stack([task.detach().float(), kl.detach().float()])
+                    task = task_nll(*args, impl=replay_loss.impl, chunk_size=replay_loss.chunk_size) / ga_steps
+                with skip_value_checks():
+                    if replay_count is not None:
+                        kl = world * replay_loss(unwrapped, replay, num_items=replay_count)
+                    else:
+                        kl = replay_loss(unwrapped, replay) / ga_steps
+            return task + weight * kl, task.detach(), kl.detach()
+
+        # Run it as the wrapped module's forward: DDP's forward (and its reducer's preparation for
+        # backward) runs around it. Without a wrapper `model` is `unwrapped` and this is a plain call.
+        absent = object()
+        saved = unwrapped.__dict__.get("forward", absent)  # e.g. accelerate's autocast wrapper
+        unwrapped.forward = replay_forward
+        try:
+            loss, task, kl = model(inputs, replay_batch)
+        finally:
+            if saved is absent:
+                del unwrapped.forward
+            else:
+                unwrapped.forward = saved
+        sums = torch.stack([task.float(), kl.float()])
         self._replay_sums = sums if self._replay_sums is None else self._replay_sums + sums
-        return task + self.replay_weight * kl
+        return loss
 
     # Both terms are normalized over the accumulation window above: Trainer must not divide again.
     loss_is_scaled_for_ga = True
@@ -184,7 +241,12 @@ class ReplayTrainer(Trainer):
     def log(self, logs, start_time=None):
         if "loss" in logs and self._replay_sums is not None:
             steps = max(1, self.state.global_step - self._replay_logged_step)
-            task, kl = (self._replay_sums / steps).tolist()
+            sums = self._replay_sums / steps
+            if self.args.world_size > 1:  # every rank logs here (Trainer gathers its loss just before)
+                sums = sums.clone()
+                torch.distributed.all_reduce(sums)
+                sums /= self.args.world_size  # the ranks' mean: the global values (see compute_loss)
+            task, kl = sums.tolist()
             logs["task_loss"] = round(task, 6)
             logs["replay_kl"] = round(kl, 6)
             self._replay_sums = None
