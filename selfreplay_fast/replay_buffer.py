@@ -276,6 +276,40 @@ class ShardedBufferWriter:
 # --------------------------------------------------------------------------------------------------
 
 
+_ROW_TENSORS = ("input_ids", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")
+
+
+def _iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_last, device, trim, teacher_dtype):
+    """The training batches of a buffer (see :meth:`ReplayBuffer.batches`), in-memory or lazy alike:
+    ``rows(idx, width)`` returns the ``_ROW_TENSORS`` of the sequences ``idx``, cut to ``width``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if teacher_dtype is not None and teacher_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"teacher_dtype must be a floating torch dtype or None, got {teacher_dtype!r}")
+    n = len(lengths)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        batch_lengths = lengths[idx]
+        width = int(batch_lengths.max()) if trim else seq_len
+        batch = rows(idx, width)
+        if teacher_dtype is not None:
+            for name in ("teacher_logprobs", "teacher_tail_logprob"):
+                batch[name] = batch[name].to(teacher_dtype)
+        batch.update(
+            attention_mask=(torch.arange(width)[None, :] < batch_lengths[:, None]).long(),
+            mask=batch["teacher_ids"][:, :, 0] >= 0,
+            lengths=batch_lengths,
+            indices=idx,
+        )
+        if device is not None:
+            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+        yield batch
+
+
 class ReplayBuffer:
     """Self-generated replay sequences with their cached top-k teacher; see the module docstring.
 
@@ -488,47 +522,18 @@ class ReplayBuffer:
         ``mask`` [B, Lb] (True where the position has a teacher). Row ``j`` is the teacher for predicting
         token ``j + 1``, so pass the student's hidden states at positions ``0..Lb-1`` unshifted::
 
-            hidden = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).hidden  # [B, Lb, D]
+            hidden = last_hidden_states(model, b["input_ids"], b["attention_mask"])  # [B, Lb, D]
             loss = fused_replay_kl(hidden, lm_head.weight, b["teacher_ids"], b["teacher_logprobs"],
                                    mask=b["mask"], teacher_tail_logprob=b["teacher_tail_logprob"])
 
         ``trim`` cuts every batch to its longest sequence; ``shuffle`` uses a permutation drawn from
         ``seed`` (pass e.g. ``seed + epoch`` for a new order each epoch).
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if teacher_dtype is not None and teacher_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise ValueError(f"teacher_dtype must be a floating torch dtype or None, got {teacher_dtype!r}")
-        n = len(self)
-        if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(n)
-        stop = (n // batch_size) * batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
-            lengths = self.lengths[idx]
-            width = int(lengths.max()) if trim else self.seq_len
-            teacher_ids = self.teacher_ids[idx, :width]
-            logprobs = self.teacher_logprobs[idx, :width]
-            tail = self.teacher_tail_logprob[idx, :width]
-            if teacher_dtype is not None:
-                logprobs, tail = logprobs.to(teacher_dtype), tail.to(teacher_dtype)
-            batch = {
-                "input_ids": self.input_ids[idx, :width],
-                "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
-                "teacher_ids": teacher_ids,
-                "teacher_logprobs": logprobs,
-                "teacher_tail_logprob": tail,
-                "mask": teacher_ids[:, :, 0] >= 0,
-                "lengths": lengths,
-                "indices": idx,
-            }
-            if device is not None:
-                batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-            yield batch
+        def rows(idx, width):
+            return {name: getattr(self, name)[idx, :width] for name in _ROW_TENSORS}
+
+        return _iter_batches(rows, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
+                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype)
 
     def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
@@ -960,36 +965,5 @@ class ShardedReplayBuffer:
         Memory: one batch (plus the lengths of all sequences); each batch opens the shards it draws
         from and reads only its rows.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if teacher_dtype is not None and teacher_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise ValueError(f"teacher_dtype must be a floating torch dtype or None, got {teacher_dtype!r}")
-        n = len(self)
-        if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        else:
-            order = torch.arange(n)
-        stop = (n // batch_size) * batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
-            lengths = self.lengths[idx]
-            width = int(lengths.max()) if trim else self.seq_len
-            rows = self._gather(idx, width)
-            teacher_ids, logprobs, tail = rows["teacher_ids"], rows["teacher_logprobs"], rows["teacher_tail_logprob"]
-            if teacher_dtype is not None:
-                logprobs, tail = logprobs.to(teacher_dtype), tail.to(teacher_dtype)
-            batch = {
-                "input_ids": rows["input_ids"],
-                "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
-                "teacher_ids": teacher_ids,
-                "teacher_logprobs": logprobs,
-                "teacher_tail_logprob": tail,
-                "mask": teacher_ids[:, :, 0] >= 0,
-                "lengths": lengths,
-                "indices": idx,
-            }
-            if device is not None:
-                batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-            yield batch
+        return _iter_batches(self._gather, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
+                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype)
