@@ -210,13 +210,38 @@ class _Grads:
     bias: Optional[torch.Tensor]
 
 
+def _add_rows(acc: torch.Tensor, row_ids: torch.Tensor, values: torch.Tensor) -> None:
+    """``acc[row_ids[i]] += values[i]`` for every i, ``values`` in the accumulation dtype.
+
+    A 16-bit ``acc`` (the weight gradient of a 16-bit lm_head) must not take the duplicates one by one:
+    CUDA's index_add_ adds them with 16-bit atomics, so a token in the top-k of thousands of rows
+    would have its gradient rounded thousands of times, stalling once the running sum dwarfs each
+    term. Instead the duplicates are summed first in ``values``' dtype (sort the ids, number the
+    distinct ones, index_add_ into one row per distinct id: no host sync, as unique() would need),
+    and each touched row of ``acc`` is then rounded once per call, as a dense chunk's matmul is.
+    """
+    if acc.dtype == values.dtype:
+        acc.index_add_(0, row_ids, values)
+        return
+    sorted_ids, order = row_ids.sort()
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    distinct_of_sorted = starts.cumsum(0) - 1  # [m]: which distinct id each sorted entry holds
+    distinct_of_entry = torch.empty_like(distinct_of_sorted).scatter_(0, order, distinct_of_sorted)
+    sums = torch.zeros_like(values).index_add_(0, distinct_of_entry, values)  # rows past the last id stay 0
+    # Row of each distinct id; rows past the last one keep id 0 and add an exact 0 to acc[0].
+    distinct_ids = torch.zeros_like(sorted_ids).scatter_(0, distinct_of_sorted, sorted_ids)
+    acc.index_add_(0, distinct_ids, sums.to(acc.dtype))
+
+
 def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
     budget = _CHUNK_BYTES["cuda" if inp.hidden.is_cuda else "cpu"]
     if inp.mode == "topk":
         # [c, k, D] alive per row: the gathered lm_head rows in the accumulation dtype, and for the
-        # weight gradient their outer product with h (accumulation dtype) plus its operand-dtype copy.
+        # weight gradient their outer product with h and its per-id sums (accumulation dtype) plus
+        # the sums' copy in the gradient's dtype (_add_rows).
         acc_bytes = torch.finfo(head.acc_dtype).bits // 8
-        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * (2 * acc_bytes + head.weight.element_size())
+        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * (3 * acc_bytes + head.weight.element_size())
     else:
         per_row = vocab.max_local_rows(inp) * torch.finfo(head.acc_dtype).bits // 8
     return max(1, min(inp.num_rows, budget // per_row))
@@ -263,7 +288,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
                     grads.hidden[rows] = vocab.sum_partials(partial, head.acc_dtype).to(grads.hidden.dtype)
                 if want_w:
                     outer = (g[:, :, None] * h.to(head.acc_dtype)[:, None, :]).reshape(-1, dim)
-                    grads.weight.index_add_(0, safe_ids.reshape(-1), outer.to(grads.weight.dtype))
+                    _add_rows(grads.weight, safe_ids.reshape(-1), outer)
                 if want_b:
                     grads.bias.index_add_(0, safe_ids.reshape(-1), g.reshape(-1))
             continue

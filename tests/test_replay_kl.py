@@ -453,3 +453,46 @@ def test_fp16_gradients_are_formed_after_the_loss_scale():
     (sf.reference_replay_kl(rh, rw, ids, lp, bias=rb, **kw) * 1024.0).backward()
     for got, expected in ((h.grad, rh.grad), (w.grad, rw.grad), (b.grad, rb.grad)):
         assert rel_err(got, expected) <= 2e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("touch_row_zero", [False, True])
+def test_add_rows_sums_duplicates_before_rounding(device, touch_row_zero):
+    """The topk-mode weight gradient of a 16-bit head: each touched row is rounded once per call, not
+    once per duplicate (16-bit atomics, as CUDA's index_add_ uses, stall when one token is in the
+    top-k of thousands of rows). Terms with a positive mean make the running sum outgrow each term."""
+    g = torch.Generator().manual_seed(8)
+    vocab, dim, m = 50, 16, 20000
+    acc = torch.randn(vocab, dim, generator=g).to(torch.bfloat16)
+    low = 0 if touch_row_zero else 1
+    ids = torch.randint(low, 6, (m,), generator=g)  # few distinct rows, thousands of duplicates each
+    values = torch.rand(m, dim, generator=g) * 0.02
+    sums = torch.zeros(vocab, dim, dtype=torch.float64).index_add_(0, ids, values.double())
+    expected = acc.double() + sums
+    got = acc.to(device)
+    rk._add_rows(got, ids.to(device), values.to(device))
+    got = got.cpu()
+    assert got.dtype == torch.bfloat16
+    # The sum rounded to bf16, then added to acc with one more rounding: each within half a bf16 ulp
+    # (2^-9 relative) of its operands. A per-duplicate 16-bit running sum misses by about the sum itself.
+    assert ((got.double() - expected).abs() <= (acc.double().abs() + sums.abs()) * 2.0 ** -8).all()
+    untouched = torch.ones(vocab, dtype=torch.bool)
+    untouched[ids.unique()] = False
+    assert torch.equal(got[untouched], acc[untouched])  # rows no id names are left exactly as they were
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_mode_frequent_tokens_16bit_weight_gradient(device):
+    """Every row's top-k names the same few tokens (as frequent tokens are in real caches): the bf16
+    weight gradient of the 16-bit CUDA arithmetic stays within the bf16 tolerance at N = 8192."""
+    case = make_case((8192,), 32, 97, 8, "topk", seed=12, mask=False, unused_slots=False)
+    case.teacher_ids = case.teacher_ids[:1].expand(8192, 8).contiguous()
+
+    def low_precision_kl(*args, **kwargs):
+        return rk._apply(prepare_replay_kl_inputs(*args, **kwargs), "torch", 4096, low_precision=True)
+
+    got = run(low_precision_kl, case, torch.bfloat16, device, "mean")
+    ref = run(sf.reference_replay_kl, case, torch.float64)
+    assert got[2].dtype == torch.bfloat16
+    for a, e in zip(got, ref):
+        assert rel_err(a, e) <= 2e-2
