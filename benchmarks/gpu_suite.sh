@@ -1,27 +1,53 @@
 #!/usr/bin/env bash
 # Everything a GPU session should run, from the repository root on the GPU machine:
-#   bash benchmarks/gpu_suite.sh                    # all steps, about 10 minutes
+#   bash benchmarks/gpu_suite.sh                    # all steps, within one 10-minute device call
 #   bash benchmarks/gpu_suite.sh tests kl           # a subset, to split the work over device calls
 # Steps: tests (kernel correctness on the GPU: Triton vocabulary passes, fused_replay_kl against the
 # float64 reference, the CUDA top-k extension), kl (Llama-3-8B head, bf16, against naive PyTorch,
 # three bare bf16 matmuls and Liger-Kernel if importable: carry it as wheels, see the device tool's
 # README), topk, generate (1B Llama-shaped model, batch 256, speculative at batch 8), planner
 # (predicted vs measured peak memory). Then plots and a summary table. Results land in
-# benchmarks/results/ (and in $OUT when set, for the device tool to bring back).
+# benchmarks/results/ (and in $OUT when set, for the device tool to bring back, with the whole log).
+#
+# Time: the whole run keeps within SUITE_BUDGET_S seconds (default 570, under the device tool's
+# 600-second limit per call), install and build included. Each step gets at most its own cap and
+# at most what is left after keeping RESERVE_S for the plots and the summary; a step with less than
+# a minute left is skipped and reported, so a short budget never loses the results already written.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+budget=${SUITE_BUDGET_S:-570}
+reserve=${RESERVE_S:-25}
+deadline=$((SECONDS + budget))
+if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_suite.log") 2>&1; fi
+
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+echo "== install (builds the CUDA extension with nvcc; $(nproc) jobs)"
+build_start=$SECONDS
+MAX_JOBS=${MAX_JOBS:-$(nproc)} SELFREPLAY_FAST_REQUIRE_EXTENSION=1 \
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+echo "installed in $((SECONDS - build_start)) s"
+
 status=0
-step() { echo; echo "== $1"; shift; timeout "$@" || { echo "!! failed: $*"; status=1; }; }
+step() {  # step NAME CAP_SECONDS COMMAND...
+  local name=$1 cap=$2; shift 2
+  local left=$((deadline - SECONDS - reserve))
+  echo; echo "== $name"
+  if [ "$left" -lt 60 ]; then echo "!! skipped: ${left} s left of SUITE_BUDGET_S=${budget}"; status=1; return; fi
+  local limit=$((cap < left ? cap : left)) start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  if [ "$rc" -eq 124 ]; then echo "!! timed out after ${limit} s: $*"; status=1
+  elif [ "$rc" -ne 0 ]; then echo "!! failed (exit $rc): $*"; status=1
+  else echo "-- done in $((SECONDS - start)) s"; fi
+}
 steps=${*:-tests kl topk generate planner}
 for name in $steps; do
   case $name in
-    tests) step "correctness on the GPU" 120 python3 -m pytest -q -x tests/test_replay_kl.py \
+    tests) step "correctness on the GPU" 150 python3 -m pytest -q -x tests/test_replay_kl.py \
              tests/test_vocab_pass_kernels.py tests/test_topk_logprobs.py ;;
     kl) step "KL benchmark (Llama-3-8B head, bf16)" 140 python3 -m benchmarks.bench_kl --device cuda --repeats 5 ;;
     topk) step "top-k benchmark" 40 python3 -m benchmarks.bench_topk --device cuda --out benchmarks/results/topk_cuda.json ;;
@@ -31,7 +57,10 @@ for name in $steps; do
     *) echo "unknown step: $name (tests, kl, topk, generate, planner)"; exit 2 ;;
   esac
 done
+echo
 python3 -c "from benchmarks import plots; print(*plots.render_all('cuda'), sep='\n')" || status=1
 echo; python3 -m benchmarks.summary --device cuda
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json benchmarks/results/*cuda*.png "$OUT"/ 2>/dev/null || true; fi  # at most 8 files come back
+# At most 8 files come back from $OUT: the log above plus these (7 when every step ran).
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json benchmarks/results/*cuda*.png "$OUT"/ 2>/dev/null || true; fi
+echo "suite finished in $SECONDS s (budget ${budget} s), status $status"
 exit $status
