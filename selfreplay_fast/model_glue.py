@@ -43,6 +43,7 @@ __all__ = [
     "lm_head_of",
     "last_hidden_states",
     "task_nll",
+    "check_task_targets",
     "ReplayKLLoss",
     "ReplayStepLosses",
     "replay_step",
@@ -141,6 +142,35 @@ def _check_num_items(num_items):
     return num_items
 
 
+def _next_token_targets(input_ids, attention_mask, labels, ignore_index):
+    """(target [B, L-1], counted [B, L-1] bool or None): what position j predicts, and whether it counts."""
+    if labels is not None:
+        target = labels[:, 1:]
+        return target, target != ignore_index
+    if attention_mask is not None:
+        return input_ids[:, 1:], attention_mask[:, 1:].bool()
+    return input_ids[:, 1:], None
+
+
+def _bad_target_flag(input_ids, attention_mask, labels, vocab_size, ignore_index) -> torch.Tensor:
+    """0-dim bool tensor on the batch's device: some counted target lies outside [0, vocab_size)."""
+    target, counted = _next_token_targets(input_ids, attention_mask, labels, ignore_index)
+    bad = (target < 0) | (target >= vocab_size)
+    return (bad if counted is None else bad & counted).any()
+
+
+def check_task_targets(input_ids, attention_mask, labels, vocab_size: int, ignore_index: int = -100) -> None:
+    """Raise ValueError if a counted next-token target of a task batch is not a row of the lm_head.
+
+    The value check of :func:`task_nll` (one host sync for tensors on a GPU). ``ReplayTrainer`` runs it
+    on the host copy of each accumulation window before the batches move to the device, and its training
+    steps then skip it."""
+    if bool(_bad_target_flag(input_ids, attention_mask, labels, vocab_size, ignore_index)):
+        what = "labels" if labels is not None else "input_ids"
+        raise ValueError(f"{what}: expected ids in [0, {vocab_size}) (the lm_head's rows)"
+                         + (f" or ignore_index={ignore_index}" if labels is not None else ""))
+
+
 def task_nll(
     model,
     input_ids,
@@ -183,22 +213,10 @@ def task_nll(
         raise ValueError(f"num_items_in_batch replaces the mean: use it with reduction='mean', got {reduction!r}")
 
     base, weight, bias = lm_head_of(model)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
-    if labels is not None:
-        target = labels[:, 1:]
-        counted = target != ignore_index
-    elif attention_mask is not None:
-        target = input_ids[:, 1:]
-        counted = attention_mask[:, 1:].bool()
-    else:
-        target, counted = input_ids[:, 1:], None
+    target, counted = _next_token_targets(input_ids, attention_mask, labels, ignore_index)
     if value_checks_enabled():  # one host sync; the k = 1 teacher built below is valid by construction
-        vocab = weight.shape[0]
-        bad = (target < 0) | (target >= vocab)
-        if bool((bad if counted is None else bad & counted).any()):
-            what = "labels" if labels is not None else "input_ids"
-            raise ValueError(f"{what}: expected ids in [0, {vocab}) (the lm_head's rows)"
-                             + (f" or ignore_index={ignore_index}" if labels is not None else ""))
+        check_task_targets(input_ids, attention_mask, labels, weight.shape[0], ignore_index)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
     teacher_ids = (target if counted is None else torch.where(counted, target, -1))[..., None]
     logprobs = torch.zeros(teacher_ids.shape, dtype=torch.float32, device=teacher_ids.device)
     kwargs = dict(bias=bias, mask=counted, impl=impl, chunk_size=chunk_size)

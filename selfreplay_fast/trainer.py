@@ -37,15 +37,23 @@ first pass.
 from __future__ import annotations
 
 import collections
+import contextlib
 import numbers
 import os
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from transformers import Trainer
 
-from ._inputs import skip_value_checks
-from .model_glue import ReplayKLLoss, check_replay_weight, lm_head_of, task_nll
+from ._inputs import skip_value_checks, value_checks_enabled
+from .model_glue import (
+    ReplayKLLoss,
+    _bad_target_flag,
+    check_replay_weight,
+    check_task_targets,
+    lm_head_of,
+    task_nll,
+)
 from .replay_buffer import ReplayBuffer, ShardedReplayBuffer
 
 __all__ = ["ReplayTrainer"]
@@ -101,6 +109,7 @@ class ReplayTrainer(Trainer):
             )
         _, weight, _ = lm_head_of(self.model)  # refuses softcapped/scaled heads and LoRA'd lm_heads up front
         vocab = weight.shape[0]
+        self._vocab_size = vocab
         if isinstance(replay_buffer, (str, os.PathLike)):
             replay_buffer = ReplayBuffer.load(replay_buffer, expected_vocab_size=vocab)  # validates
         elif isinstance(replay_buffer, (ReplayBuffer, ShardedReplayBuffer)):
@@ -159,6 +168,7 @@ class ReplayTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._check_task_window(batch_samples)
         # The replay batches of this optimizer step, and their counted positions all together.
         self._replay_window.clear()
         batches = [self.next_replay_batch() for _ in batch_samples]
@@ -178,6 +188,19 @@ class ReplayTrainer(Trainer):
             self._replay_window.extend((b, count) for b in batches)
         return batch_samples, num_items_in_batch
 
+    def _check_task_window(self, batch_samples):
+        """The value check of task_nll for a whole accumulation window at once: one host sync per
+        optimizer step (none at all for batches still on the host), not one per micro-step."""
+        if not value_checks_enabled():
+            return
+        samples = [b for b in batch_samples if isinstance(b, Mapping) and isinstance(b.get("input_ids"), torch.Tensor)
+                   and b["input_ids"].dim() == 2 and b["input_ids"].shape[1] >= 2]
+        flags = [_bad_target_flag(b["input_ids"], b.get("attention_mask"), b.get("labels"), self._vocab_size, -100)
+                 for b in samples if b.get("labels") is None or b["labels"].shape == b["input_ids"].shape]
+        if flags and bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):  # the one sync
+            for b in samples:  # raises for the first bad batch, with task_nll's message
+                check_task_targets(b["input_ids"], b.get("attention_mask"), b.get("labels"), self._vocab_size)
+
     # -- the loss -------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -188,10 +211,12 @@ class ReplayTrainer(Trainer):
             raise KeyError("ReplayTrainer needs 'input_ids' in every training batch (and optionally "
                            "'attention_mask' and 'labels')")
         ga_steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        if self._replay_window:
+        if self._replay_window:  # a batch of the window get_batch_samples prefetched and checked
             replay_batch, replay_count = self._replay_window.popleft()
+            task_checked = True
         else:  # compute_loss called outside Trainer's prefetching loop
             replay_batch, replay_count = self.next_replay_batch(), None
+            task_checked = False
         unwrapped = self.accelerator.unwrap_model(model)
         # Normalization over N ranks. DDP averages the ranks' gradients: g = (1/N) sum_r grad(L_r). A term
         # normalized by a global count C (num_items_in_batch: the labels of all ranks' windows, gathered by
@@ -205,13 +230,15 @@ class ReplayTrainer(Trainer):
 
         def replay_forward(task_inputs, replay):
             with self.accelerator.autocast():
-                # The task labels are checked (one host sync); the replay buffer was validated once in __init__.
+                # The task labels were checked with their window (get_batch_samples), else here (one host
+                # sync); the replay buffer was validated once in __init__.
                 args = (unwrapped, task_inputs["input_ids"], task_inputs.get("attention_mask"), task_inputs.get("labels"))
-                if num_items_in_batch is not None:
-                    task = world * task_nll(*args, num_items_in_batch=num_items_in_batch, impl=replay_loss.impl,
-                                            chunk_size=replay_loss.chunk_size)
-                else:
-                    task = task_nll(*args, impl=replay_loss.impl, chunk_size=replay_loss.chunk_size) / ga_steps
+                with skip_value_checks() if task_checked else contextlib.nullcontext():
+                    if num_items_in_batch is not None:
+                        task = world * task_nll(*args, num_items_in_batch=num_items_in_batch, impl=replay_loss.impl,
+                                                chunk_size=replay_loss.chunk_size)
+                    else:
+                        task = task_nll(*args, impl=replay_loss.impl, chunk_size=replay_loss.chunk_size) / ga_steps
                 with skip_value_checks():
                     if replay_count is not None:
                         kl = world * replay_loss(unwrapped, replay, num_items=replay_count)

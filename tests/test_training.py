@@ -330,6 +330,46 @@ def test_trainer_bf16_on_cpu(tmp_path, replay):
     assert all(math.isfinite(entry["replay_kl"]) for entry in trainer.state.log_history if "replay_kl" in entry)
 
 
+def test_trainer_checks_task_labels_once_per_accumulation_window(tmp_path, replay, monkeypatch):
+    """The label range check runs on each accumulation window as get_batch_samples fetches it (one host
+    sync per optimizer step), and the training steps skip task_nll's own check (a sync per micro-step)."""
+    from selfreplay_fast import model_glue, trainer as trainer_module
+
+    per_step_checks, windows = [], []
+    original_check, original_window = model_glue.check_task_targets, trainer_module.ReplayTrainer._check_task_window
+    monkeypatch.setattr(model_glue, "check_task_targets", lambda *a, **k: per_step_checks.append(1) or original_check(*a, **k))
+
+    def window_spy(self, batch_samples):
+        windows.append(len(batch_samples))
+        return original_window(self, batch_samples)
+
+    monkeypatch.setattr(trainer_module.ReplayTrainer, "_check_task_window", window_spy)
+    trainer = make_trainer(tmp_path, tiny_model(), replay, max_steps=2, gradient_accumulation_steps=2)
+    trainer.train()
+    assert windows == [2, 2] and per_step_checks == []
+
+    # A label outside the vocabulary in the second micro-batch: refused before any forward runs.
+    def bad_labels(rows):
+        batch = pad_batch([r["input_ids"] for r in rows])
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        if bad_labels.calls == 1:
+            batch["labels"][0, 2] = VOCAB
+        bad_labels.calls += 1
+        return batch
+
+    bad_labels.calls = 0
+    model = tiny_model()
+    trainer = make_trainer(tmp_path, model, replay, max_steps=1, gradient_accumulation_steps=2)
+    trainer.data_collator = bad_labels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a forward ran before the window's labels were checked")
+
+    monkeypatch.setattr(model.model, "forward", refuse)
+    with pytest.raises(ValueError, match=rf"labels: expected ids in \[0, {VOCAB}\)"):
+        trainer.train()
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 
 
