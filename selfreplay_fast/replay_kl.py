@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,6 +128,20 @@ class _HeadMatmuls:
         for start in range(0, acc.shape[0], _GRAD_WEIGHT_BLOCK_ROWS):
             rows = slice(start, start + _GRAD_WEIGHT_BLOCK_ROWS)
             acc[rows] += torch.mm(grad_logits[:, rows].T, h)
+
+
+def _warn_if_weight_upcast(hidden, weight, matmul_dtype) -> None:
+    """fp32 hidden with a 16-bit lm_head, without autocast, promotes as torch does: fp32 matmuls on an fp32
+    copy of the weight (2 GiB at an 8B head), made on every call. On a GPU that is almost always a
+    forgotten autocast or a final norm that upcasts, so say so (once per call site, Python's default)."""
+    if weight.device.type == "cuda" and matmul_dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16):
+        warnings.warn(
+            f"fused_replay_kl: hidden is {hidden.dtype} but weight is {weight.dtype}, without autocast: the head "
+            f"runs in fp32 on an fp32 copy of the weight ({weight.numel() * 4 / 2**20:.0f} MiB per call). Pass "
+            f"hidden in {weight.dtype} or run under torch.autocast('cuda', dtype={weight.dtype}) for 16-bit "
+            "tensor-core matmuls (the logits are accumulated in fp32 either way).",
+            stacklevel=4,
+        )
 
 
 class _WholeVocab:
@@ -333,6 +348,7 @@ class _FusedReplayKL(torch.autograd.Function):
             matmul_dtype = torch.get_autocast_dtype(device_type)
         else:
             matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+            _warn_if_weight_upcast(hidden, weight, matmul_dtype)
         with torch.autocast(device_type, enabled=False):
             return _FusedReplayKL._forward(
                 ctx, inp, impl, chunk_size, low_precision, vocab, matmul_dtype, hidden, weight, bias

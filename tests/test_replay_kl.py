@@ -5,6 +5,7 @@ loss and every gradient (norm-wise); bf16 inputs (logits still accumulated in fp
 """
 
 import itertools
+import warnings
 import math
 
 import pytest
@@ -496,3 +497,24 @@ def test_topk_mode_frequent_tokens_16bit_weight_gradient(device):
     assert got[2].dtype == torch.bfloat16
     for a, e in zip(got, ref):
         assert rel_err(a, e) <= 2e-2
+
+
+def test_fp32_hidden_with_16bit_cuda_weight_warns_of_the_weight_copy():
+    """fp32 hidden, a 16-bit CUDA weight, no autocast: a warning naming the copy's size and the fix. A
+    stand-in reports a CUDA device (only the weight's device, dtype and size are read)."""
+    h32 = torch.empty(2, 4, dtype=torch.float32)
+    w16 = torch.empty(8, 4, dtype=torch.bfloat16)
+
+    class _Cuda:
+        device = torch.device("cuda")
+        dtype = torch.bfloat16
+
+        def numel(self):
+            return 256 * 2**20 // 4
+
+    with pytest.warns(UserWarning, match=r"fp32 copy of the weight \(256 MiB per call\).*autocast"):
+        rk._warn_if_weight_upcast(h32, _Cuda(), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rk._warn_if_weight_upcast(h32, w16, torch.float32)  # CPU: the fp32 copy is the CPU path's design
+        rk._warn_if_weight_upcast(h32.bfloat16(), _Cuda(), torch.bfloat16)  # 16-bit matmuls: no copy
