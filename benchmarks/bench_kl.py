@@ -86,7 +86,7 @@ def _step_fn(impl, hidden, weight, ids, logprobs):
 
         teacher_weight = weight.detach().clone()
         loss_fn = LigerFusedLinearJSD(jsd_beta=0.0)  # beta = 0: forward KL(teacher || student)
-        return lambda: loss_fn(hidden, weight, hidden.detach(), teacher_weight).backward()
+        return lambda: loss_fn(hidden, weight, hidden.detach(), teacher_weight, None).backward()  # no labels to ignore
     raise ValueError(f"unknown implementation {impl!r}")
 
 

@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_suite.sh tests kl           # a subset, to split the work over device calls
 # Steps: tests (kernel correctness on the GPU: Triton vocabulary passes, fused_replay_kl against the
 # float64 reference, the CUDA top-k extension), kl (Llama-3-8B head, bf16, against naive PyTorch,
-# three bare bf16 matmuls and Liger-Kernel if importable: carry it as wheels, see the device tool's
-# README), topk, generate (1B Llama-shaped model, batch 256, speculative at batch 8), planner
+# three bare bf16 matmuls and Liger-Kernel if importable: `bash benchmarks/fetch_wheels.sh` here puts
+# its wheel in .whl/, and the device call carries it with `carry: [".whl"]`), topk, generate (1B Llama-shaped model, batch 256, speculative at batch 8), planner
 # (predicted vs measured peak memory). Then plots and a summary table. Results land in
 # benchmarks/results/ (and in $OUT when set, for the device tool to bring back, with the whole log).
 #
