@@ -52,7 +52,7 @@ for name in $steps; do
     kl) step "KL benchmark (Llama-3-8B head, bf16)" 140 python3 -m benchmarks.bench_kl --device cuda --repeats 5 ;;
     topk) step "top-k benchmark" 40 python3 -m benchmarks.bench_topk --device cuda --out benchmarks/results/topk_cuda.json ;;
     generate) step "generation benchmark (1B Llama-shaped)" 140 python3 -m benchmarks.bench_generate --device cuda \
-                --speculative --out benchmarks/results/generate_cuda_batch256.json ;;
+                --speculative --repeats 3 --out benchmarks/results/generate_cuda_batch256.json ;;
     planner) step "memory planner against max_memory_allocated" 120 python3 -m benchmarks.validate_planner ;;
     *) echo "unknown step: $name (tests, kl, topk, generate, planner)"; exit 2 ;;
   esac
