@@ -35,13 +35,15 @@ ID_STRIDE = 7919  # a prime: (offset + i * ID_STRIDE) % V are k distinct ids for
 
 
 def make_inputs(n, dim, vocab, k, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(n, dim, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
-    weight = (torch.randn(vocab, dim, generator=g) / math.sqrt(dim)).to(device=device, dtype=dtype)
+    # Drawn where they are used: a 128256 x 4096 weight takes seconds to draw on the CPU, in every worker.
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=g, device=device).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, dim, generator=g, device=device) / math.sqrt(dim)).to(dtype)
     weight.requires_grad_(True)
-    offset = torch.randint(0, vocab, (n, 1), generator=g)
-    ids = ((offset + torch.arange(k) * ID_STRIDE) % vocab).to(device)
-    logprobs = (torch.log_softmax(torch.randn(n, k, generator=g), -1) + math.log(TEACHER_MASS)).to(device)
+    offset = torch.randint(0, vocab, (n, 1), generator=g, device=device)
+    ids = (offset + torch.arange(k, device=device) * ID_STRIDE) % vocab
+    logprobs = torch.log_softmax(torch.randn(n, k, generator=g, device=device), -1) + math.log(TEACHER_MASS)
     return hidden, weight, ids, logprobs
 
 
@@ -154,6 +156,14 @@ def main(argv=None):
     token_counts = [int(t) for t in (args.tokens or ("2048,4096,8192" if cuda else "1024,2048,4096")).split(",")]
     impls = args.impls.split(",") if args.impls else (IMPLS_CUDA if cuda else IMPLS_CPU)
     rows = []
+    path = args.out or results_path(f"kl_{args.device}")
+    result = {
+        "benchmark": "bench_kl",
+        "config": {"dim": args.dim, "vocab": args.vocab, "k": args.k, "dtype": args.dtype,
+                   "device": args.device, "repeats": args.repeats, "mode": "tail", "reduction": "mean"},
+        "machine": machine_info(args.device),
+        "results": rows,
+    }
     for tokens in token_counts:
         for impl in impls:
             cmd = [sys.executable, "-m", "benchmarks.bench_kl", "--worker", "--impl", impl, "--device", args.device,
@@ -164,8 +174,10 @@ def main(argv=None):
                 reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
                 print(f"{impl:>13} N={tokens}: skipped ({reason})", file=sys.stderr)
                 rows.append({"impl": impl, "tokens": tokens, "error": reason})
+                _write_json(path, result)
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            _write_json(path, result)  # after every row: a run stopped by a time limit keeps what it measured
             r = rows[-1]
             print(f"{impl:>13} N={tokens:>6}: {r['time_s_median'] * 1e3:9.1f} ms   extra peak "
                   f"{r['extra_peak_bytes'] / 2**20:9.1f} MiB", flush=True)
@@ -181,17 +193,15 @@ def main(argv=None):
             m_ratio = f"{r['extra_peak_bytes'] / naive['extra_peak_bytes']:.1%}" if naive else "-"
             print(f"| {tokens} | {r['impl']} | {r['time_s_median'] * 1e3:.1f} | "
                   f"{r['extra_peak_bytes'] / 2**20:.1f} | {t_ratio} | {m_ratio} |")
-    result = {
-        "benchmark": "bench_kl",
-        "config": {"dim": args.dim, "vocab": args.vocab, "k": args.k, "dtype": args.dtype,
-                   "device": args.device, "repeats": args.repeats, "mode": "tail", "reduction": "mean"},
-        "machine": machine_info(args.device),
-        "results": rows,
-    }
-    path = args.out or results_path(f"kl_{args.device}")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    _write_json(path, result)
     print(f"\nwrote {path}")
+
+
+def _write_json(path, result):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

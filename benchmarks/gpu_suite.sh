@@ -30,6 +30,15 @@ build_start=$SECONDS
 MAX_JOBS=${MAX_JOBS:-$(nproc)} SELFREPLAY_FAST_REQUIRE_EXTENSION=1 \
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
 echo "installed in $((SECONDS - build_start)) s"
+# The CUDA top-k tests and benchmark must exercise the compiled kernel, not the torch fallback.
+python3 -c "from selfreplay_fast import _C; assert _C.has_cuda(), 'extension built without CUDA'; print('extension with CUDA: ok')" \
+  || { echo "!! the CUDA extension is missing: top-k results would measure the torch fallback"; exit 1; }
+# pytest-xdist (on the GPU image) spreads the Triton compilations of the tests over the CPU cores.
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+
+collect() {  # results so far to $OUT (at most 8 files come back: the log plus the 7 results)
+  if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json benchmarks/results/*cuda*.png "$OUT"/ 2>/dev/null || true; fi
+}
 
 status=0
 step() {  # step NAME CAP_SECONDS COMMAND...
@@ -43,11 +52,12 @@ step() {  # step NAME CAP_SECONDS COMMAND...
   if [ "$rc" -eq 124 ]; then echo "!! timed out after ${limit} s: $*"; status=1
   elif [ "$rc" -ne 0 ]; then echo "!! failed (exit $rc): $*"; status=1
   else echo "-- done in $((SECONDS - start)) s"; fi
+  collect
 }
 steps=${*:-tests kl topk generate planner}
 for name in $steps; do
   case $name in
-    tests) step "correctness on the GPU" 150 python3 -m pytest -q -x tests/test_replay_kl.py \
+    tests) step "correctness on the GPU" 240 python3 -m pytest -q --maxfail=1 $xdist tests/test_replay_kl.py \
              tests/test_vocab_pass_kernels.py tests/test_topk_logprobs.py ;;
     kl) step "KL benchmark (Llama-3-8B head, bf16)" 140 python3 -m benchmarks.bench_kl --device cuda --repeats 5 ;;
     topk) step "top-k benchmark" 40 python3 -m benchmarks.bench_topk --device cuda --out benchmarks/results/topk_cuda.json ;;
@@ -60,7 +70,6 @@ done
 echo
 python3 -c "from benchmarks import plots; print(*plots.render_all('cuda'), sep='\n')" || status=1
 echo; python3 -m benchmarks.summary --device cuda
-# At most 8 files come back from $OUT: the log above plus these (7 when every step ran).
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json benchmarks/results/*cuda*.png "$OUT"/ 2>/dev/null || true; fi
+collect
 echo "suite finished in $SECONDS s (budget ${budget} s), status $status"
 exit $status

@@ -70,7 +70,9 @@ def generate_rows(device):
         rows.append((f"generate_replay / HF generate, batch {batch}", f"{result['results']['speedup_vs_hf']:.2f}x",
                      ">= 2x" if device == "cpu" else ">= 3x at batch 256"))
         spec = result["results"].get("speculative")
-        if spec:
+        if spec and "error" in spec:
+            rows.append((f"speculative / plain, batch {spec['batch_size']}", f"failed: {spec['error']}", ">= 1.5x"))
+        elif spec:
             rows.append((f"speculative / plain, batch {spec['batch_size']} (acceptance {spec['speculative']['acceptance_rate']:.2f})",
                          f"{spec['speedup_vs_plain']:.2f}x", "-" if device == "cpu" else ">= 1.5x"))
     return rows

@@ -20,6 +20,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import sys
 import time
 
@@ -233,6 +234,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("validate_planner: --device cuda but torch sees no CUDA device")
     rows = []
+    out = {"machine": machine_info(args.device), "device": args.device,
+           "measured_by": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "planner.LiveBytes + resident tensors",
+           "rows": rows}
+    path = results_path(f"planner_{args.device}")
     print(f"{'model':<14}{'method':<8}{'config':<58}{'predicted GiB':>14}{'measured GiB':>14}{'ratio':>8}")
     for name, cfg, method in configurations(args.device):
         if args.only and args.only not in name:
@@ -245,7 +250,11 @@ def main(argv=None) -> int:
                  f"mb={cfg.micro_batch}")
         row = dict(model=spec.name, method=method, config=label, predicted_allocated=pred.allocated,
                    predicted_parts=pred.parts, predicted_phase=pred.phase)
+        if rows:
+            _write_json(path, out)  # the rows so far: a run stopped by a time limit keeps what it measured
         if args.device == "cuda":
+            gc.collect()  # the previous configuration's model and optimizer, also after a failure
+            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info()
             if pred.allocated > 0.9 * free:
                 row.update(measured=None, skipped=f"predicted {pred.allocated / GiB:.1f} GiB > 90% of free {free / GiB:.1f} GiB")
@@ -254,25 +263,26 @@ def main(argv=None) -> int:
                 continue
         try:
             peak, seconds = measure(spec, cfg, method, args.device)
-        except torch.OutOfMemoryError as exc:  # pragma: no cover - GPU only
-            row.update(measured=None, error=f"OOM: {exc}"[:300])
+        except Exception as exc:  # recorded, and the next configuration runs (the traceback is dropped here)
+            kind = "OOM" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+            row.update(measured=None, error=f"{kind}: {exc}"[:300])
             rows.append(row)
-            gc.collect()
-            torch.cuda.empty_cache()
-            print(f"{spec.name[-14:]:<14}{method:<8}{label:<58}{pred.allocated / GiB:>14.2f}{'OOM':>14}")
+            print(f"{spec.name[-14:]:<14}{method:<8}{label:<58}{pred.allocated / GiB:>14.2f}{kind[:13]:>14}")
             continue
         row.update(measured=peak, ratio=peak / pred.allocated, step_seconds=seconds)
         rows.append(row)
         print(f"{spec.name[-14:]:<14}{method:<8}{label:<58}{pred.allocated / GiB:>14.3f}{peak / GiB:>14.3f}"
               f"{peak / pred.allocated:>8.2f}")
-    out = {"machine": machine_info(args.device), "device": args.device,
-           "measured_by": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "planner.LiveBytes + resident tensors",
-           "rows": rows}
-    path = results_path(f"planner_{args.device}")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2)
+    _write_json(path, out)
     print(f"results: {path}")
-    return 0
+    return 0 if not any("error" in row for row in rows) else 1
+
+
+def _write_json(path, out):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
