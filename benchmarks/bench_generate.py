@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-from benchmarks.machine import machine_info, results_path
+from benchmarks.machine import machine_info, results_path, write_result
 
 PRESETS = {
     "cpu": dict(vocab=32000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, batch_size=32,
@@ -169,7 +168,7 @@ def main(argv=None):
         "results": results,
     }
     path = args.out or results_path(f"generate_{device.type}")
-    write_report(path, report)  # before the speculative part: its failure or a time limit keeps these numbers
+    write_result(path, report)  # before the speculative part: its failure or a time limit keeps these numbers
     if args.speculative:
         b = args.spec_batch_size
         try:
@@ -187,19 +186,11 @@ def main(argv=None):
             results["speculative"] = {"batch_size": b, "draft_layers": args.draft_layers,
                                       "num_draft_tokens": args.num_draft_tokens, "plain": plain, "speculative": spec,
                                       "speedup_vs_plain": spec["tokens_per_s_median"] / plain["tokens_per_s_median"]}
-        write_report(path, report)
+        write_result(path, report)
     print(json.dumps(results, indent=2))
     print(f"wrote {path}")
     if "error" in results.get("speculative", {}):
         sys.exit(1)
-
-
-def write_report(path, report):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(report, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

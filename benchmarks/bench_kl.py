@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from benchmarks.machine import machine_info, results_path
+from benchmarks.machine import machine_info, results_path, write_result
 
 IMPLS_CPU = ["naive", "fused_torch"]
 IMPLS_CUDA = ["naive", "fused_triton", "fused_torch", "bare_matmuls", "liger_jsd"]
@@ -174,10 +174,10 @@ def main(argv=None):
                 reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
                 print(f"{impl:>13} N={tokens}: skipped ({reason})", file=sys.stderr)
                 rows.append({"impl": impl, "tokens": tokens, "error": reason})
-                _write_json(path, result)
+                write_result(path, result)
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            _write_json(path, result)  # after every row: a run stopped by a time limit keeps what it measured
+            write_result(path, result)  # after every row: a run stopped by a time limit keeps what it measured
             r = rows[-1]
             print(f"{impl:>13} N={tokens:>6}: {r['time_s_median'] * 1e3:9.1f} ms   extra peak "
                   f"{r['extra_peak_bytes'] / 2**20:9.1f} MiB", flush=True)
@@ -193,15 +193,8 @@ def main(argv=None):
             m_ratio = f"{r['extra_peak_bytes'] / naive['extra_peak_bytes']:.1%}" if naive else "-"
             print(f"| {tokens} | {r['impl']} | {r['time_s_median'] * 1e3:.1f} | "
                   f"{r['extra_peak_bytes'] / 2**20:.1f} | {t_ratio} | {m_ratio} |")
-    _write_json(path, result)
+    write_result(path, result)
     print(f"\nwrote {path}")
-
-
-def _write_json(path, result):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

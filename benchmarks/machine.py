@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -50,3 +51,13 @@ def results_path(name: str) -> str:
     """benchmarks/results/<name>.json, the folder created if missing."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     return os.path.join(RESULTS_DIR, f"{name}.json")
+
+
+def write_result(path: str, result: dict) -> None:
+    """Write a result JSON atomically (temp file + rename): benchmarks rewrite it after every row, so a
+    run stopped by a time limit leaves the last complete version, never a truncated file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

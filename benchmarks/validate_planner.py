@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn as nn
 
-from benchmarks.machine import machine_info, results_path
+from benchmarks.machine import machine_info, results_path, write_result
 from selfreplay_fast import fused_replay_kl
 from selfreplay_fast.planner import (
     GiB, MiB, LiveBytes, ModelSpec, PlanConfig, load_model_spec, predict,
@@ -251,7 +249,7 @@ def main(argv=None) -> int:
         row = dict(model=spec.name, method=method, config=label, predicted_allocated=pred.allocated,
                    predicted_parts=pred.parts, predicted_phase=pred.phase)
         if rows:
-            _write_json(path, out)  # the rows so far: a run stopped by a time limit keeps what it measured
+            write_result(path, out)  # the rows so far: a run stopped by a time limit keeps what it measured
         if args.device == "cuda":
             gc.collect()  # the previous configuration's model and optimizer, also after a failure
             torch.cuda.empty_cache()
@@ -273,16 +271,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{spec.name[-14:]:<14}{method:<8}{label:<58}{pred.allocated / GiB:>14.3f}{peak / GiB:>14.3f}"
               f"{peak / pred.allocated:>8.2f}")
-    _write_json(path, out)
+    write_result(path, out)
     print(f"results: {path}")
     return 0 if not any("error" in row for row in rows) else 1
-
-
-def _write_json(path, out):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
