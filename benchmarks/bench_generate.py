@@ -95,10 +95,10 @@ def time_ours(model, batch_size, max_new_tokens, top_k, device, draft=None, num_
     seconds = time.perf_counter() - start
     generated = buffer.num_tokens - len(buffer)
     assert generated == batch_size * max_new_tokens
-    extra = {}
+    stats = buffer.generation_stats
+    extra = {"target_forwards": stats.target_forwards, "host_checks": stats.host_checks}
     if draft is not None:
-        extra["acceptance_rate"] = buffer.generation_stats.acceptance_rate
-        extra["target_forwards"] = buffer.generation_stats.target_forwards
+        extra["acceptance_rate"] = stats.acceptance_rate
     return generated / seconds, extra
 
 

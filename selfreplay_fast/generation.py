@@ -529,6 +529,7 @@ class GenerationStats:
     target_forwards: int = 0
     draft_proposed: int = 0
     draft_accepted: int = 0
+    host_checks: int = 0  # decode steps that waited for the device to look for finished sequences
 
     @property
     def tokens_per_second(self) -> float:
@@ -673,17 +674,27 @@ class _ShardEngine:
         self._accepted = torch.zeros((), dtype=torch.long, device=dev)
 
         start = time.perf_counter()
+        self.step = 0
+        # Host side: the step by which each slot's sequence has surely ended (every decode step adds at
+        # least one token to a live sequence), so that the last sequences need no check every step.
+        self.slot_deadline = [0] * B
         width = self._refill([True] * B)
-        step = 0
         while True:
             if self.drafter is None:
                 self._plain_step(width)
             else:
                 self._speculative_step(width)
             self.stats.target_forwards += 1
-            step += 1
+            self.step += 1
             width = 1
-            if step % self.check_every == 0 or self.next_seq >= len(self.prompts):
+            # Checks cost a host sync (the device stops running ahead of Python): every check_every steps
+            # while sequences wait for a slot; once none wait, finished slots only need collecting, so
+            # also when the last holding slot's deadline has passed, never every step.
+            due = self.step % self.check_every == 0
+            if not due and self.next_seq >= len(self.prompts):
+                due = self.step >= max((self.slot_deadline[b] for b in range(B) if self.slot_seq[b] >= 0), default=0)
+            if due:
+                self.stats.host_checks += 1
                 done_list = (self.holds & ~self.live).tolist()  # the host sync of this step
                 if any(done_list):
                     width = self._harvest_and_refill(done_list)
@@ -716,6 +727,7 @@ class _ShardEngine:
             prompt_block[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
             prompt_lengths.append(len(prompt))
             self.slot_seq[b] = s
+            self.slot_deadline[b] = self.step + self.max_new_tokens
         self.tokens[slot_index] = prompt_block.to(self.device)
         self.t_ids[slot_index] = -1
         self.t_lp[slot_index] = 0.0

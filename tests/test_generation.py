@@ -343,6 +343,27 @@ def test_self_draft_accepts_everything():
     assert (buffer.lengths == 11).all()
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_last_sequences_are_not_checked_every_step(speculative):
+    """Once no sequence waits for a slot, finished ones are looked for every check_every steps and at the
+    host-known step by which all have surely ended, not at every step (each look is a host sync)."""
+    model = build_model("llama", 10)
+    kw = dict(num_sequences=4, max_new_tokens=12, top_k=4, batch_size=4, seed=3, progress=False, eos_token_id=[])
+    if speculative:
+        kw.update(draft_model=build_model("llama", 11), num_draft_tokens=3)
+    every = generate_replay(model, check_every=1, **kw)
+    sparse = generate_replay(model, check_every=5, **kw)
+    for name in ("input_ids", "lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob"):
+        assert torch.equal(getattr(every, name), getattr(sparse, name)), name
+    assert (sparse.lengths == 13).all()
+    stats = sparse.generation_stats
+    assert every.generation_stats.host_checks == every.generation_stats.target_forwards
+    if speculative:  # every 5 steps, or at step 12 (all 4 sequences started at step 0)
+        assert stats.host_checks == len([s for s in range(1, stats.target_forwards + 1) if s % 5 == 0 or s >= 12])
+    else:  # steps 5, 10 and 12: one token per step, the last at step 12
+        assert stats.host_checks == 3 and stats.target_forwards == 12
+
+
 def test_same_seed_same_output_different_seed_differs():
     model = build_model("llama", 10)
     a = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=4, batch_size=3, seed=11, progress=False)
