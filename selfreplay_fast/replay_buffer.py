@@ -279,11 +279,16 @@ class ShardedBufferWriter:
 _ROW_TENSORS = ("input_ids", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")
 
 
-def _iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_last, device, trim, teacher_dtype):
+def _iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_last, device, trim, teacher_dtype,
+                  start=0, stride=1):
     """The training batches of a buffer (see :meth:`ReplayBuffer.batches`), in-memory or lazy alike:
     ``rows(idx, width)`` returns the ``_ROW_TENSORS`` of the sequences ``idx``, cut to ``width``."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0 (a batch index), got {start!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be a positive int, got {stride!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if teacher_dtype is not None and teacher_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -291,8 +296,9 @@ def _iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_las
     n = len(lengths)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     stop = (n // batch_size) * batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+    # Batch j holds order[j * batch_size : (j + 1) * batch_size] whatever is skipped: skipping reads nothing.
+    for first in range(start * batch_size, stop, stride * batch_size):
+        idx = order[first : first + batch_size]
         batch_lengths = lengths[idx]
         width = int(batch_lengths.max()) if trim else seq_len
         batch = rows(idx, width)
@@ -514,6 +520,8 @@ class ReplayBuffer:
         device=None,
         trim: bool = True,
         teacher_dtype: Optional[torch.dtype] = None,
+        start: int = 0,
+        stride: int = 1,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """Yield training batches aligned for ``fused_replay_kl``.
 
@@ -527,13 +535,16 @@ class ReplayBuffer:
                                    mask=b["mask"], teacher_tail_logprob=b["teacher_tail_logprob"])
 
         ``trim`` cuts every batch to its longest sequence; ``shuffle`` uses a permutation drawn from
-        ``seed`` (pass e.g. ``seed + epoch`` for a new order each epoch).
+        ``seed`` (pass e.g. ``seed + epoch`` for a new order each epoch). ``start`` and ``stride`` yield only
+        the batches ``start, start + stride, ...`` of the pass, the same batches as without them and without
+        reading the others: ``start`` resumes a pass, ``stride`` splits it over data-parallel ranks.
         """
         def rows(idx, width):
             return {name: getattr(self, name)[idx, :width] for name in _ROW_TENSORS}
 
         return _iter_batches(rows, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
-                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype)
+                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype,
+                             start=start, stride=stride)
 
     def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
@@ -959,6 +970,8 @@ class ShardedReplayBuffer:
         device=None,
         trim: bool = True,
         teacher_dtype: Optional[torch.dtype] = None,
+        start: int = 0,
+        stride: int = 1,
     ) -> Iterator[Dict[str, torch.Tensor]]:
         """The batches of :meth:`ReplayBuffer.batches`, identical for the same arguments, read lazily.
 
@@ -966,4 +979,5 @@ class ShardedReplayBuffer:
         from and reads only its rows.
         """
         return _iter_batches(self._gather, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
-                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype)
+                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype,
+                             start=start, stride=stride)

@@ -30,20 +30,24 @@ ranks' batches. FSDP, DeepSpeed, tensor/context/sequence parallelism and DataPar
 process) are refused.
 
 Evaluation (``return_outputs=True`` or the model in eval mode) falls back to Trainer's own loss, which
-computes full logits: prediction needs them. Resuming from a checkpoint restarts the replay stream at its
-first pass.
+computes full logits: prediction needs them. Checkpoints hold the replay stream's position
+(``replay_state.json``): ``train(resume_from_checkpoint=...)`` continues it exactly where it stopped, as
+Trainer does with its own data, so an interrupted run ends with the uninterrupted run's parameters.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import numbers
 import os
+import warnings
 from typing import Mapping, Optional, Union
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ._inputs import skip_value_checks, value_checks_enabled
 from .model_glue import (
@@ -57,6 +61,8 @@ from .model_glue import (
 from .replay_buffer import ReplayBuffer, ShardedReplayBuffer
 
 __all__ = ["ReplayTrainer"]
+
+REPLAY_STATE_NAME = "replay_state.json"  # in each checkpoint folder: where the replay stream resumes
 
 
 class ReplayTrainer(Trainer):
@@ -136,8 +142,9 @@ class ReplayTrainer(Trainer):
         self.replay_loss = replay_loss
         self.replay_batch_size = replay_batch_size or max(1, self.args.per_device_train_batch_size // 2)
         self.replay_seed = int(replay_seed)
-        self.replay_passes = 0  # completed passes over the replay buffer
         self._replay_iter = None
+        self._replay_start = 0  # stream position (in single-process batches) the stream starts from
+        self._replay_taken = 0  # batches this rank took from the stream since it started
         self._replay_window = collections.deque()  # (batch, window replay count) of the current optimizer step
         self._replay_sums = None  # [task, kl] since the last log, on the device
         self._replay_logged_step = 0
@@ -145,26 +152,83 @@ class ReplayTrainer(Trainer):
     # -- the replay stream --------------------------------------------------------------------------------
 
     def _replay_stream(self):
-        # Under DDP rank r keeps the batches r, r + N, ... of the one stream (the others are read and dropped
-        # on the host), so the ranks replay disjoint batches that together make the single-process stream.
+        # The single-process stream is the passes' batches one after the other; under DDP rank r keeps the
+        # stream positions r, r + N, r + 2N, ... (only those are read), so the ranks replay disjoint batches
+        # that together make the single-process stream. It starts at position self._replay_start, a
+        # multiple of N (resumed from a checkpoint: replay_state.json).
         rank, world = self.args.process_index, self.args.world_size
-        position = 0
+        per_pass = self.replay_buffer.num_batches(self.replay_batch_size)
+        replay_pass, first = divmod(self._replay_start, per_pass)
         while True:
-            seed = self.replay_seed + self.replay_passes
-            for batch in self.replay_buffer.batches(self.replay_batch_size, shuffle=True, seed=seed,
-                                                    device=self.args.device if world == 1 else None):
-                mine = position % world == rank
-                position += 1
-                if world == 1:
-                    yield batch
-                elif mine:
-                    yield {name: t.to(self.args.device, non_blocking=True) for name, t in batch.items()}
-            self.replay_passes += 1
+            pass_start = replay_pass * per_pass
+            yield from self.replay_buffer.batches(
+                self.replay_batch_size, shuffle=True, seed=self.replay_seed + replay_pass,
+                device=self.args.device, start=first + (rank - pass_start - first) % world, stride=world,
+            )
+            replay_pass += 1
+            first = 0
 
     def next_replay_batch(self):
         if self._replay_iter is None:
             self._replay_iter = self._replay_stream()
-        return next(self._replay_iter)
+        batch = next(self._replay_iter)
+        self._replay_taken += 1
+        return batch
+
+    @property
+    def replay_passes(self) -> int:
+        """Completed passes over the replay buffer (pass p is shuffled with seed ``replay_seed + p``)."""
+        return self.replay_position // self.replay_buffer.num_batches(self.replay_batch_size)
+
+    @property
+    def replay_position(self) -> int:
+        """Batches of the single-process replay stream consumed by all ranks together (where training
+        resumes). Every rank takes one replay batch per micro-batch, so all have taken equally many."""
+        return self._replay_start + self._replay_taken * self.args.world_size
+
+    # -- checkpoints: the replay stream resumes where it stopped ----------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        state = {"format": 1, "replay_position": self.replay_position, "replay_seed": self.replay_seed,
+                 "replay_batch_size": self.replay_batch_size, "replay_sequences": len(self.replay_buffer)}
+        tmp = os.path.join(folder, REPLAY_STATE_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, os.path.join(folder, REPLAY_STATE_NAME))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer raises below
+        if checkpoint is not None and checkpoint is not False:
+            self._restore_replay_state(os.fspath(checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_replay_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, REPLAY_STATE_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(f"{checkpoint} has no {REPLAY_STATE_NAME} (not written by ReplayTrainer): the replay stream "
+                          "restarts at its first pass")
+            return
+        with open(path) as f:
+            state = json.load(f)
+        ours = {"replay_seed": self.replay_seed, "replay_batch_size": self.replay_batch_size,
+                "replay_sequences": len(self.replay_buffer)}
+        changed = {k: (state.get(k), v) for k, v in ours.items() if state.get(k) != v}
+        if changed:
+            warnings.warn(f"the replay stream of {checkpoint} was made with other settings ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}): it restarts at its first pass")
+            return
+        position = int(state["replay_position"])
+        world = self.args.world_size
+        self._replay_start = position - position % world  # a multiple of the ranks (exact when N is unchanged)
+        self._replay_taken = 0
+        self._replay_iter = None
+        self._replay_window.clear()
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)

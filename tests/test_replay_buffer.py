@@ -325,6 +325,24 @@ def test_open_yields_exactly_the_in_memory_batches(tmp_path, dtype):
     assert sum(p.num_tokens for p in lazy.shards()) == buffer.num_tokens
 
 
+def test_start_and_stride_select_batches_of_the_pass_without_reading_the_others(tmp_path, monkeypatch):
+    buffer, path = _saved(tmp_path)
+    lazy = ReplayBuffer.open(path, expected_vocab_size=VOCAB)
+    for source in (buffer, lazy):
+        for kwargs in (dict(seed=4), dict(seed=4, drop_last=True), dict(shuffle=False)):
+            every = list(source.batches(3, **kwargs))
+            for start, stride in ((0, 1), (2, 1), (1, 2), (0, 3), (2, 5), (len(every), 1), (len(every) + 3, 2)):
+                _assert_batches_equal(every[start::stride], source.batches(3, start=start, stride=stride, **kwargs))
+    read = []
+    original = rb.ShardedReplayBuffer._gather
+    monkeypatch.setattr(rb.ShardedReplayBuffer, "_gather", lambda self, idx, width: read.append(idx) or original(self, idx, width))
+    assert len(list(lazy.batches(3, seed=4, start=2, stride=3))) == len(range(2, lazy.num_batches(3), 3))
+    assert len(read) == len(range(2, lazy.num_batches(3), 3))  # only the selected batches were read
+    for bad in (dict(start=-1), dict(start=1.5), dict(stride=0), dict(stride=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            next(buffer.batches(3, **bad))
+
+
 def test_open_holds_at_most_one_shard_and_batches_load_none(tmp_path, monkeypatch):
     _, path = _saved(tmp_path)
     live, peak, loads = [0], [0], [0]

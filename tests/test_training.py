@@ -263,7 +263,7 @@ def test_trainer_logs_task_loss_and_replay_kl_without_full_logits(tmp_path, repl
     assert not torch.equal(before, model.lm_head.weight.detach())  # the head was trained through the fused loss
     # 4 steps x 2 replay sequences over an 8-sequence buffer: one full pass; the next batch starts the
     # second pass, reshuffled with seed replay_seed + 1, on the training device
-    assert trainer.replay_passes == 0
+    assert trainer.replay_passes == 1 and trainer.replay_position == 4
     nxt = trainer.next_replay_batch()
     assert trainer.replay_passes == 1 and nxt["input_ids"].device == trainer.args.device
     assert nxt["indices"].tolist() == torch.randperm(8, generator=torch.Generator().manual_seed(1))[:2].tolist()
@@ -368,6 +368,40 @@ def test_trainer_checks_task_labels_once_per_accumulation_window(tmp_path, repla
     monkeypatch.setattr(model.model, "forward", refuse)
     with pytest.raises(ValueError, match=rf"labels: expected ids in \[0, {VOCAB}\)"):
         trainer.train()
+
+
+def test_resumed_training_continues_the_replay_stream(tmp_path, replay):
+    """Stopped after the checkpoint at step 2 and resumed with train(resume_from_checkpoint=True): the same
+    parameters as 6 uninterrupted steps (the replay stream of 3 batches per pass crosses a pass boundary)."""
+    from transformers import TrainerCallback
+
+    def run(out, stop_at=None, resume=False):
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop_at is not None and state.global_step == stop_at:
+                    control.should_training_stop = True
+
+        model = tiny_model(seed=4)
+        trainer = make_trainer(out, model, replay, callbacks=[Stop()], max_steps=6, replay_batch_size=3,
+                               save_strategy="steps", save_steps=2, logging_steps=1)
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return trainer, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight, expected = run(tmp_path / "a")
+    stopped, _ = run(tmp_path / "b", stop_at=2)
+    state = json.loads((tmp_path / "b" / "out" / "checkpoint-2" / "replay_state.json").read_text())
+    assert state["replay_position"] == 2 == stopped.replay_position
+    resumed, got = run(tmp_path / "b", resume=True)
+    assert resumed.state.global_step == 6 and resumed.replay_position == straight.replay_position == 6
+    assert resumed.replay_passes == straight.replay_passes == 2  # 8 sequences in batches of 3: 3 per pass
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    # a checkpoint of other replay settings: a warning, and the stream restarts
+    other = make_trainer(tmp_path / "b", tiny_model(seed=4), replay, max_steps=6, replay_batch_size=2,
+                         save_strategy="no")
+    with pytest.warns(UserWarning, match="replay_batch_size: 3 then, 2 now"):
+        other._restore_replay_state(str(tmp_path / "b" / "out" / "checkpoint-2"))
+    assert other.replay_position == 0
 
 
 # -- bad input -----------------------------------------------------------------------------------------
