@@ -13,7 +13,8 @@
    both through fused_replay_kl (no full logits). ``--lora-rank`` trains LoRA adapters (needs peft)
    with the lm_head frozen; otherwise every weight is trained.
 3. Report: the task loss and replay KL of every log line, and ``train_report.json`` in ``--out``
-   (the adapter or model is saved there too, unless ``--no-save``).
+   (the adapter or model is saved there too, unless ``--no-save``). ``--save-steps N`` writes checkpoints
+   there; ``--resume`` continues an interrupted run from the last one, replay stream included.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true", help="do not save the trained model/adapter")
+    p.add_argument("--save-steps", type=int, default=0,
+                   help="write a checkpoint to --out every N optimizer steps (0: none)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (model, optimizer, data and replay stream)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -99,6 +104,7 @@ def _replay_buffer(args, model, vocab):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     import selfreplay_fast as sf
     from selfreplay_fast.commands.cache import read_jsonl_sequences
@@ -142,13 +148,16 @@ def main(argv=None) -> int:
         output_dir=args.out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
         num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr, logging_steps=args.logging_steps,
         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, use_cpu=device == "cpu", seed=args.seed,
-        save_strategy="no", report_to=[], remove_unused_columns=False, disable_tqdm=args.no_progress,
+        save_strategy="steps" if args.save_steps > 0 else "no", save_steps=max(args.save_steps, 1),
+        report_to=[], remove_unused_columns=False, disable_tqdm=args.no_progress,
     )
     trainer = sf.ReplayTrainer(model=model, args=training_args, train_dataset=_Sequences(sequences),
                                data_collator=_collate(pad), replay_buffer=replay, replay_weight=args.replay_weight,
                                replay_batch_size=args.replay_batch_size, replay_seed=args.seed,
                                validate_replay=args.generate is not None, callbacks=[Report()])
-    result = trainer.train()
+    if args.resume and get_last_checkpoint(args.out) is None:
+        raise SystemExit(f"--resume: no checkpoint-* folder in {args.out} (write them with --save-steps)")
+    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     if not args.no_save:
         trainer.save_model(args.out)
     report = {"train_loss": result.training_loss, "global_step": result.global_step, "log": reports,

@@ -483,8 +483,15 @@ def test_example_script_end_to_end(tmp_path):
     assert report["global_step"] == 3 and report["train_sequences"] == 5 and report["replay_sequences"] == 6
     assert len(report["log"]) == 3 and all(entry["replay_kl"] >= 0 for entry in report["log"])
     assert (tmp_path / "run1" / "adapter_config.json").exists()
-    # second run: load the buffer written by the first, full fine-tuning
-    run = subprocess.run(common + ["--out", str(tmp_path / "run2"), "--no-save"], capture_output=True, text=True,
-                         env=env, timeout=120)
+    # second run: load the buffer written by the first, full fine-tuning, checkpoints every 2 steps
+    run = subprocess.run(common + ["--out", str(tmp_path / "run2"), "--no-save", "--save-steps", "2"],
+                         capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: 3 steps" in run.stdout
+    assert json.loads((tmp_path / "run2" / "checkpoint-2" / "replay_state.json").read_text())["replay_position"] == 2
+    # --resume continues after the last checkpoint (step 3 of 3 is done: nothing left to train)
+    run = subprocess.run(common + ["--out", str(tmp_path / "run2"), "--no-save", "--resume", "--max-steps", "4"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: 4 steps" in run.stdout
+    assert [entry["step"] for entry in json.loads((tmp_path / "run2" / "train_report.json").read_text())["log"]] == [4]
