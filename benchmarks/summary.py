@@ -45,7 +45,11 @@ def kl_rows(device):
             b = impls["bare_matmuls"]
             rows.append((f"KL N={tokens}: {fused} time / 3 bare matmuls",
                          f"{f['time_s_median'] / b['time_s_median']:.2f}x", "<= 1.25x"))
-            rows.append((f"KL N={tokens}: {fused} extra memory", f"{f['extra_peak_bytes'] / 2**20:.0f} MiB", "<= 512 MB"))
+            # The goal counts the memory beyond the gradients every implementation returns (older results
+            # without returned_grad_bytes show the whole figure).
+            beyond = f["extra_peak_bytes"] - f.get("returned_grad_bytes", 0)
+            rows.append((f"KL N={tokens}: {fused} extra memory beyond the returned gradients",
+                         f"{beyond / 2**20:.0f} MiB", "<= 512 MB"))
     return rows
 
 

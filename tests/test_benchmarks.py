@@ -33,6 +33,8 @@ def test_bench_kl_writes_every_row(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["time_s_median"] > 0 and len(r["time_s_all"]) == 1 and r["extra_peak_bytes"] >= 0
+        # grad_hidden [tokens, 16] and grad_weight [64, 16], fp32
+        assert r["returned_grad_bytes"] == (r["tokens"] * 16 + 64 * 16) * 4
     assert not (tmp_path / "kl.json.tmp").exists()
 
 
