@@ -14,12 +14,16 @@
 # at most what is left after keeping RESERVE_S for the plots and the summary; a step with less than
 # a minute left is skipped and reported, so a short budget never loses the results already written.
 set -uo pipefail
+self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 budget=${SUITE_BUDGET_S:-570}
 reserve=${RESERVE_S:-25}
 deadline=$((SECONDS + budget))
-if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_suite.log") 2>&1; fi
+if [ -n "${OUT:-}" ] && [ -z "${GPU_SUITE_LOGGING:-}" ]; then  # the whole log to $OUT too, complete at exit
+  GPU_SUITE_LOGGING=1 bash "$self" "$@" 2>&1 | tee "$OUT/gpu_suite.log"
+  exit "${PIPESTATUS[0]}"
+fi
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

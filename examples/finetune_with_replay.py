@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                                data_collator=_collate(pad), replay_buffer=replay, replay_weight=args.replay_weight,
                                replay_batch_size=args.replay_batch_size, replay_seed=args.seed,
                                validate_replay=args.generate is not None, callbacks=[Report()])
-    if args.resume and get_last_checkpoint(args.out) is None:
+    if args.resume and (not os.path.isdir(args.out) or get_last_checkpoint(args.out) is None):
         raise SystemExit(f"--resume: no checkpoint-* folder in {args.out} (write them with --save-steps)")
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     if not args.no_save:

@@ -244,19 +244,24 @@ def _add_rows(acc: torch.Tensor, row_ids: torch.Tensor, values: torch.Tensor) ->
     distinct_of_sorted = starts.cumsum(0) - 1  # [m]: which distinct id each sorted entry holds
     distinct_of_entry = torch.empty_like(distinct_of_sorted).scatter_(0, order, distinct_of_sorted)
     sums = torch.zeros_like(values).index_add_(0, distinct_of_entry, values)  # rows past the last id stay 0
-    # Row of each distinct id; rows past the last one keep id 0 and add an exact 0 to acc[0].
-    distinct_ids = torch.zeros_like(sorted_ids).scatter_(0, distinct_of_sorted, sorted_ids)
+    # Row of each distinct id. Rows past the last one add an exact 0 to row j mod V: spread over the rows
+    # (as 0 to one row they would all contend for that row's atomics), and 0 leaves any row as it was.
+    distinct_ids = torch.arange(len(row_ids), device=row_ids.device) % acc.shape[0]
+    distinct_ids.scatter_(0, distinct_of_sorted, sorted_ids)
     acc.index_add_(0, distinct_ids, sums.to(acc.dtype))
 
 
 def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
     budget = _CHUNK_BYTES["cuda" if inp.hidden.is_cuda else "cpu"]
     if inp.mode == "topk":
-        # [c, k, D] alive per row: the gathered lm_head rows in the accumulation dtype, and for the
-        # weight gradient their outer product with h and its per-id sums (accumulation dtype) plus
-        # the sums' copy in the gradient's dtype (_add_rows).
+        # [c, k, D] alive per row: the gathered lm_head rows and, for the weight gradient, their outer
+        # product with h (accumulation dtype); a narrower weight gradient adds the per-id sums and their
+        # copy in its dtype (_add_rows).
         acc_bytes = torch.finfo(head.acc_dtype).bits // 8
-        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * (3 * acc_bytes + head.weight.element_size())
+        per_element = 2 * acc_bytes
+        if head.grad_weight_dtype != head.acc_dtype:
+            per_element += acc_bytes + torch.finfo(head.grad_weight_dtype).bits // 8
+        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * per_element
     else:
         per_row = vocab.max_local_rows(inp) * torch.finfo(head.acc_dtype).bits // 8
     return max(1, min(inp.num_rows, budget // per_row))

@@ -46,7 +46,7 @@ import warnings
 from typing import Mapping, Optional, Union
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ._inputs import skip_value_checks, value_checks_enabled
@@ -63,6 +63,21 @@ from .replay_buffer import ReplayBuffer, ShardedReplayBuffer
 __all__ = ["ReplayTrainer"]
 
 REPLAY_STATE_NAME = "replay_state.json"  # in each checkpoint folder: where the replay stream resumes
+
+
+class _ReplayStreamStart(TrainerCallback):
+    """At the start of every training loop (also the retries of ``auto_find_batch_size``), after Trainer has
+    loaded a checkpoint's state: the replay stream restarts at its start position, and the replay log
+    means count steps from the loop's first step."""
+
+    def __init__(self, trainer: "ReplayTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        t._replay_taken, t._replay_iter, t._replay_sums = 0, None, None
+        t._replay_window.clear()
+        t._replay_logged_step = state.global_step
 
 
 class ReplayTrainer(Trainer):
@@ -115,7 +130,6 @@ class ReplayTrainer(Trainer):
             )
         _, weight, _ = lm_head_of(self.model)  # refuses softcapped/scaled heads and LoRA'd lm_heads up front
         vocab = weight.shape[0]
-        self._vocab_size = vocab
         if isinstance(replay_buffer, (str, os.PathLike)):
             replay_buffer = ReplayBuffer.load(replay_buffer, expected_vocab_size=vocab)  # validates
         elif isinstance(replay_buffer, (ReplayBuffer, ShardedReplayBuffer)):
@@ -148,6 +162,7 @@ class ReplayTrainer(Trainer):
         self._replay_window = collections.deque()  # (batch, window replay count) of the current optimizer step
         self._replay_sums = None  # [task, kl] since the last log, on the device
         self._replay_logged_step = 0
+        self.add_callback(_ReplayStreamStart(self))
 
     # -- the replay stream --------------------------------------------------------------------------------
 
@@ -188,23 +203,26 @@ class ReplayTrainer(Trainer):
 
     # -- checkpoints: the replay stream resumes where it stopped ----------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        state = {"format": 1, "replay_position": self.replay_position, "replay_seed": self.replay_seed,
-                 "replay_batch_size": self.replay_batch_size, "replay_sequences": len(self.replay_buffer)}
-        tmp = os.path.join(folder, REPLAY_STATE_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=2)
-        os.replace(tmp, os.path.join(folder, REPLAY_STATE_NAME))
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        # Written first, into the folder Trainer is about to fill: checkpoint rotation and hub pushes, which
+        # run inside Trainer's own save, then see it, and no checkpoint exists without it.
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            state = {"format": 1, "replay_position": self.replay_position, "replay_seed": self.replay_seed,
+                     "replay_batch_size": self.replay_batch_size, "replay_sequences": len(self.replay_buffer)}
+            tmp = os.path.join(folder, REPLAY_STATE_NAME + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(state, f, indent=2)
+            os.replace(tmp, os.path.join(folder, REPLAY_STATE_NAME))
+        super()._save_checkpoint(model, trial, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer raises below
+        self._replay_start = 0  # a run from scratch replays from the stream's start, as Trainer's data
         if checkpoint is not None and checkpoint is not False:
             self._restore_replay_state(os.fspath(checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -227,8 +245,6 @@ class ReplayTrainer(Trainer):
         world = self.args.world_size
         self._replay_start = position - position % world  # a multiple of the ranks (exact when N is unchanged)
         self._replay_taken = 0
-        self._replay_iter = None
-        self._replay_window.clear()
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -257,13 +273,19 @@ class ReplayTrainer(Trainer):
         optimizer step (none at all for batches still on the host), not one per micro-step."""
         if not value_checks_enabled():
             return
-        samples = [b for b in batch_samples if isinstance(b, Mapping) and isinstance(b.get("input_ids"), torch.Tensor)
-                   and b["input_ids"].dim() == 2 and b["input_ids"].shape[1] >= 2]
-        flags = [_bad_target_flag(b["input_ids"], b.get("attention_mask"), b.get("labels"), self._vocab_size, -100)
-                 for b in samples if b.get("labels") is None or b["labels"].shape == b["input_ids"].shape]
+        def well_formed(b):  # anything else is refused by task_nll's own argument checks, with their message
+            ids = b.get("input_ids") if isinstance(b, Mapping) else None
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
+                return False
+            return all(b.get(name) is None or (isinstance(b[name], torch.Tensor) and b[name].shape == ids.shape)
+                       for name in ("labels", "attention_mask"))
+
+        samples = [b for b in batch_samples if well_formed(b)]
+        vocab = lm_head_of(self.model)[1].shape[0]  # read now: model_init or a resize may have changed it
+        flags = [_bad_target_flag(b["input_ids"], b.get("attention_mask"), b.get("labels"), vocab, -100) for b in samples]
         if flags and bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):  # the one sync
             for b in samples:  # raises for the first bad batch, with task_nll's message
-                check_task_targets(b["input_ids"], b.get("attention_mask"), b.get("labels"), self._vocab_size)
+                check_task_targets(b["input_ids"], b.get("attention_mask"), b.get("labels"), vocab)
 
     # -- the loss -------------------------------------------------------------------------------------------
 

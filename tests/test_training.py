@@ -396,6 +396,13 @@ def test_resumed_training_continues_the_replay_stream(tmp_path, replay):
     assert resumed.replay_passes == straight.replay_passes == 2  # 8 sequences in batches of 3: 3 per pass
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the replay log means after the resume count the steps since the resume, not since step 0
+    logged = {e["step"]: e for e in resumed.state.log_history if "replay_kl" in e}
+    reference = {e["step"]: e for e in straight.state.log_history if "replay_kl" in e}
+    assert sorted(logged) == sorted(reference) == list(range(1, 7))
+    for step, entry in logged.items():
+        assert math.isclose(entry["loss"], entry["task_loss"] + 2.0 * entry["replay_kl"], rel_tol=1e-4), step
+        assert math.isclose(entry["replay_kl"], reference[step]["replay_kl"], rel_tol=1e-4), step
     # a checkpoint of other replay settings: a warning, and the stream restarts
     other = make_trainer(tmp_path / "b", tiny_model(seed=4), replay, max_steps=6, replay_batch_size=2,
                          save_strategy="no")
