@@ -123,7 +123,7 @@ setup(
         # A range, not a pin: install the torch build you want first (CUDA or CPU); pip keeps it.
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        "transformers>=4.45",
+        "transformers>=4.56",  # DynamicCache layers, from_pretrained(dtype=); tested with 4.56, 4.57 and 5.x
         "safetensors>=0.4",
         "tqdm>=4.60",
     ],

@@ -11,6 +11,7 @@ steps (lr 1, no clipping, no weight decay, constant schedule) must give every pa
 single-process run to a relative error of 1e-5 on both ranks, and the same logged losses.
 """
 
+import inspect
 import json
 import os
 import socket
@@ -22,12 +23,15 @@ if not torch.cuda.is_available():  # before triton is imported anywhere (the spa
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import selfreplay_fast as sf
+from transformers import TrainingArguments
 
 from dist_utils import init_gloo, spawn
 from replay_cases import rel_err
 from test_training import make_trainer, sequences, tiny_model
 
 WORLD = 2
+_SEQUENTIAL = ({"train_sampling_strategy": "sequential"}
+               if "train_sampling_strategy" in inspect.signature(TrainingArguments.__init__).parameters else {})
 TOL = 1e-5
 STEPS = 2
 
@@ -45,8 +49,10 @@ def _run(out_dir, replay_dir, batch, accumulation, bypass=False, **over):
     trainer = make_trainer(out_dir, model, sf.ReplayBuffer.load(replay_dir), per_device_train_batch_size=batch,
                            gradient_accumulation_steps=accumulation, replay_batch_size=batch, max_steps=STEPS,
                            optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
-                           weight_decay=0.0, warmup_steps=0, logging_steps=1, train_sampling_strategy="sequential",
-                           dataloader_num_workers=0, **over)
+                           weight_decay=0.0, warmup_steps=0, logging_steps=1, dataloader_num_workers=0,
+                           **_SEQUENTIAL, **over)
+    if not _SEQUENTIAL:  # transformers 4.x has no train_sampling_strategy
+        trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
     seen = []  # (task labels counted, replay positions) of each micro-batch on this rank
     original = trainer.compute_loss
 

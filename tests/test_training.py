@@ -278,8 +278,10 @@ def test_trainer_with_peft_lora_never_computes_the_head_weight_gradient(tmp_path
 
     monkeypatch.setattr(rk._HeadMatmuls, "accumulate_grad_weight", refuse)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    # Non-reentrant checkpointing (transformers 5's default; 4.x's reentrant one gives frozen-embedding LoRA
+    # models no gradient at all)
     trainer = make_trainer(tmp_path, model, replay, max_steps=2, gradient_accumulation_steps=2,
-                           gradient_checkpointing=True)
+                           gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer.train()
     assert model.get_base_model().lm_head.weight.grad is None
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
@@ -309,9 +311,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, replay):
         assert math.isclose(acc_log[key], big_log[key], rel_tol=1e-4), key
 
 
-def test_trainer_bf16_on_cpu(tmp_path, replay):
+def test_trainer_bf16_on_cpu(tmp_path, replay, monkeypatch):
     """bf16=True with use_cpu: accelerate's CPU autocast, entered by compute_loss itself (the base model is
     called past the model's wrapped forward)."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # transformers 4.x sets it for the whole process
     model = tiny_model()
     try:
         trainer = make_trainer(tmp_path, model, replay, bf16=True, max_steps=2)
