@@ -31,20 +31,29 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 echo "== install (builds the CUDA extension with nvcc; $(nproc) jobs)"
 build_start=$SECONDS
-MAX_JOBS=${MAX_JOBS:-$(nproc)} SELFREPLAY_FAST_REQUIRE_EXTENSION=1 \
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+status=0
+# The CUDA top-k tests and benchmark must exercise the compiled kernel, not the torch fallback; without it
+# the suite still runs everything else (the Triton kernels and the benchmarks need no extension).
+cuda_extension=1
+if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} SELFREPLAY_FAST_REQUIRE_EXTENSION=1 \
+     python3 -m pip install --no-index --no-deps --no-build-isolation -e . > /tmp/build.log 2>&1; then
+  tail -n 40 /tmp/build.log
+  echo "!! the extension did not build (above): installing without it; the top-k step and tests are skipped"
+  SELFREPLAY_FAST_NO_EXTENSION=1 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || { echo "install failed"; exit 1; }
+  cuda_extension=0; status=1
+elif ! python3 -c "from selfreplay_fast import _C; assert _C.has_cuda(), 'extension built without CUDA'; print('extension with CUDA: ok')"; then
+  echo "!! the extension has no CUDA kernel: the top-k step and tests are skipped"
+  cuda_extension=0; status=1
+fi
 echo "installed in $((SECONDS - build_start)) s"
-# The CUDA top-k tests and benchmark must exercise the compiled kernel, not the torch fallback.
-python3 -c "from selfreplay_fast import _C; assert _C.has_cuda(), 'extension built without CUDA'; print('extension with CUDA: ok')" \
-  || { echo "!! the CUDA extension is missing: top-k results would measure the torch fallback"; exit 1; }
 # pytest-xdist (on the GPU image) spreads the Triton compilations of the tests over the CPU cores.
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+xdist=$(python3 -c "import xdist" >/dev/null 2>&1 && echo "-n 8" || true)
 
 collect() {  # results so far to $OUT (at most 8 files come back: the log plus the 7 results)
   if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json benchmarks/results/*cuda*.png "$OUT"/ 2>/dev/null || true; fi
 }
 
-status=0
 step() {  # step NAME CAP_SECONDS COMMAND...
   local name=$1 cap=$2; shift 2
   local left=$((deadline - SECONDS - reserve))
@@ -61,10 +70,13 @@ step() {  # step NAME CAP_SECONDS COMMAND...
 steps=${*:-tests kl topk generate planner}
 for name in $steps; do
   case $name in
-    tests) step "correctness on the GPU" 240 python3 -m pytest -q --maxfail=1 $xdist tests/test_replay_kl.py \
-             tests/test_vocab_pass_kernels.py tests/test_topk_logprobs.py ;;
+    tests) topk_tests=$([ "$cuda_extension" = 1 ] && echo tests/test_topk_logprobs.py || true)
+           step "correctness on the GPU" 240 python3 -m pytest -q --maxfail=1 $xdist tests/test_replay_kl.py \
+             tests/test_vocab_pass_kernels.py $topk_tests ;;
     kl) step "KL benchmark (Llama-3-8B head, bf16)" 140 python3 -m benchmarks.bench_kl --device cuda --repeats 5 ;;
-    topk) step "top-k benchmark" 40 python3 -m benchmarks.bench_topk --device cuda --out benchmarks/results/topk_cuda.json ;;
+    topk) if [ "$cuda_extension" = 1 ]; then
+            step "top-k benchmark" 40 python3 -m benchmarks.bench_topk --device cuda --out benchmarks/results/topk_cuda.json
+          else echo; echo "== top-k benchmark"; echo "!! skipped: no CUDA extension"; fi ;;
     generate) step "generation benchmark (1B Llama-shaped)" 140 python3 -m benchmarks.bench_generate --device cuda \
                 --speculative --repeats 3 --out benchmarks/results/generate_cuda_batch256.json ;;
     planner) step "memory planner against max_memory_allocated" 120 python3 -m benchmarks.validate_planner ;;
