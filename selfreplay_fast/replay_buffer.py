@@ -316,7 +316,50 @@ def _iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_las
         yield batch
 
 
-class ReplayBuffer:
+class _TrainingBatches:
+    """``batches`` and ``num_batches`` of both buffer kinds; a subclass has ``lengths``, ``seq_len``, ``__len__``
+    and ``_rows(idx, width)``: the ``_ROW_TENSORS`` of the sequences ``idx``, cut to ``width``."""
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        device=None,
+        trim: bool = True,
+        teacher_dtype: Optional[torch.dtype] = None,
+        start: int = 0,
+        stride: int = 1,
+    ) -> Iterator[Dict[str, torch.Tensor]]:
+        """Yield training batches aligned for ``fused_replay_kl``.
+
+        Each batch is a dict with ``input_ids`` [B, Lb], ``attention_mask`` [B, Lb] (1 = real token),
+        ``teacher_ids`` [B, Lb, k], ``teacher_logprobs`` [B, Lb, k], ``teacher_tail_logprob`` [B, Lb] and
+        ``mask`` [B, Lb] (True where the position has a teacher). Row ``j`` is the teacher for predicting
+        token ``j + 1``, so pass the student's hidden states at positions ``0..Lb-1`` unshifted::
+
+            hidden = last_hidden_states(model, b["input_ids"], b["attention_mask"])  # [B, Lb, D]
+            loss = fused_replay_kl(hidden, lm_head.weight, b["teacher_ids"], b["teacher_logprobs"],
+                                   mask=b["mask"], teacher_tail_logprob=b["teacher_tail_logprob"])
+
+        ``trim`` cuts every batch to its longest sequence; ``shuffle`` uses a permutation drawn from
+        ``seed`` (pass e.g. ``seed + epoch`` for a new order each epoch). ``start`` and ``stride`` yield only
+        the batches ``start, start + stride, ...`` of the pass, the same batches as without them and without
+        reading the others: ``start`` resumes a pass, ``stride`` splits it over data-parallel ranks. A
+        ``ShardedReplayBuffer`` yields the same batches, read lazily: one batch in memory at a time, each
+        opening the shards it draws from and reading only its rows.
+        """
+        return _iter_batches(self._rows, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
+                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype,
+                             start=start, stride=stride)
+
+    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+
+class ReplayBuffer(_TrainingBatches):
     """Self-generated replay sequences with their cached top-k teacher; see the module docstring.
 
     ``metadata`` carries provenance (model name, config hash, temperature, seed, ...) and is saved
@@ -508,46 +551,8 @@ class ReplayBuffer:
                 raise ValueError(f"teacher_tail_logprob: expected a log-probability <= 0 (or -inf), never NaN {where}")
         return self
 
-    # -- training batches -------------------------------------------------------------------------
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        device=None,
-        trim: bool = True,
-        teacher_dtype: Optional[torch.dtype] = None,
-        start: int = 0,
-        stride: int = 1,
-    ) -> Iterator[Dict[str, torch.Tensor]]:
-        """Yield training batches aligned for ``fused_replay_kl``.
-
-        Each batch is a dict with ``input_ids`` [B, Lb], ``attention_mask`` [B, Lb] (1 = real token),
-        ``teacher_ids`` [B, Lb, k], ``teacher_logprobs`` [B, Lb, k], ``teacher_tail_logprob`` [B, Lb] and
-        ``mask`` [B, Lb] (True where the position has a teacher). Row ``j`` is the teacher for predicting
-        token ``j + 1``, so pass the student's hidden states at positions ``0..Lb-1`` unshifted::
-
-            hidden = last_hidden_states(model, b["input_ids"], b["attention_mask"])  # [B, Lb, D]
-            loss = fused_replay_kl(hidden, lm_head.weight, b["teacher_ids"], b["teacher_logprobs"],
-                                   mask=b["mask"], teacher_tail_logprob=b["teacher_tail_logprob"])
-
-        ``trim`` cuts every batch to its longest sequence; ``shuffle`` uses a permutation drawn from
-        ``seed`` (pass e.g. ``seed + epoch`` for a new order each epoch). ``start`` and ``stride`` yield only
-        the batches ``start, start + stride, ...`` of the pass, the same batches as without them and without
-        reading the others: ``start`` resumes a pass, ``stride`` splits it over data-parallel ranks.
-        """
-        def rows(idx, width):
-            return {name: getattr(self, name)[idx, :width] for name in _ROW_TENSORS}
-
-        return _iter_batches(rows, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
-                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype,
-                             start=start, stride=stride)
-
-    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
-        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+    def _rows(self, idx, width):
+        return {name: getattr(self, name)[idx, :width] for name in _ROW_TENSORS}
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -729,7 +734,7 @@ def _sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class ShardedReplayBuffer:
+class ShardedReplayBuffer(_TrainingBatches):
     """A replay buffer read from its directory lazily: what :meth:`ReplayBuffer.open` returns.
 
     Opening streams over the shards once, one shard in memory at a time: it verifies each shard's
@@ -882,9 +887,6 @@ class ShardedReplayBuffer:
             f"vocab_size={self.vocab_size}, mode={self.mode!r}, tokens={self.num_tokens}, logprob_dtype={self.logprob_dtype})"
         )
 
-    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
-        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
-
     # -- whole shards -----------------------------------------------------------------------------
 
     def shard(self, index: int) -> ReplayBuffer:
@@ -926,7 +928,7 @@ class ShardedReplayBuffer:
 
     # -- training batches -------------------------------------------------------------------------
 
-    def _gather(self, idx: torch.Tensor, width: int) -> Dict[str, torch.Tensor]:
+    def _rows(self, idx: torch.Tensor, width: int) -> Dict[str, torch.Tensor]:
         """Rows ``idx`` of the (virtually concatenated) buffer, cut or padded to ``width``."""
         num = idx.numel()
         out = {
@@ -959,25 +961,3 @@ class ShardedReplayBuffer:
             except Exception as exc:
                 raise ReplayBufferError(f"cannot read rows of shard {path}: {exc}") from exc
         return out
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        device=None,
-        trim: bool = True,
-        teacher_dtype: Optional[torch.dtype] = None,
-        start: int = 0,
-        stride: int = 1,
-    ) -> Iterator[Dict[str, torch.Tensor]]:
-        """The batches of :meth:`ReplayBuffer.batches`, identical for the same arguments, read lazily.
-
-        Memory: one batch (plus the lengths of all sequences); each batch opens the shards it draws
-        from and reads only its rows.
-        """
-        return _iter_batches(self._gather, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
-                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype,
-                             start=start, stride=stride)

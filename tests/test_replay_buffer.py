@@ -334,8 +334,8 @@ def test_start_and_stride_select_batches_of_the_pass_without_reading_the_others(
             for start, stride in ((0, 1), (2, 1), (1, 2), (0, 3), (2, 5), (len(every), 1), (len(every) + 3, 2)):
                 _assert_batches_equal(every[start::stride], source.batches(3, start=start, stride=stride, **kwargs))
     read = []
-    original = rb.ShardedReplayBuffer._gather
-    monkeypatch.setattr(rb.ShardedReplayBuffer, "_gather", lambda self, idx, width: read.append(idx) or original(self, idx, width))
+    original = rb.ShardedReplayBuffer._rows
+    monkeypatch.setattr(rb.ShardedReplayBuffer, "_rows", lambda self, idx, width: read.append(idx) or original(self, idx, width))
     assert len(list(lazy.batches(3, seed=4, start=2, stride=3))) == len(range(2, lazy.num_batches(3), 3))
     assert len(read) == len(range(2, lazy.num_batches(3), 3))  # only the selected batches were read
     for bad in (dict(start=-1), dict(start=1.5), dict(stride=0), dict(stride=True)):
