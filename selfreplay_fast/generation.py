@@ -675,9 +675,10 @@ class _ShardEngine:
 
         start = time.perf_counter()
         self.step = 0
-        # Host side: the step by which each slot's sequence has surely ended (every decode step adds at
-        # least one token to a live sequence), so that the last sequences need no check every step.
-        self.slot_deadline = [0] * B
+        # Host side: the step by which every sequence loaded so far has surely ended (each decode step adds
+        # at least one token to a live sequence; the last one loaded ends last), so that the last
+        # sequences need no check every step.
+        self.deadline = 0
         width = self._refill([True] * B)
         while True:
             if self.drafter is None:
@@ -689,11 +690,9 @@ class _ShardEngine:
             width = 1
             # Checks cost a host sync (the device stops running ahead of Python): every check_every steps
             # while sequences wait for a slot; once none wait, finished slots only need collecting, so
-            # also when the last holding slot's deadline has passed, never every step.
-            due = self.step % self.check_every == 0
-            if not due and self.next_seq >= len(self.prompts):
-                due = self.step >= max((self.slot_deadline[b] for b in range(B) if self.slot_seq[b] >= 0), default=0)
-            if due:
+            # also once the deadline has passed, never every step.
+            tail = self.next_seq >= len(self.prompts)
+            if self.step % self.check_every == 0 or (tail and self.step >= self.deadline):
                 self.stats.host_checks += 1
                 done_list = (self.holds & ~self.live).tolist()  # the host sync of this step
                 if any(done_list):
@@ -716,6 +715,7 @@ class _ShardEngine:
                 self.next_seq += 1
         if not refill:
             return 1
+        self.deadline = self.step + self.max_new_tokens
         slots = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         slot_index = torch.tensor([b for b, _ in refill], device=self.device)
         slots[slot_index] = True
@@ -727,7 +727,6 @@ class _ShardEngine:
             prompt_block[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
             prompt_lengths.append(len(prompt))
             self.slot_seq[b] = s
-            self.slot_deadline[b] = self.step + self.max_new_tokens
         self.tokens[slot_index] = prompt_block.to(self.device)
         self.t_ids[slot_index] = -1
         self.t_lp[slot_index] = 0.0
