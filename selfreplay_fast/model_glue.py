@@ -162,9 +162,8 @@ def _bad_target_flag(input_ids, attention_mask, labels, vocab_size, ignore_index
 def check_task_targets(input_ids, attention_mask, labels, vocab_size: int, ignore_index: int = -100) -> None:
     """Raise ValueError if a counted next-token target of a task batch is not a row of the lm_head.
 
-    The value check of :func:`task_nll` (one host sync for tensors on a GPU). ``ReplayTrainer`` runs it
-    on the host copy of each accumulation window before the batches move to the device, and its training
-    steps then skip it."""
+    The value check of :func:`task_nll` (one host sync for tensors on a GPU). ``ReplayTrainer`` checks
+    each accumulation window at once, with one sync, and its training steps then skip it."""
     if bool(_bad_target_flag(input_ids, attention_mask, labels, vocab_size, ignore_index)):
         what = "labels" if labels is not None else "input_ids"
         raise ValueError(f"{what}: expected ids in [0, {vocab_size}) (the lm_head's rows)"

@@ -207,8 +207,7 @@ class ReplayTrainer(Trainer):
         # Written first, into the folder Trainer is about to fill: checkpoint rotation and hub pushes, which
         # run inside Trainer's own save, then see it, and no checkpoint exists without it.
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial) if hasattr(self, "_get_output_dir") else self.args.output_dir
-            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             state = {"format": 1, "replay_position": self.replay_position, "replay_seed": self.replay_seed,
                      "replay_batch_size": self.replay_batch_size, "replay_sequences": len(self.replay_buffer)}
@@ -237,14 +236,14 @@ class ReplayTrainer(Trainer):
             state = json.load(f)
         ours = {"replay_seed": self.replay_seed, "replay_batch_size": self.replay_batch_size,
                 "replay_sequences": len(self.replay_buffer)}
-        changed = {k: (state.get(k), v) for k, v in ours.items() if state.get(k) != v}
+        changed = [f"{k}: {state.get(k)} then, {v} now" for k, v in ours.items() if state.get(k) != v]
         if changed:
-            warnings.warn(f"the replay stream of {checkpoint} was made with other settings ({', '.join(f'{k}: {a} then, {b} now' for k, (a, b) in changed.items())}): it restarts at its first pass")
+            warnings.warn(f"the replay stream of {checkpoint} was made with other settings ({', '.join(changed)}): "
+                          "it restarts at its first pass")
             return
         position = int(state["replay_position"])
-        world = self.args.world_size
-        self._replay_start = position - position % world  # a multiple of the ranks (exact when N is unchanged)
-        self._replay_taken = 0
+        # A multiple of the ranks (exact when N is unchanged); the stream restarts there at on_train_begin.
+        self._replay_start = position - position % self.args.world_size
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
