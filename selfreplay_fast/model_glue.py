@@ -131,15 +131,20 @@ def last_hidden_states(model, input_ids, attention_mask=None):
 
 
 def _check_num_items(num_items):
+    """The divisor of a summed loss: ``num_items`` clamped to at least 1.
+
+    A count of 0 is legitimate (an accumulation window without a counted token, e.g. short sequences under
+    completion-only masking): the sum is then 0 too, and 0 / 1 keeps that window's term at 0 where 0 / 0
+    would send NaN into every parameter. A tensor count is clamped on its device (no host sync)."""
     if num_items is None:
         return None
     if isinstance(num_items, torch.Tensor):
         if num_items.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items.shape)}")
-        return num_items.reshape(())
-    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or not num_items > 0:
-        raise ValueError(f"num_items_in_batch must be None, a positive number or a scalar tensor, got {num_items!r}")
-    return num_items
+        return num_items.reshape(()).clamp_min(1)
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or not num_items >= 0:
+        raise ValueError(f"num_items_in_batch must be None, a number >= 0 or a scalar tensor, got {num_items!r}")
+    return max(num_items, 1)
 
 
 def _next_token_targets(input_ids, attention_mask, labels, ignore_index):
@@ -191,7 +196,7 @@ def task_nll(
 
     reduction: "mean" over counted tokens (0 when none count), "sum" or "none" ([B, L-1], 0 where not
     counted). ``num_items_in_batch`` (Trainer's count over a whole gradient-accumulation window): the sum
-    divided by it instead of the mean. Counted labels outside the vocabulary raise ValueError (one host
+    divided by it instead of the mean (by at least 1: a window without counted tokens contributes 0). Counted labels outside the vocabulary raise ValueError (one host
     sync, skipped under ``skip_value_checks()``).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

@@ -230,7 +230,7 @@ def _collate(rows):
     return pad_batch([r["input_ids"] for r in rows])
 
 
-def make_trainer(tmp_path, model, buffer, *, callbacks=(), **over):
+def make_trainer(tmp_path, model, buffer, *, callbacks=(), collator=_collate, **over):
     from transformers import TrainingArguments
 
     replay_kwargs = {k: over.pop(k) for k in list(over) if k.startswith("replay_") or k == "validate_replay"}
@@ -241,7 +241,7 @@ def make_trainer(tmp_path, model, buffer, *, callbacks=(), **over):
                 disable_tqdm=True, seed=0)
     args.update(over)
     return sf.ReplayTrainer(model=model, args=TrainingArguments(**args),
-                            train_dataset=_Seqs(sequences(7, [6, 8, 11, 4, 9, 7, 12, 5])), data_collator=_collate,
+                            train_dataset=_Seqs(sequences(7, [6, 8, 11, 4, 9, 7, 12, 5])), data_collator=collator,
                             replay_buffer=buffer, callbacks=list(callbacks), **replay_kwargs)
 
 
@@ -309,6 +309,54 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, replay):
     assert_grads_close(accumulated, big, rtol=1e-4, atol=1e-6)
     for key in ("loss", "task_loss", "replay_kl"):
         assert math.isclose(acc_log[key], big_log[key], rel_tol=1e-4), key
+
+
+def _collate_without_task_tokens(rows):
+    batch = _collate(rows)
+    batch["labels"] = torch.full_like(batch["labels"], -100)  # e.g. completion-only masking of short rows
+    return batch
+
+
+def test_a_window_without_task_tokens_trains_on_replay_alone(tmp_path, replay):
+    """An accumulation window whose labels are all -100: the task term is 0 (not 0/0 = NaN), the replay term
+    still counts, and the update equals SGD on lambda * KL over the window's replay batches, computed from
+    the model's full logits with the reference."""
+    model = tiny_model(seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_trainer(tmp_path, model, replay, collator=_collate_without_task_tokens, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2, max_steps=1, optim="sgd", learning_rate=1.0,
+                           lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1)
+    trainer.train()
+    got = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    log = next(entry for entry in trainer.state.log_history if "loss" in entry)
+
+    expected_model = tiny_model(seed=3)
+    window = list(replay.batches(2, seed=0))[:2]  # the replay stream's first pass, seed replay_seed = 0
+    count = sum(int(b["mask"].sum()) for b in window)
+    kl_sum = 0
+    for b in window:
+        out = expected_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+        kl_sum = kl_sum + sf.reference_replay_kl(
+            out.hidden_states[-1], expected_model.lm_head.weight, b["teacher_ids"], b["teacher_logprobs"],
+            mask=b["mask"], teacher_tail_logprob=b["teacher_tail_logprob"], reduction="sum")
+    (2.0 * kl_sum / count).backward()
+    assert_grads_close(got, grads(expected_model), rtol=1e-4, atol=1e-6)
+    assert log["task_loss"] == 0.0
+    assert math.isclose(log["replay_kl"], float(kl_sum.detach()) / count, rel_tol=1e-4)
+    assert math.isclose(log["loss"], 2.0 * log["replay_kl"], rel_tol=1e-4)
+
+
+def test_task_nll_of_a_batch_without_counted_tokens_is_zero_with_zero_gradients():
+    model = tiny_model()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    labels = torch.full_like(ids, -100)
+    for num_items in (None, torch.tensor(0), 0):
+        loss = sf.task_nll(model, ids, labels=labels, num_items_in_batch=num_items)
+        loss.backward()
+        assert loss.item() == 0.0, num_items
+        assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters()), num_items
+        model.zero_grad(set_to_none=True)
 
 
 def test_trainer_bf16_on_cpu(tmp_path, replay, monkeypatch):
@@ -454,8 +502,9 @@ def test_bad_input(tmp_path, replay):
         sf.task_nll(model, ids, labels=torch.tensor([[3, 4]]))
     with pytest.raises(ValueError, match="input_ids"):
         sf.task_nll(model, torch.tensor([[3]]))
-    with pytest.raises(ValueError, match="num_items_in_batch"):
-        sf.task_nll(model, ids, num_items_in_batch=0)
+    for bad in (-1, float("nan"), True, torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            sf.task_nll(model, ids, num_items_in_batch=bad)
     with pytest.raises(KeyError, match="teacher_tail_logprob"):
         sf.ReplayKLLoss()(model, {k: v for k, v in replay_batch(replay).items() if k != "teacher_tail_logprob"})
     with pytest.raises(ValueError, match="mode"):
