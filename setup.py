@@ -22,7 +22,7 @@ The compiled extension ``selfreplay_fast._C`` (``csrc/``: single-pass top-k log-
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 EXTENSION_NAME = "selfreplay_fast._C"
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/topk_logprobs_cpu.cpp"]
@@ -115,7 +115,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["selfreplay_fast", "selfreplay_fast.kernels"],
+    # Every subpackage of selfreplay_fast/ (commands/, ...), plus kernels/ installed as selfreplay_fast.kernels.
+    packages=find_packages(include=["selfreplay_fast", "selfreplay_fast.*"]) + ["selfreplay_fast.kernels"],
     package_dir={"selfreplay_fast": "selfreplay_fast", "selfreplay_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -128,7 +129,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "numpy", "scipy", "peft", "matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "numpy", "scipy", "peft", "matplotlib"],
         "plot": ["matplotlib"],  # the demo's and the benchmarks' PNG plots
         "flash": ["flash-attn"],
     },
