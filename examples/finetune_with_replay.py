@@ -12,9 +12,11 @@
    directory's tokenizer, or ``{"input_ids": [...]}``) with loss = task NLL + replay_weight * replay KL,
    both through fused_replay_kl (no full logits). ``--lora-rank`` trains LoRA adapters (needs peft)
    with the lm_head frozen; otherwise every weight is trained.
-3. Report: the task loss and replay KL of every log line, and ``train_report.json`` in ``--out``
-   (the adapter or model is saved there too, unless ``--no-save``). ``--save-steps N`` writes checkpoints
-   there; ``--resume`` continues an interrupted run from the last one, replay stream included.
+3. Report: the task loss and replay KL of every log line (printed once each, to 5 significant digits,
+   so a KL of 1e-6 shows as such), and ``train_report.json`` in ``--out``: every logged step of the run,
+   those before a ``--resume`` included. The adapter or model is saved there too, with the model
+   directory's tokenizer, unless ``--no-save``. ``--save-steps N`` writes checkpoints there (tokenizer
+   included); ``--resume`` continues an interrupted run from the last one, replay stream included.
 """
 
 from __future__ import annotations
@@ -101,9 +103,24 @@ def _replay_buffer(args, model, vocab):
     return sf.ReplayBuffer.load(args.replay, expected_vocab_size=vocab)
 
 
+def _fmt(value) -> str:
+    """A logged loss to 5 significant digits: 0.23623, 1.2346e-06 (a fixed 5 decimals would print 0.00000)."""
+    return f"{value:.5g}"
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a model directory without tokenizer files: the data must be input_ids
+        return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     import selfreplay_fast as sf
@@ -134,15 +151,20 @@ def main(argv=None) -> int:
                                                  target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"))
 
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    reports = []
 
     class Report(TrainerCallback):
+        """Prints each log line once (Trainer's own printing of the log dicts is removed below)."""
+
         def on_log(self, _args, state, control, logs=None, **kwargs):
-            if logs and "task_loss" in logs:
-                reports.append({"step": state.global_step, "loss": logs.get("loss"),
-                                "task_loss": logs["task_loss"], "replay_kl": logs["replay_kl"]})
-                print(f"step {state.global_step}: task loss {logs['task_loss']:.4f}  replay KL {logs['replay_kl']:.5f}",
-                      flush=True)
+            if logs and "task_loss" in logs and state.is_world_process_zero:
+                print(f"step {state.global_step}: task loss {_fmt(logs['task_loss'])}  "
+                      f"replay KL {_fmt(logs['replay_kl'])}", flush=True)
+
+    class QuietProgress(ProgressCallback):
+        """Trainer's progress bar without its copy of every log line."""
+
+        def on_log(self, *args, **kwargs):
+            pass
 
     training_args = TrainingArguments(
         output_dir=args.out, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
@@ -154,20 +176,28 @@ def main(argv=None) -> int:
     trainer = sf.ReplayTrainer(model=model, args=training_args, train_dataset=_Sequences(sequences),
                                data_collator=_collate(pad), replay_buffer=replay, replay_weight=args.replay_weight,
                                replay_batch_size=args.replay_batch_size, replay_seed=args.seed,
-                               validate_replay=args.generate is not None, callbacks=[Report()])
+                               validate_replay=args.generate is not None, callbacks=[Report()],
+                               processing_class=_load_tokenizer(args.model))  # saved with checkpoints and model
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress)
     if args.resume and (not os.path.isdir(args.out) or get_last_checkpoint(args.out) is None):
         raise SystemExit(f"--resume: no checkpoint-* folder in {args.out} (write them with --save-steps)")
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     if not args.no_save:
         trainer.save_model(args.out)
+    # Trainer's log history, restored from the checkpoint on --resume: the whole run's log lines.
+    reports = [{"step": entry["step"], "loss": entry.get("loss"), "task_loss": entry["task_loss"],
+                "replay_kl": entry["replay_kl"]} for entry in trainer.state.log_history if "task_loss" in entry]
     report = {"train_loss": result.training_loss, "global_step": result.global_step, "log": reports,
               "replay_sequences": len(replay), "train_sequences": len(sequences), "lora_rank": args.lora_rank}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     last = reports[-1] if reports else {}
-    print(f"done: {result.global_step} steps, train loss {result.training_loss:.4f}, "
-          f"last task loss {last.get('task_loss', float('nan')):.4f}, last replay KL {last.get('replay_kl', float('nan')):.5f}")
+    print(f"done: {result.global_step} steps, train loss {_fmt(result.training_loss)}, "
+          f"last task loss {_fmt(last.get('task_loss', float('nan')))}, "
+          f"last replay KL {_fmt(last.get('replay_kl', float('nan')))}")
     return 0
 
 

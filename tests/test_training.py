@@ -541,16 +541,35 @@ def test_example_script_end_to_end(tmp_path):
     report = json.loads((tmp_path / "run1" / "train_report.json").read_text())
     assert report["global_step"] == 3 and report["train_sequences"] == 5 and report["replay_sequences"] == 6
     assert len(report["log"]) == 3 and all(entry["replay_kl"] >= 0 for entry in report["log"])
+    _assert_log_printed_once(run.stdout, report["log"])
     assert (tmp_path / "run1" / "adapter_config.json").exists()
+    assert (tmp_path / "run1" / "tokenizer_config.json").exists()  # the tokenizer is saved with the adapter
     # second run: load the buffer written by the first, full fine-tuning, checkpoints every 2 steps
     run = subprocess.run(common + ["--out", str(tmp_path / "run2"), "--no-save", "--save-steps", "2"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: 3 steps" in run.stdout
     assert json.loads((tmp_path / "run2" / "checkpoint-2" / "replay_state.json").read_text())["replay_position"] == 2
+    assert (tmp_path / "run2" / "checkpoint-2" / "tokenizer_config.json").exists()
     # --resume continues after the last checkpoint (step 3 of 3 is done: nothing left to train)
     run = subprocess.run(common + ["--out", str(tmp_path / "run2"), "--no-save", "--resume", "--max-steps", "4"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "done: 4 steps" in run.stdout
-    assert [entry["step"] for entry in json.loads((tmp_path / "run2" / "train_report.json").read_text())["log"]] == [4]
+    # the report holds the whole run: steps 1-3 from before the resume (the checkpoint's log) and step 4
+    resumed = json.loads((tmp_path / "run2" / "train_report.json").read_text())["log"]
+    assert [entry["step"] for entry in resumed] == [1, 2, 3, 4]
+    _assert_log_printed_once(run.stdout, resumed[3:])
+
+
+def _assert_log_printed_once(stdout, log):
+    """Every logged step is printed once, as 'step N: task loss X  replay KL Y' with X and Y the logged values
+    to 5 significant digits (so that a KL of 1e-6 is not shown as 0), and Trainer's log dicts are not printed."""
+    import re
+
+    printed = re.findall(r"^step (\d+): task loss (\S+)  replay KL (\S+)$", stdout, flags=re.M)
+    assert [int(step) for step, _, _ in printed] == [entry["step"] for entry in log], stdout
+    for (_, task, kl), entry in zip(printed, log):
+        assert math.isclose(float(task), entry["task_loss"], rel_tol=1e-4)
+        assert math.isclose(float(kl), entry["replay_kl"], rel_tol=1e-4, abs_tol=0.0)
+    assert "'task_loss'" not in stdout, stdout
