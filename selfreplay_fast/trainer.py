@@ -29,8 +29,12 @@ global token counts (see ``compute_loss``), so the update equals that of one pro
 ranks' batches. FSDP, DeepSpeed, tensor/context/sequence parallelism and DataParallel (several GPUs in one
 process) are refused.
 
-Evaluation (``return_outputs=True`` or the model in eval mode) falls back to Trainer's own loss, which
-computes full logits: prediction needs them. Checkpoints hold the replay stream's position
+Evaluation: with ``prediction_loss_only`` (Trainer's choice when there is no ``compute_metrics``) the task
+loss of each evaluation batch goes through ``task_nll`` (no full logits; it equals Trainer's own
+``eval_loss``); predictions for ``compute_metrics`` need the logits and use Trainer's own step. With an
+``eval_replay_buffer`` (held-out replay, never trained on) every evaluation also logs the drift from the
+original model, ``eval_replay_kl`` and ``eval_replay_nll`` with their standard errors
+(``measure_forgetting``). Checkpoints hold the replay stream's position
 (``replay_state.json``): ``train(resume_from_checkpoint=...)`` continues it exactly where it stopped, as
 Trainer does with its own data, so an interrupted run ends with the uninterrupted run's parameters.
 """
@@ -50,6 +54,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ._inputs import skip_value_checks, value_checks_enabled
+from .forgetting import measure_forgetting
 from .model_glue import (
     ReplayKLLoss,
     _bad_target_flag,
@@ -94,6 +99,8 @@ class ReplayTrainer(Trainer):
             ``per_device_train_batch_size``, at least 1).
         replay_seed: shuffle seed of the first pass over the buffer (pass p uses ``replay_seed + p``).
         replay_loss: the ``ReplayKLLoss`` (default: the buffer's mode, temperature 1).
+        eval_replay_buffer: held-out replay (same kinds as ``replay_buffer``) measured at every evaluation:
+            ``eval_replay_kl``, ``eval_replay_nll`` and their ``_stderr`` (see ``measure_forgetting``).
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class ReplayTrainer(Trainer):
         replay_seed: int = 0,
         replay_loss: Optional[ReplayKLLoss] = None,
         validate_replay: bool = True,
+        eval_replay_buffer: Union[ReplayBuffer, ShardedReplayBuffer, str, os.PathLike, None] = None,
         **kwargs,
     ):
         self.replay_weight = check_replay_weight(replay_weight)
@@ -130,21 +138,9 @@ class ReplayTrainer(Trainer):
             )
         _, weight, _ = lm_head_of(self.model)  # refuses softcapped/scaled heads and LoRA'd lm_heads up front
         vocab = weight.shape[0]
-        if isinstance(replay_buffer, (str, os.PathLike)):
-            replay_buffer = ReplayBuffer.load(replay_buffer, expected_vocab_size=vocab)  # validates
-        elif isinstance(replay_buffer, (ReplayBuffer, ShardedReplayBuffer)):
-            if replay_buffer.vocab_size != vocab:
-                raise ValueError(
-                    f"replay_buffer was recorded for a vocabulary of {replay_buffer.vocab_size} tokens, but the "
-                    f"model's lm_head has {vocab} rows: replay from another model (or tokenizer) cannot be used"
-                )
-            # A ShardedReplayBuffer opened with validate=True was validated shard by shard already.
-            if validate_replay and not getattr(replay_buffer, "validated", False):
-                replay_buffer.validate()
-        else:
-            raise TypeError(f"replay_buffer must be a ReplayBuffer, a ShardedReplayBuffer or a directory path, got {type(replay_buffer).__name__}")
-        if len(replay_buffer) == 0:
-            raise ValueError("replay_buffer holds no sequences")
+        replay_buffer = _checked_buffer("replay_buffer", replay_buffer, vocab, validate_replay)
+        self.eval_replay_buffer = (None if eval_replay_buffer is None else
+                                   _checked_buffer("eval_replay_buffer", eval_replay_buffer, vocab, validate_replay))
         if replay_loss is None:
             replay_loss = ReplayKLLoss(mode=replay_buffer.mode)
         elif replay_loss.mode != "topk" and replay_loss.mode != replay_buffer.mode:
@@ -350,6 +346,32 @@ class ReplayTrainer(Trainer):
     # Both terms are normalized over the accumulation window above: Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
+    # -- evaluation -----------------------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Only the loss is wanted (no compute_metrics): the task NLL through the fused path, as Trainer's own
+        # step computes it from full logits (the mean over the batch's counted labels).
+        if not prediction_loss_only or inputs.get("labels") is None or "input_ids" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.accelerator.autocast():
+            loss = task_nll(self.accelerator.unwrap_model(model), inputs["input_ids"], inputs.get("attention_mask"),
+                            inputs["labels"], impl=self.replay_loss.impl, chunk_size=self.replay_loss.chunk_size)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.eval_replay_buffer is not None:  # in the metrics Trainer logs and returns
+            with self.accelerator.autocast():
+                report = measure_forgetting(self.accelerator.unwrap_model(self.model), self.eval_replay_buffer,
+                                            batch_size=self.args.per_device_eval_batch_size,
+                                            temperature=self.replay_loss.temperature, device=self.args.device,
+                                            progress=False)
+            output.metrics.update(report.as_dict(f"{metric_key_prefix}_"))
+        return output
+
     def log(self, logs, start_time=None):
         if "loss" in logs and self._replay_sums is not None:
             steps = max(1, self.state.global_step - self._replay_logged_step)
@@ -364,3 +386,24 @@ class ReplayTrainer(Trainer):
             self._replay_sums = None
             self._replay_logged_step = self.state.global_step
         return super().log(logs, start_time)
+
+
+def _checked_buffer(name, buffer, vocab: int, validate: bool):
+    """``buffer`` (or the directory of one, loaded) checked against the lm_head's vocabulary and validated
+    once (unless ``validate`` is False, or a ShardedReplayBuffer opened with validation already was)."""
+    if isinstance(buffer, (str, os.PathLike)):
+        buffer = ReplayBuffer.load(buffer, expected_vocab_size=vocab)  # validates
+    elif isinstance(buffer, (ReplayBuffer, ShardedReplayBuffer)):
+        if buffer.vocab_size != vocab:
+            raise ValueError(
+                f"{name} was recorded for a vocabulary of {buffer.vocab_size} tokens, but the model's lm_head has "
+                f"{vocab} rows: replay from another model (or tokenizer) cannot be used"
+            )
+        if validate and not getattr(buffer, "validated", False):
+            buffer.validate()
+    else:
+        raise TypeError(f"{name} must be a ReplayBuffer, a ShardedReplayBuffer or a directory path, "
+                        f"got {type(buffer).__name__}")
+    if len(buffer) == 0:
+        raise ValueError(f"{name} holds no sequences")
+    return buffer

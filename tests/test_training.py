@@ -233,7 +233,8 @@ def _collate(rows):
 def make_trainer(tmp_path, model, buffer, *, callbacks=(), collator=_collate, **over):
     from transformers import TrainingArguments
 
-    replay_kwargs = {k: over.pop(k) for k in list(over) if k.startswith("replay_") or k == "validate_replay"}
+    replay_kwargs = {k: over.pop(k) for k in list(over)
+                     if k.startswith("replay_") or k in ("validate_replay", "eval_replay_buffer")}
     replay_kwargs.setdefault("replay_weight", 2.0)
     replay_kwargs.setdefault("replay_batch_size", 2)
     args = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=4, logging_steps=2,
@@ -357,6 +358,38 @@ def test_task_nll_of_a_batch_without_counted_tokens_is_zero_with_zero_gradients(
         assert loss.item() == 0.0, num_items
         assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters()), num_items
         model.zero_grad(set_to_none=True)
+
+
+def test_evaluation_without_full_logits_logs_the_drift_on_held_out_replay(tmp_path, replay, monkeypatch):
+    """Trainer.evaluate: eval_loss through the fused path equals plain Trainer's (full logits), and the held-out
+    replay's drift is logged as eval_replay_kl / eval_replay_nll (+ stderr), equal to measure_forgetting's."""
+    from transformers import Trainer, TrainingArguments
+
+    train_part, held_out = replay.select(slice(0, 5)), replay.select(slice(5, 8))
+    eval_data = _Seqs(sequences(11, [5, 9, 7, 4, 10]))
+    model = tiny_model(seed=4)
+    plain = Trainer(model=model, args=TrainingArguments(str(tmp_path / "plain"), use_cpu=True, report_to=[],
+                                                        per_device_eval_batch_size=2, remove_unused_columns=False),
+                    eval_dataset=eval_data, data_collator=_collate)
+    expected = plain.evaluate()["eval_loss"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lm_head computed full logits")
+
+    monkeypatch.setattr(model.lm_head, "forward", refuse)
+    trainer = make_trainer(tmp_path, model, train_part, eval_replay_buffer=held_out, per_device_eval_batch_size=2)
+    trainer.eval_dataset = eval_data
+    metrics = trainer.evaluate()
+    assert math.isclose(metrics["eval_loss"], expected, rel_tol=1e-5)
+    drift = sf.measure_forgetting(model, held_out, batch_size=2, progress=False)
+    for key, value in drift.as_dict("eval_").items():
+        assert math.isclose(metrics[key], value, rel_tol=1e-6), key
+    assert metrics["eval_replay_kl"] > 0 and metrics["eval_replay_kl_stderr"] > 0
+    assert any("eval_replay_kl" in entry for entry in trainer.state.log_history)  # logged, not only returned
+    with pytest.raises(ValueError, match="eval_replay_buffer.*vocabulary"):
+        make_trainer(tmp_path, model, train_part, eval_replay_buffer=sf.ReplayBuffer(
+            held_out.input_ids, held_out.lengths, held_out.teacher_ids, held_out.teacher_logprobs,
+            held_out.teacher_tail_logprob, vocab_size=VOCAB + 3))
 
 
 def test_trainer_bf16_on_cpu(tmp_path, replay, monkeypatch):
