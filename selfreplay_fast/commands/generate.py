@@ -126,11 +126,17 @@ def run_summary(out_dir: str, before, after) -> dict:
 
     new = new_shard_entries(before, after)
     this_run = {"sequences": sum_entries(new, "num_sequences"), "tokens": sum_entries(new, "num_tokens")}
-    stats = GenerationStats()
     names = [f.name for f in fields(GenerationStats)]
-    for entry in new:  # each shard's entry holds the counters of the call that wrote it
-        shard_stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
-        stats.add(GenerationStats(**{name: shard_stats[name] for name in names if name in shard_stats}))
+
+    def counters_of(record: dict) -> GenerationStats:
+        return GenerationStats(**{name: record[name] for name in names if name in record})
+
+    stats = GenerationStats()
+    if all(isinstance(entry.get("stats"), dict) for entry in new):
+        for entry in new:  # each shard's entry holds the counters of the shard
+            stats.add(counters_of(entry["stats"]))
+    elif isinstance(after.get("generation_stats"), dict):  # the totals of the call that wrote the last shard
+        stats = counters_of(after["generation_stats"])
     counters = stats.as_dict()
     counters.pop("sequences")
     this_run.update({key: value for key, value in counters.items() if value is not None})
