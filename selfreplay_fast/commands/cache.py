@@ -102,7 +102,7 @@ def read_jsonl_sequences(path: str, tokenizer_source=None, max_length=None, conf
                     check_token_ids(ids, config, where)
                 sequences.append(ids)
     except UnicodeDecodeError as exc:
-        raise UsageError(f"argument {flag}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UsageError(f"argument {flag}: {path} is not UTF-8 text ({exc.reason})") from None
     if not sequences:
         raise UsageError(f"argument {flag}: {path} holds no sequence (it is empty or blank)")
     return sequences

@@ -104,7 +104,7 @@ def read_prompts(path: str, tokenizer, config):
                 check_token_ids(ids, config, f"argument --prompts-file: {path}:{line_no}")
                 prompts.append(ids)
     except UnicodeDecodeError as exc:
-        raise UsageError(f"argument --prompts-file: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UsageError(f"argument --prompts-file: {path} is not UTF-8 text ({exc.reason})") from None
     if not prompts:
         raise UsageError(f"argument --prompts-file: {path} holds no prompt (every line is blank)")
     return prompts
