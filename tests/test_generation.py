@@ -586,7 +586,7 @@ def test_generate_command(tmp_path, capsys):
         "--no-progress",
     ]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["sequences"] == 5 and 0 <= summary["acceptance_rate"] <= 1
+    assert summary["buffer"]["sequences"] == 5 and 0 <= summary["this_run"]["acceptance_rate"] <= 1
     buffer = ReplayBuffer.load(str(out), expected_vocab_size=48)
     assert len(buffer) == 5 and buffer.k == 4
     assert buffer.metadata["generation"]["drafter"]["type"] == "ModelDrafter"

@@ -168,10 +168,13 @@ def test_cache_command_reads_jsonl_ids_and_text(tmp_path, capsys):
     assert cli.main(["cache", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"),
                      "--top-k", "4", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary == {"out": str(tmp_path / "out"), "sequences": 2, "teacher_rows": 5, "k": 4, "vocab_size": VOCAB}
+    assert summary["buffer"] == {"sequences": 2, "tokens": 7, "teacher_rows": 5, "shards": 1, "complete": True, "k": 4,
+                                 "vocab_size": VOCAB}
+    assert summary["this_run"]["sequences"] == 2 and summary["this_run"]["tokens"] == 7
     buf = sf.ReplayBuffer.load(tmp_path / "out", expected_vocab_size=VOCAB)
     assert buf.input_ids[0, :4].tolist() == [3, 4, 5, 6] and buf.input_ids[1, :3].tolist() == [7, 8, 9]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"tokens": [1]}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
-        cli.main(["cache", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o2")])
+    assert cli.main(["cache", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o2"),
+                     "--top-k", "4"]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
+
+from ._arguments import (
+    UsageError, check_device, existing_directory, existing_file, output_directory, positive_float, positive_int,
+)
+from ._buffer_progress import (
+    buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, sum_entries,
+)
+from ._model_dir import check_token_ids, check_top_k, hub_progress_bars, read_model_config
+
+SETTINGS_KEY = "teacher_cache"  # where build_teacher_cache keeps its settings in metadata.json
 
 
 def register(subparsers) -> None:
@@ -13,71 +25,123 @@ def register(subparsers) -> None:
             "Runs the model over every sequence of --data (JSONL: one object per line with \"input_ids\" (a list "
             "of token ids) or \"text\" (tokenized with the model directory's tokenizer)) and writes its top-k "
             "log-probs and tail mass at every position to a replay buffer in --out. Rerunning the same command "
-            "resumes after the last complete shard."
+            "resumes after the last complete shard (also after Ctrl-C)."
         ),
     )
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--data", required=True, help="JSONL file")
-    p.add_argument("--out", required=True, help="output directory (a rerun resumes into it)")
-    p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-length", type=int, default=None, help="truncate sequences to this many tokens")
+    p.add_argument("--model", required=True, type=existing_directory, help="local Hugging Face model directory")
+    p.add_argument("--data", required=True, type=existing_file, help="JSONL file")
+    p.add_argument("--out", required=True, type=output_directory, help="output directory (a rerun resumes into it)")
+    p.add_argument("--top-k", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--shard-size", type=positive_int, default=1024)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this many tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, on_interrupt=saved_so_far)
 
 
-def read_jsonl_sequences(path: str, tokenizer_source=None, max_length=None):
-    """Token-id lists from a JSONL file of {"input_ids": [...]} or {"text": "..."} objects."""
+def cli_settings(args) -> dict:
+    """The settings of ``build_teacher_cache`` (as its metadata.json records them) that the arguments fix."""
+    return {"model_name": args.model, "k": args.top_k, "temperature": args.temperature, "shard_size": args.shard_size}
+
+
+def saved_so_far(args) -> str:
+    return interrupted_note(args.out, SETTINGS_KEY, cli_settings(args))
+
+
+def _load_tokenizer(source, where: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - no tokenizer files, or unreadable ones: say which input needs one
+        raise UsageError(f'{where}: "text" needs a tokenizer, and none loads from {source} ({type(exc).__name__})') from None
+
+
+def read_jsonl_sequences(path: str, tokenizer_source=None, max_length=None, config=None, flag="--data"):
+    """Token-id lists from a JSONL file of {"input_ids": [...]} or {"text": "..."} objects.
+
+    Blank lines are skipped; anything else that is not such an object, an empty sequence, or (with
+    ``config``) a token id outside the model's vocabulary is a UsageError naming ``flag`` and the line.
+    """
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
     tokenizer = None
     sequences = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not ({"input_ids", "text"} & set(record)):
-                raise ValueError(f'{path}:{line_no}: expected an object with "input_ids" or "text"')
-            if "input_ids" in record:
-                ids = record["input_ids"]
-                if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                    raise ValueError(f'{path}:{line_no}: "input_ids" must be a list of integers')
-            else:
-                if tokenizer is None:
-                    if tokenizer_source is None:
-                        raise ValueError(f'{path}:{line_no}: "text" needs a tokenizer (none given)')
-                    from transformers import AutoTokenizer
-
-                    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-                ids = tokenizer(record["text"])["input_ids"]
-            if max_length is not None:
-                ids = ids[:max_length]
-            if ids:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                where = f"argument {flag}: {path}:{line_no}"
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or not ({"input_ids", "text"} & set(record)):
+                    raise UsageError(f'{where}: expected an object with "input_ids" or "text"')
+                if "input_ids" in record:
+                    ids = record["input_ids"]
+                    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                        raise UsageError(f'{where}: "input_ids" must be a list of integers')
+                else:
+                    if not isinstance(record["text"], str):
+                        raise UsageError(f'{where}: "text" must be a string')
+                    if tokenizer is None:
+                        if tokenizer_source is None:
+                            raise UsageError(f'{where}: "text" needs a tokenizer (none given)')
+                        tokenizer = _load_tokenizer(tokenizer_source, where)
+                    ids = list(tokenizer(record["text"])["input_ids"])
+                if not ids:
+                    raise UsageError(f"{where}: the sequence has no tokens")
+                if max_length is not None:
+                    ids = ids[:max_length]
+                if config is not None:
+                    check_token_ids(ids, config, where)
                 sequences.append(ids)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"argument {flag}: {path} is not UTF-8 text ({exc.reason})") from None
     if not sequences:
-        raise ValueError(f"{path}: no sequences found")
+        raise UsageError(f"argument {flag}: {path} holds no sequence (it is empty or blank)")
     return sequences
 
 
 def run(args) -> int:
     import torch
 
+    # ---- everything that can be checked without the weights ----
+    device = check_device(args.device)
+    config = read_model_config(args.model)
+    check_top_k(args.top_k, config)
+    sequences = read_jsonl_sequences(args.data, args.model, args.max_length, config)
+    before = read_buffer_metadata(args.out)
+    resuming = resume_line(args.out, SETTINGS_KEY, dict(cli_settings(args), num_sequences=len(sequences)))
+    if resuming is not None:
+        print(resuming, file=sys.stderr, flush=True)
+
+    # ---- the run ----
     from ..generation import load_model_for_generation
+    from ..replay_buffer import read_metadata
     from ..teacher_cache import build_teacher_cache
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load_model_for_generation(args.model, device=args.device, dtype=dtype)
-    sequences = read_jsonl_sequences(args.data, args.model, args.max_length)
+    with hub_progress_bars(not args.no_progress):
+        model = load_model_for_generation(args.model, device=device, dtype=dtype)
+    start = time.perf_counter()
     buffer = build_teacher_cache(
         model, sequences, args.top_k, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
         temperature=args.temperature, progress=not args.no_progress,
     )
-    print(json.dumps({"out": args.out, "sequences": len(buffer), "teacher_rows": buffer.num_teacher_rows,
-                      "k": buffer.k, "vocab_size": buffer.vocab_size}))
+    seconds = time.perf_counter() - start
+    after = read_metadata(args.out)
+    new = new_shard_entries(before, after)
+    summary = {
+        "out": args.out,
+        "this_run": {"sequences": sum_entries(new, "num_sequences"), "tokens": sum_entries(new, "num_tokens"),
+                     "seconds": round(seconds, 3)},
+        "buffer": dict(buffer_totals(after), sequences=len(buffer), teacher_rows=buffer.num_teacher_rows),
+    }
+    print(json.dumps(summary, sort_keys=True))
     return 0

@@ -6,9 +6,29 @@ import json
 import os
 from dataclasses import fields
 
+from ._arguments import (
+    UsageError, check_device, non_negative_float, non_negative_int, output_directory, positive_float, positive_int,
+)
+
+
+def check_model_shape(args) -> None:
+    """What argparse cannot see alone: the demo model's shape and the teacher's k."""
+    from ..demo_data import VOCAB_SIZE
+
+    if args.seq_len < 2:
+        raise UsageError(f"argument --seq-len: expected >= 2 (a window generates seq_len - 1 tokens), got {args.seq_len}")
+    if args.replay_top_k > VOCAB_SIZE:
+        raise UsageError(f"argument --replay-top-k: {args.replay_top_k} exceeds the byte vocabulary of {VOCAB_SIZE} tokens")
+    if args.hidden_size % args.num_heads or (args.hidden_size // args.num_heads) % 2:
+        raise UsageError(
+            f"argument --num-heads: --hidden-size {args.hidden_size} / --num-heads {args.num_heads} must be an even "
+            "whole number (the head dimension, which rotary embeddings split in halves)"
+        )
+
 
 def register(subparsers) -> None:
     from ..demo import DemoConfig
+    from ..demo_data import VOCAB_SIZE
 
     defaults = DemoConfig()
     p = subparsers.add_parser(
@@ -21,31 +41,31 @@ def register(subparsers) -> None:
             "losses and saves a plot."
         ),
     )
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=non_negative_int, default=defaults.seed)
     p.add_argument("--device", default=defaults.device, help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--out-dir", default=defaults.out_dir, help="where the plot and JSON go (default: %(default)s)")
-    p.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
-    p.add_argument("--finetune-steps", type=int, default=defaults.finetune_steps)
-    p.add_argument("--finetune-lr", type=float, default=defaults.finetune_lr)
-    p.add_argument("--replay-weight", type=float, default=defaults.replay_weight, help="lambda of the KL term")
-    p.add_argument("--replay-sequences", type=int, default=defaults.replay_sequences)
-    p.add_argument("--replay-top-k", type=int, default=defaults.replay_top_k)
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per training window")
-    p.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
-    p.add_argument("--num-layers", type=int, default=defaults.num_layers)
-    p.add_argument("--num-heads", type=int, default=defaults.num_heads)
+    p.add_argument("--out-dir", type=output_directory, default=defaults.out_dir,
+                   help="where the plot and JSON go (default: %(default)s)")
+    p.add_argument("--pretrain-steps", type=non_negative_int, default=defaults.pretrain_steps)
+    p.add_argument("--finetune-steps", type=positive_int, default=defaults.finetune_steps)
+    p.add_argument("--finetune-lr", type=positive_float, default=defaults.finetune_lr)
+    p.add_argument("--replay-weight", type=non_negative_float, default=defaults.replay_weight, help="lambda of the KL term")
+    p.add_argument("--replay-sequences", type=positive_int, default=defaults.replay_sequences)
+    p.add_argument("--replay-top-k", type=positive_int, default=defaults.replay_top_k,
+                   help=f"teacher slots per position, at most the byte vocabulary ({VOCAB_SIZE})")
+    p.add_argument("--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per training window (>= 2)")
+    p.add_argument("--hidden-size", type=positive_int, default=defaults.hidden_size)
+    p.add_argument("--num-layers", type=positive_int, default=defaults.num_layers)
+    p.add_argument("--num-heads", type=positive_int, default=defaults.num_heads, help="must divide --hidden-size")
     p.add_argument("--no-low-lr", action="store_true", help="skip run (c), plain fine-tuning at a lower learning rate")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    import torch
-
     from ..demo import DemoConfig, format_table, run_demo
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("selfreplay demo: --device cuda was asked for but torch sees no CUDA device")
+    check_device(args.device)
+    check_model_shape(args)
     names = {f.name for f in fields(DemoConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     cfg = DemoConfig(**overrides, progress=not args.no_progress)

@@ -5,8 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 
-import torch
+from ._arguments import (
+    UsageError, check_device, existing_directory, existing_file, non_negative_int, output_directory, positive_float,
+    positive_int,
+)
+from ._buffer_progress import (
+    buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, sum_entries,
+)
+from ._model_dir import (
+    check_token_ids, check_top_k, config_max_positions, config_vocab_size, hub_progress_bars, read_model_config,
+)
+
+SETTINGS_KEY = "generation"  # where generate_replay keeps its settings in metadata.json
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -17,29 +29,31 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=(
             "Sample sequences from MODEL (prompted with BOS alone unless --prompts-file is given) and record "
             "the model's top-k log-probs at every sampled position into a sharded replay buffer in OUT. "
-            "Rerunning the same command resumes after the last complete shard."
+            "Rerunning the same command resumes after the last complete shard (also after Ctrl-C)."
         ),
     )
-    parser.add_argument("--model", required=True, help="model path or name for AutoModelForCausalLM.from_pretrained")
-    parser.add_argument("--out", required=True, help="output directory (created; a rerun resumes into it)")
-    parser.add_argument("--num-sequences", type=int, required=True, help="sequences to generate")
-    parser.add_argument("--max-new-tokens", type=int, required=True, help="generated tokens per sequence at most")
-    parser.add_argument("--top-k", type=int, default=64, help="teacher log-probs kept per position (default 64)")
-    parser.add_argument("--draft", default=None, help="draft model path for speculative decoding (same vocabulary)")
-    parser.add_argument("--ngram-draft", action="store_true", help="speculative decoding with the model-free n-gram drafter")
-    parser.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per speculative step (default 4)")
-    parser.add_argument("--batch-size", type=int, default=64, help="decode slots (default 64)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    parser.add_argument("--shard-size", type=int, default=1024, help="sequences per shard, the unit of resumption (default 1024)")
-    parser.add_argument("--sampled-draws", type=int, default=None, help="record a 'sampled' teacher of N draws instead of top-k")
+    parser.add_argument("--model", required=True, type=existing_directory, help="local Hugging Face model directory")
+    parser.add_argument("--out", required=True, type=output_directory, help="output directory (created; a rerun resumes into it)")
+    parser.add_argument("--num-sequences", type=positive_int, required=True, help="sequences to generate")
+    parser.add_argument("--max-new-tokens", type=positive_int, required=True, help="generated tokens per sequence at most")
+    parser.add_argument("--top-k", type=positive_int, default=64, help="teacher log-probs kept per position (default 64)")
+    drafting = parser.add_mutually_exclusive_group()
+    drafting.add_argument("--draft", type=existing_directory, default=None,
+                          help="draft model directory for speculative decoding (same vocabulary)")
+    drafting.add_argument("--ngram-draft", action="store_true", help="speculative decoding with the model-free n-gram drafter")
+    parser.add_argument("--num-draft-tokens", type=positive_int, default=4, help="draft tokens per speculative step (default 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="decode slots (default 64)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed (default 0)")
+    parser.add_argument("--shard-size", type=positive_int, default=1024, help="sequences per shard, the unit of resumption (default 1024)")
+    parser.add_argument("--sampled-draws", type=positive_int, default=None, help="record a 'sampled' teacher of N draws instead of top-k")
     parser.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32", help="stored log-prob dtype")
-    parser.add_argument("--prompts-file", default=None, help="text file, one prompt per line (default: BOS only)")
+    parser.add_argument("--prompts-file", type=existing_file, default=None, help="text file, one prompt per line (default: BOS only)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, on_interrupt=saved_so_far)
     return parser
 
 
@@ -52,23 +66,113 @@ def _load_tokenizer(path):
         return None
 
 
+def cli_settings(args) -> dict:
+    """The settings of ``generate_replay`` (as its metadata.json records them) that the arguments fix."""
+    return {
+        "model_name": args.model,
+        "num_sequences": args.num_sequences,
+        "max_new_tokens": args.max_new_tokens,
+        "k": args.top_k if args.sampled_draws is None else min(args.top_k, args.sampled_draws),
+        "mode": "tail" if args.sampled_draws is None else "sampled",
+        "sampled_draws": args.sampled_draws,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "logprob_dtype": args.logprob_dtype,
+    }
+
+
+def saved_so_far(args) -> str:
+    return interrupted_note(args.out, SETTINGS_KEY, cli_settings(args))
+
+
+def read_prompts(path: str, tokenizer, config):
+    """The prompts of ``--prompts-file`` (one per non-blank line) as token-id lists, encoded as
+    ``generate_replay`` encodes string prompts, so that a resume recognizes the run either way."""
+    if tokenizer is None:
+        raise UsageError(f"argument --prompts-file: prompts need a tokenizer, and none loads from the --model directory")
+    prompts = []
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                ids = list(tokenizer(line.rstrip("\n"), add_special_tokens=True)["input_ids"])
+                if not ids:
+                    raise UsageError(f"argument --prompts-file: {path}:{line_no}: the prompt encodes to no tokens")
+                check_token_ids(ids, config, f"argument --prompts-file: {path}:{line_no}")
+                prompts.append(ids)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"argument --prompts-file: {path} is not UTF-8 text ({exc.reason})") from None
+    if not prompts:
+        raise UsageError(f"argument --prompts-file: {path} holds no prompt (every line is blank)")
+    return prompts
+
+
+def _check_lengths(args, config, prompts) -> None:
+    limit = config_max_positions(config)
+    longest = max(len(p) for p in prompts) if prompts else 1  # BOS alone
+    if limit is not None and longest + args.max_new_tokens > limit:
+        raise UsageError(
+            f"argument --max-new-tokens: the longest prompt ({longest} tokens) plus {args.max_new_tokens} new tokens "
+            f"exceeds the model's max_position_embeddings = {limit}"
+        )
+
+
+def run_summary(out_dir: str, before, after) -> dict:
+    """The closing summary: this run's counts apart from the whole buffer's."""
+    from ..generation import GenerationStats
+
+    new = new_shard_entries(before, after)
+    this_run = {"sequences": sum_entries(new, "num_sequences"), "tokens": sum_entries(new, "num_tokens")}
+    names = [f.name for f in fields(GenerationStats)]
+
+    def counters_of(record: dict) -> GenerationStats:
+        return GenerationStats(**{name: record[name] for name in names if name in record})
+
+    stats = GenerationStats()
+    if all(isinstance(entry.get("stats"), dict) for entry in new):
+        for entry in new:  # each shard's entry holds the counters of the shard
+            stats.add(counters_of(entry["stats"]))
+    elif isinstance(after.get("generation_stats"), dict):  # the totals of the call that wrote the last shard
+        stats = counters_of(after["generation_stats"])
+    counters = stats.as_dict()
+    counters.pop("sequences")
+    this_run.update({key: value for key, value in counters.items() if value is not None})
+    return {"out": out_dir, "this_run": this_run, "buffer": buffer_totals(after)}
+
+
 def run(args) -> int:
+    import torch
+
+    # ---- everything that can be checked without the weights ----
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = read_model_config(args.model)
+    check_top_k(args.top_k, config)
+    if args.draft is not None:
+        draft_vocab = config_vocab_size(read_model_config(args.draft, "--draft"))
+        if None not in (draft_vocab, config_vocab_size(config)) and draft_vocab != config_vocab_size(config):
+            raise UsageError(
+                f"argument --draft: the draft model has a vocabulary of {draft_vocab} tokens, the model "
+                f"{config_vocab_size(config)}: speculative decoding needs a shared vocabulary"
+            )
+    tokenizer = _load_tokenizer(args.model)
+    prompts = read_prompts(args.prompts_file, tokenizer, config) if args.prompts_file is not None else None
+    _check_lengths(args, config, prompts)
+    before = read_buffer_metadata(args.out)
+    resuming = resume_line(args.out, SETTINGS_KEY, cli_settings(args))
+    if resuming is not None:
+        print(resuming, file=sys.stderr, flush=True)
+
+    # ---- the run ----
     from ..generation import generate_replay, load_model_for_generation
     from ..replay_buffer import read_metadata
 
-    if args.draft is not None and args.ngram_draft:
-        raise SystemExit("selfreplay generate: pass either --draft or --ngram-draft, not both")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load_model_for_generation(args.model, device=device, dtype=dtype)
-    tokenizer = _load_tokenizer(args.model)
-    draft_model = load_model_for_generation(args.draft, device=device, dtype=dtype) if args.draft else None
-    prompts = None
-    if args.prompts_file is not None:
-        with open(args.prompts_file, "r", encoding="utf-8") as handle:
-            prompts = [line.rstrip("\n") for line in handle if line.strip()]
-        if tokenizer is None:
-            raise SystemExit(f"selfreplay generate: --prompts-file needs a tokenizer, and none loads from {args.model}")
+    with hub_progress_bars(not args.no_progress):
+        model = load_model_for_generation(args.model, device=device, dtype=dtype)
+        draft_model = load_model_for_generation(args.draft, device=device, dtype=dtype) if args.draft else None
     # The buffer is only written, never needed here: keep just the shard being generated in memory.
     generate_replay(
         model,
@@ -90,10 +194,5 @@ def run(args) -> int:
         logprob_dtype=args.logprob_dtype,
         keep_in_memory=False,
     )
-    meta = read_metadata(args.out)
-    summary = {"out": args.out, "sequences": meta["num_sequences"], "tokens": meta["num_tokens"], "k": meta["k"],
-               "vocab_size": meta["vocab_size"], "complete": meta["complete"]}
-    stats = meta.get("generation_stats") or {}  # absent when a rerun found the buffer already complete
-    summary.update({key: value for key, value in stats.items() if value is not None})
-    print(json.dumps(summary, sort_keys=True), file=sys.stdout)
+    print(json.dumps(run_summary(args.out, before, read_metadata(args.out)), sort_keys=True), file=sys.stdout)
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from ._arguments import UsageError, positive_float
 
 
 def register(subparsers) -> None:
@@ -33,10 +34,10 @@ def register(subparsers) -> None:
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     p.add_argument("--dtype", default="bf16", help="parameter (and activation) dtype: bf16, fp16 or fp32")
-    p.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / MiB, help="fused_replay_kl's fp32 logits chunk")
+    p.add_argument("--chunk-mib", type=positive_float, default=DEFAULT_CHUNK_BYTES / MiB, help="fused_replay_kl's fp32 logits chunk")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="gradient accumulation: at most this many sequences per forward/backward pass (default: one joint pass)")
-    p.add_argument("--budget-gb", type=float, default=24.0, help="GPU memory budget in GiB (default: %(default)s)")
+    p.add_argument("--budget-gb", type=positive_float, default=24.0, help="GPU memory budget in GiB (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--markdown", action="store_true", help="the table as markdown")
     p.set_defaults(handler=run)
@@ -50,7 +51,7 @@ def config_from_args(args):
         lora_rank=None if args.full else args.lora_rank,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
         lora_dtype=args.lora_dtype, checkpointing=args.checkpointing, optimizer=args.optimizer,
-        param_dtype=args.dtype, chunk_bytes=int(args.chunk_mib * MiB) if args.chunk_mib > 0 else 0,
+        param_dtype=args.dtype, chunk_bytes=int(args.chunk_mib * MiB),
         micro_batch=args.micro_batch, budget_gib=args.budget_gb,
     ).validated()
 
@@ -61,9 +62,8 @@ def run(args) -> int:
     try:
         spec = load_model_spec(args.model)
         cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"selfreplay plan: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # the planner's messages name the argument
+        raise UsageError(str(exc)) from None
     preds = plan(spec, cfg)
     fix = None if preds["selfreplay-fast"].fits else suggest_fit(spec, cfg)
     if args.json:
