@@ -18,11 +18,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # ReplayTrainer imports transformers.Trainer (slow, pulls in accelerate): only on first use.
+    # ReplayTrainer and ForgettingCallback import transformers.Trainer (slow, pulls in accelerate): only on first use.
     if name == "ReplayTrainer":
         from .trainer import ReplayTrainer
 
         return ReplayTrainer
+    if name == "ForgettingCallback":
+        from .forgetting_callback import ForgettingCallback
+
+        return ForgettingCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -52,6 +56,7 @@ __all__ = [
     "replay_step",
     "ReplayTrainer",
     "measure_forgetting",
+    "ForgettingCallback",
     "ForgettingReport",
     "__version__",
 ]

@@ -116,3 +116,66 @@ def test_bad_input(buffers):
                                          num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="vocabulary"):
         sf.measure_forgetting(other, buffers[5])
+
+
+# -- ForgettingCallback ----------------------------------------------------------------------------------
+
+
+class _Texts(torch.utils.data.Dataset):
+    def __init__(self, seed, n):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = [torch.randint(3, VOCAB, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g)
+                     for _ in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i]}
+
+
+def _collate(rows):
+    ids = torch.nn.utils.rnn.pad_sequence([r["input_ids"] for r in rows], batch_first=True)
+    attention = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r["input_ids"]) for r in rows], batch_first=True)
+    return {"input_ids": ids, "attention_mask": attention, "labels": ids.masked_fill(attention == 0, -100)}
+
+
+def _plain_trainer(tmp_path, model, **over):
+    from transformers import Trainer, TrainingArguments
+
+    args = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=4, eval_strategy="steps", eval_steps=2,
+                logging_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=3, learning_rate=0.05,
+                save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
+    args.update(over)
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=_Texts(0, 8), eval_dataset=_Texts(1, 3),
+                   data_collator=_collate)
+
+
+def test_callback_logs_the_drift_of_a_plain_trainer_at_every_evaluation(buffers, tmp_path):
+    model = tiny_model(1)  # the original model: drift starts at 0 and grows with training
+    trainer = _plain_trainer(tmp_path, model)
+    callback = sf.ForgettingCallback(trainer, buffers[VOCAB])
+    trainer.add_callback(callback)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "eval_replay_kl" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]
+    assert 0 < logged[0]["eval_replay_kl"] < logged[1]["eval_replay_kl"]
+    final = sf.measure_forgetting(model, buffers[VOCAB], batch_size=3, progress=False)
+    assert final.as_dict("eval_") == {k: logged[1][k] for k in final.as_dict("eval_")}
+    assert trainer.evaluate()["eval_replay_kl"] == final.replay_kl.value  # returned by evaluate() too
+
+
+def test_callback_warns_or_stops_past_the_threshold(buffers, tmp_path):
+    trainer = _plain_trainer(tmp_path / "warn", tiny_model(1))
+    trainer.add_callback(sf.ForgettingCallback(trainer, buffers[VOCAB], max_replay_kl=1e-9))
+    with pytest.warns(UserWarning, match="eval_replay_kl"):
+        trainer.train()
+    assert trainer.state.global_step == 4
+    trainer = _plain_trainer(tmp_path / "stop", tiny_model(1))
+    trainer.add_callback(sf.ForgettingCallback(trainer, buffers[VOCAB], max_replay_kl=1e-9, on_exceed="stop"))
+    with pytest.warns(UserWarning, match="training stops"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    for bad in (dict(on_exceed="halt"), dict(max_replay_kl=-1.0), dict(max_replay_kl=float("nan")), dict(batch_size=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sf.ForgettingCallback(trainer, buffers[VOCAB], **bad)
