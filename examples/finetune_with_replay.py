@@ -29,39 +29,45 @@ import sys
 import torch
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    from selfreplay_fast.cli import HelpFormatter  # every option's help states its default
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--data", required=True, help='JSONL of {"text": ...} or {"input_ids": [...]} objects')
     p.add_argument("--replay", required=True, help="replay buffer directory (loaded, or written with --generate)")
-    p.add_argument("--generate", type=int, default=None, metavar="N", help="generate N replay sequences first")
-    p.add_argument("--replay-max-new-tokens", type=int, default=256)
-    p.add_argument("--replay-top-k", type=int, default=64)
+    p.add_argument("--generate", type=int, default=None, metavar="N", help="generate N replay sequences first (default: load --replay)")
+    p.add_argument("--replay-max-new-tokens", type=int, default=256, help="tokens per generated replay sequence at most")
+    p.add_argument("--replay-top-k", type=int, default=64, help="teacher log-probs cached per position")
     p.add_argument("--replay-weight", type=float, default=4.0, help="lambda (the paper used 1 to 10)")
     p.add_argument("--replay-batch-size", type=int, default=None, help="default: half of --batch-size")
     p.add_argument("--out", required=True, help="output directory (checkpoints, report)")
     p.add_argument("--max-length", type=int, default=512, help="truncate training sequences to this many tokens")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=4, help="task sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over --data")
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (overrides --epochs when > 0)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (needs peft)")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (needs peft; default: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
     p.add_argument("--lora-targets", default="all-linear",
                    help="comma-separated module names, or all-linear (the lm_head is never a target)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--logging-steps", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    p.add_argument("--logging-steps", type=int, default=10, help="optimizer steps between log lines")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and replay generation")
     p.add_argument("--no-save", action="store_true", help="do not save the trained model/adapter")
     p.add_argument("--save-steps", type=int, default=0,
                    help="write a checkpoint to --out every N optimizer steps (0: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --out (model, optimizer, data and replay stream)")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 class _Sequences(torch.utils.data.Dataset):

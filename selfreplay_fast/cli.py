@@ -16,6 +16,7 @@ import importlib
 import sys
 import traceback
 
+from . import __version__
 from .commands._arguments import UsageError, one_line
 
 # Subcommand modules, in the order ``selfreplay --help`` lists them.
@@ -32,8 +33,23 @@ _EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
 _DEBUG_HELP = "on an error, print the traceback too"
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: appended as ``(default: X)`` unless the help says what the
+    default is already (options whose default is None must), or the option is a flag or required."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or action.required:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, without the usage block above them."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(EXIT_USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -45,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune LLMs without forgetting: self-generated replay with a fused KL to a cached top-k teacher.",
     )
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"selfreplay-fast {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     for name in COMMANDS:

@@ -529,29 +529,45 @@ def describe(cfg: PlanConfig) -> str:
             f"optimizer {cfg.optimizer}, {passes}, fused chunk {cfg.chunk_bytes // MiB} MiB")
 
 
+def format_params(n: int) -> str:
+    """A parameter count readably at any size: 8.03B, 494M, 150k, 312."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return str(n)
+
+
+def fit_flags(cfg: PlanConfig, fix: PlanConfig) -> str:
+    """The ``selfreplay plan`` flags (the same settings in a training script) that turn ``cfg`` into ``fix``."""
+    cfg, fix = cfg.validated(), fix.validated()
+    flags = []
+    if fix.checkpointing and not cfg.checkpointing:
+        flags.append("--checkpointing")
+    if fix.micro_batch != cfg.micro_batch and fix.micro_batch is not None:
+        flags.append(f"--micro-batch {fix.micro_batch}")
+    if fix.lora_dtype != cfg.lora_dtype:
+        flags.append(f"--lora-dtype {fix.lora_dtype}")
+    return " ".join(flags)
+
+
 def format_table(spec: ModelSpec, cfg: PlanConfig, preds: Dict[str, Prediction], markdown: bool = False) -> str:
+    """The prediction table: the same title line and rows as text or as markdown."""
     cols = list(preds)
-    rows = [(p, [preds[c].parts[p] for c in cols]) for p in PART_ORDER]
-    rows.append(("= allocated (max_memory_allocated)", [preds[c].allocated for c in cols]))
-    rows.append(("workspace/fragmentation margin", [preds[c].margin for c in cols]))
-    rows.append(("= total", [preds[c].total for c in cols]))
+    rows = [(p, [f"{preds[c].parts[p] / GiB:.2f}" for c in cols]) for p in PART_ORDER]
+    rows.append(("= allocated (max_memory_allocated)", [f"{preds[c].allocated / GiB:.2f}" for c in cols]))
+    rows.append(("workspace/fragmentation margin", [f"{preds[c].margin / GiB:.2f}" for c in cols]))
+    rows.append(("= total", [f"{preds[c].total / GiB:.2f}" for c in cols]))
     budget = preds[cols[0]].budget / GiB
-    fits = ["yes" if preds[c].fits else "NO" for c in cols]
-    header = ["GiB"] + cols
-    lines = []
+    rows.append((f"fits {budget:g} GiB", ["yes" if preds[c].fits else "NO" for c in cols]))
+    rows.append(("peak phase", [preds[c].phase for c in cols]))
+    title = f"{spec.name}: {format_params(spec.num_params())} parameters; {describe(cfg)}"
     if markdown:
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for name, vals in rows:
-            lines.append(f"| {name} | " + " | ".join(f"{v / GiB:.2f}" for v in vals) + " |")
-        lines.append(f"| fits {budget:g} GiB | " + " | ".join(fits) + " |")
+        lines = [title, "", "| " + " | ".join(["GiB"] + cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        lines += [f"| {name} | " + " | ".join(vals) + " |" for name, vals in rows]
     else:
-        lines.append(f"{spec.name}: {spec.num_params() / 1e9:.2f}B parameters; {describe(cfg)}")
-        lines.append(f"{'GiB':<36}" + "".join(f"{c:>18}" for c in cols))
-        for name, vals in rows:
-            lines.append(f"{name:<36}" + "".join(f"{v / GiB:>18.2f}" for v in vals))
-        lines.append(f"{'fits ' + format(budget, 'g') + ' GiB':<36}" + "".join(f"{f:>18}" for f in fits))
-        lines.append(f"{'peak phase':<36}" + "".join(f"{preds[c].phase:>18}" for c in cols))
+        lines = [title, f"{'GiB':<36}" + "".join(f"{c:>18}" for c in cols)]
+        lines += [f"{name:<36}" + "".join(f"{v:>18}" for v in vals) for name, vals in rows]
     return "\n".join(lines)
 
 

@@ -314,3 +314,33 @@ def test_bad_optimizer_is_rejected():
     assert cli.main(["plan", "--model", "llama-3.1-8b", "--optimizer", "adam"]) == 2
     with pytest.raises(ValueError, match="--optimizer"):
         PlanConfig(optimizer="adam").validated()
+
+
+def test_parameter_counts_read_at_every_size():
+    from selfreplay_fast.planner import format_params
+
+    cases = {8_030_261_248: "8.03B", 70_553_706_496: "70.6B", 494_032_768: "494M", 1_235_814_400: "1.24B",
+             150_000: "150k", 1_500: "1.5k", 312: "312", 0: "0"}
+    assert {n: format_params(n) for n in cases} == cases
+
+
+def test_cli_small_model_markdown_keeps_every_row_and_the_fix_names_its_flag(capsys, tmp_path):
+    _tiny_config().save_pretrained(tmp_path)
+    n = load_model_spec(str(tmp_path)).num_params()
+    assert n < 1e6
+    assert cli.main(["plan", "--model", str(tmp_path), "--seq-len", "64", "--batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "0.00B" not in text and f"{n / 1e3:.3g}k parameters" in text
+    assert cli.main(["plan", "--model", str(tmp_path), "--seq-len", "64", "--batch", "2", "--markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert text.splitlines()[0] == markdown.splitlines()[0]  # the title line
+    text_rows = [line[:36].strip() for line in text.splitlines()[2:] if line[:36].strip() and "  " in line]
+    md_rows = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")][1:]
+    assert text_rows and md_rows == text_rows[: len(md_rows)] and len(md_rows) == len(text_rows)
+    # 8B LoRA at seq 4096 x 4 does not fit 24 GiB in one pass: the fix names its flag, and the flag fits
+    assert cli.main(["plan", "--model", "llama-3.1-8b", "--seq-len", "4096", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "fits with --micro-batch 2:" in out
+    assert cli.main(["plan", "--model", "llama-3.1-8b", "--seq-len", "4096", "--batch", "4", "--micro-batch", "2",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"]["selfreplay-fast"]["fits"] is True

@@ -97,8 +97,12 @@ def output_directory(text: str) -> str:
 
 
 def check_device(name, flag: str = "--device"):
-    """``name`` as a ``torch.device`` that this machine has; a UsageError naming ``flag`` otherwise."""
+    """``name`` as a ``torch.device`` that this machine has (None: cuda if there is one, else cpu); a
+    UsageError naming ``flag`` otherwise."""
     import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     try:
         device = torch.device(name)

@@ -31,14 +31,17 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, type=existing_directory, help="local Hugging Face model directory")
     p.add_argument("--data", required=True, type=existing_file, help="JSONL file")
     p.add_argument("--out", required=True, type=output_directory, help="output directory (a rerun resumes into it)")
-    p.add_argument("--top-k", type=positive_int, default=64)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--shard-size", type=positive_int, default=1024)
-    p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this many tokens")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--top-k", type=positive_int, default=64, help="teacher log-probs kept per position")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    p.add_argument("--shard-size", type=positive_int, default=1024,
+                   help="sequences per shard, the unit of resumption")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="the model's logits are divided by it")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="truncate sequences to this many tokens (default: no truncation)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run, on_interrupt=saved_so_far)
 
 

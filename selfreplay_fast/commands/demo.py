@@ -41,23 +41,26 @@ def register(subparsers) -> None:
             "losses and saves a plot."
         ),
     )
-    p.add_argument("--seed", type=non_negative_int, default=defaults.seed)
+    p.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seed of data, models and sampling")
     p.add_argument("--device", default=defaults.device, help="cpu or cuda (default: %(default)s)")
     p.add_argument("--out-dir", type=output_directory, default=defaults.out_dir,
                    help="where the plot and JSON go (default: %(default)s)")
-    p.add_argument("--pretrain-steps", type=non_negative_int, default=defaults.pretrain_steps)
-    p.add_argument("--finetune-steps", type=positive_int, default=defaults.finetune_steps)
-    p.add_argument("--finetune-lr", type=positive_float, default=defaults.finetune_lr)
+    p.add_argument("--pretrain-steps", type=non_negative_int, default=defaults.pretrain_steps,
+                   help="optimizer steps of pretraining on A")
+    p.add_argument("--finetune-steps", type=positive_int, default=defaults.finetune_steps,
+                   help="optimizer steps of each fine-tune on B")
+    p.add_argument("--finetune-lr", type=positive_float, default=defaults.finetune_lr, help="fine-tuning learning rate")
     p.add_argument("--replay-weight", type=non_negative_float, default=defaults.replay_weight, help="lambda of the KL term")
-    p.add_argument("--replay-sequences", type=positive_int, default=defaults.replay_sequences)
+    p.add_argument("--replay-sequences", type=positive_int, default=defaults.replay_sequences,
+                   help="replay sequences sampled from the pretrained model")
     p.add_argument("--replay-top-k", type=positive_int, default=defaults.replay_top_k,
                    help=f"teacher slots per position, at most the byte vocabulary ({VOCAB_SIZE})")
     p.add_argument("--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per training window (>= 2)")
-    p.add_argument("--hidden-size", type=positive_int, default=defaults.hidden_size)
-    p.add_argument("--num-layers", type=positive_int, default=defaults.num_layers)
+    p.add_argument("--hidden-size", type=positive_int, default=defaults.hidden_size, help="model width")
+    p.add_argument("--num-layers", type=positive_int, default=defaults.num_layers, help="model depth")
     p.add_argument("--num-heads", type=positive_int, default=defaults.num_heads, help="must divide --hidden-size")
     p.add_argument("--no-low-lr", action="store_true", help="skip run (c), plain fine-tuning at a lower learning rate")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
 

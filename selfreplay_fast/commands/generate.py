@@ -39,14 +39,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=positive_int, default=64, help="teacher log-probs kept per position (default 64)")
     drafting = parser.add_mutually_exclusive_group()
     drafting.add_argument("--draft", type=existing_directory, default=None,
-                          help="draft model directory for speculative decoding (same vocabulary)")
+                          help="draft model directory for speculative decoding (same vocabulary; default: no draft)")
     drafting.add_argument("--ngram-draft", action="store_true", help="speculative decoding with the model-free n-gram drafter")
     parser.add_argument("--num-draft-tokens", type=positive_int, default=4, help="draft tokens per speculative step (default 4)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="decode slots (default 64)")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (default 1.0)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed (default 0)")
     parser.add_argument("--shard-size", type=positive_int, default=1024, help="sequences per shard, the unit of resumption (default 1024)")
-    parser.add_argument("--sampled-draws", type=positive_int, default=None, help="record a 'sampled' teacher of N draws instead of top-k")
+    parser.add_argument("--sampled-draws", type=positive_int, default=None, help="record a 'sampled' teacher of N draws instead of top-k (default: top-k)")
     parser.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32", help="stored log-prob dtype")
     parser.add_argument("--prompts-file", type=existing_file, default=None, help="text file, one prompt per line (default: BOS only)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -147,7 +147,7 @@ def run(args) -> int:
     import torch
 
     # ---- everything that can be checked without the weights ----
-    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device)
     config = read_model_config(args.model)
     check_top_k(args.top_k, config)
     if args.draft is not None:

@@ -22,17 +22,17 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--model", required=True, help=f"a preset ({', '.join(PRESETS)}) or a local HF config.json / model directory")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=4, help="task sequences per step")
     p.add_argument("--replay-batch", type=int, default=None, help="replay sequences per step (default: batch // 2, at least 1)")
     p.add_argument("--k", type=int, default=64, help="cached teacher slots per position")
     train = p.add_mutually_exclusive_group()
-    train.add_argument("--lora-rank", type=int, default=16)
+    train.add_argument("--lora-rank", type=int, default=16, help="LoRA adapter rank")
     train.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--lora-targets", default=",".join(LINEAR_MODULES), help="comma-separated linear layers with adapters")
     p.add_argument("--lora-dtype", default="fp32", help="adapter dtype (peft keeps fp32 adapters by default)")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
-    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer whose states are counted")
     p.add_argument("--dtype", default="bf16", help="parameter (and activation) dtype: bf16, fp16 or fp32")
     p.add_argument("--chunk-mib", type=positive_float, default=DEFAULT_CHUNK_BYTES / MiB, help="fused_replay_kl's fp32 logits chunk")
     p.add_argument("--micro-batch", type=int, default=None,
@@ -57,7 +57,7 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..planner import describe, format_table, load_model_spec, plan, plan_dict, predict, suggest_fit
+    from ..planner import describe, fit_flags, format_table, load_model_spec, plan, plan_dict, predict, suggest_fit
 
     try:
         spec = load_model_spec(args.model)
@@ -69,7 +69,8 @@ def run(args) -> int:
     if args.json:
         out = plan_dict(spec, cfg, preds)
         if fix is not None:
-            out["fits_with"] = {"description": describe(fix), "total": predict(spec, fix, "fused").total}
+            out["fits_with"] = {"flags": fit_flags(cfg, fix), "description": describe(fix),
+                                "total": predict(spec, fix, "fused").total}
         print(json.dumps(out, indent=2))
         return 0
     print(format_table(spec, cfg, preds, markdown=args.markdown))
@@ -78,7 +79,7 @@ def run(args) -> int:
             print("selfreplay-fast does not fit the budget under any of the settings tried "
                   "(checkpointing, micro-batches of 2 and 1, adapters in the parameter dtype)")
         else:
-            print(f"selfreplay-fast fits with: {describe(fix)} "
+            print(f"selfreplay-fast fits with {fit_flags(cfg, fix)}: {describe(fix)} "
                   f"(total {predict(spec, fix, 'fused').total / (1 << 30):.2f} GiB)")
     print("Predictions (estimates pending GPU validation: benchmarks/validate_planner.py); formulas in selfreplay_fast/planner.py.")
     return 0
