@@ -83,6 +83,19 @@ def test_overwrite_never_deletes_a_file_the_old_metadata_names_outside_the_buffe
     assert outside.read_bytes() == b"the user's own data, not a shard\n"
 
 
+def test_a_resumed_writer_refuses_a_shard_name_outside_the_pattern(tmp_path, outside):
+    from test_teacher_cache import corpus, tiny_model
+
+    model, seqs, out = tiny_model(), corpus(count=5), tmp_path / "cache"
+    import selfreplay_fast as sf
+
+    sf.build_teacher_cache(model, seqs, 3, out, shard_size=2, progress=False)
+    rewrite_metadata(str(out), lambda meta: meta["shards"][0].update(file="../precious.txt"))
+    with pytest.raises(ReplayBufferError, match=r"shards\[0\]\.file") as info:
+        sf.build_teacher_cache(model, seqs, 3, out, shard_size=2, progress=False)
+    assert hashlib.sha256(outside.read_bytes()).hexdigest() not in str(info.value)
+
+
 def test_overwrite_removes_only_its_own_files(tmp_path):
     path = saved(tmp_path)
     for name in ("notes.txt", "shard-1.safetensors", "model-00001-of-00002.safetensors", ".hidden"):
