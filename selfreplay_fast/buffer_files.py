@@ -49,6 +49,7 @@ _SHARD_NAME = re.compile(r"shard-(\d{5,})(?:-g(\d+))?\.safetensors")
 _TEMP_NAME = re.compile(r"\.(.+)\.\d+\.[0-9a-f]{16}\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_MISSING = object()  # a field absent from metadata (None is a value: JSON null)
 
 
 class ReplayBufferError(ValueError):
@@ -255,9 +256,12 @@ def write_shard(directory: str, index: int, tensors: Dict[str, torch.Tensor], *,
     }
 
 
-def read_shard(directory: str, entry: dict, metadata: dict, *, verify: bool = True) -> Dict[str, torch.Tensor]:
-    """All tensors of a checked entry's shard, its sha256 verified (with ``verify``) and its header and
-    tensor shapes checked against ``metadata``."""
+def read_shard(directory: str, entry: dict, metadata: Optional[dict] = None, *,
+               verify: bool = True) -> Dict[str, torch.Tensor]:
+    """All tensors of an entry's shard, its sha256 verified (with ``verify``) and, given the buffer's
+    checked ``metadata``, its header and tensor shapes checked against it."""
+    if parse_shard_file_name(entry.get("file")) is None:
+        raise ReplayBufferError(f"{directory}: a shard entry names a file that is not one of this buffer's shards")
     path = os.path.join(directory, entry["file"])
     data = _read_shard_bytes(path)
     if verify:
@@ -269,9 +273,10 @@ def read_shard(directory: str, entry: dict, metadata: dict, *, verify: bool = Tr
     missing = [name for name in TENSOR_NAMES if name not in tensors]
     if missing:
         raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
-    check_shard_header(path, _header_of_bytes(data), metadata)
-    check_shard_shapes(path, {name: list(t.shape) for name, t in tensors.items()}, entry, metadata,
-                       logprob_dtype=tensors["teacher_logprobs"].dtype)
+    if metadata is not None:
+        check_shard_header(path, _header_of_bytes(data), metadata)
+        check_shard_shapes(path, {name: list(t.shape) for name, t in tensors.items()}, entry, metadata,
+                           logprob_dtype=tensors["teacher_logprobs"].dtype)
     return tensors
 
 
@@ -378,9 +383,6 @@ def check_metadata(metadata: dict, where: str) -> None:
             raise ReplayBufferError(
                 f"{where}: field {total!r} says {metadata[total]} but its shards hold {listed} "
                 "(an entry is missing, duplicated or changed)")
-
-
-_MISSING = object()
 
 
 def read_metadata(directory: str) -> Optional[dict]:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -22,6 +22,9 @@ from .buffer_files import (
     shard_path,
     shard_stat,
 )
+
+if TYPE_CHECKING:
+    from .replay_buffer import ReplayBuffer
 
 
 class ShardedReplayBuffer(TrainingBatches):

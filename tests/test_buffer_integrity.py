@@ -9,7 +9,6 @@ import os
 import time
 
 import pytest
-import torch
 
 from selfreplay_fast import replay_buffer as rb
 from selfreplay_fast.replay_buffer import ReplayBuffer, ReplayBufferError
