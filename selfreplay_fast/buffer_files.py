@@ -169,29 +169,39 @@ def shard_path(directory: str, entry: dict) -> str:
     return path
 
 
-def _read_shard_bytes(path: str) -> bytes:
+def _open_shard(path: str):
+    """A shard opened for reading, never through a symbolic link (O_NOFOLLOW) and only if a plain file."""
     try:
         fd = os.open(path, os.O_RDONLY | _NO_FOLLOW | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ReplayBufferError(f"shard {path} is a symbolic link; refused") from None
         raise ReplayBufferError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise ReplayBufferError(f"shard {path} is not a plain file; refused")
-        return handle.read()
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise ReplayBufferError(f"shard {path} is not a plain file; refused")
+    return handle
+
+
+def _read_shard_bytes(path: str) -> bytes:
+    with _open_shard(path) as handle:
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise ReplayBufferError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
 
 
 def sha256_shard(directory: str, entry: dict, chunk_bytes: int = 1 << 22) -> str:
     """The sha256 of a shard file, streamed (never the whole shard in memory)."""
     path = shard_path(directory, entry)
     digest = hashlib.sha256()
-    try:
-        with open(os.open(path, os.O_RDONLY | _NO_FOLLOW | getattr(os, "O_BINARY", 0)), "rb") as handle:
+    with _open_shard(path) as handle:
+        try:
             for chunk in iter(lambda: handle.read(chunk_bytes), b""):
                 digest.update(chunk)
-    except OSError as exc:
-        raise ReplayBufferError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
+        except OSError as exc:
+            raise ReplayBufferError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
     return digest.hexdigest()
 
 
@@ -293,9 +303,10 @@ def check_shard_shapes(path: str, shapes: dict, entry: dict, metadata: dict, *, 
             f"shard {path}: teacher tensors of shape {shapes['teacher_ids']}, but {METADATA_FILE} says "
             f"k={k} for [S={num}, L={width}, k] (the metadata or the shard was changed)"
         )
-    if num != entry["num_sequences"]:
+    if (num, width) != (entry["num_sequences"], entry["seq_len"]):
         raise ReplayBufferError(
-            f"shard {entry['file']} holds {num} sequences, {METADATA_FILE} says {entry['num_sequences']}")
+            f"shard {entry['file']} holds {num} sequences of width {width}, {METADATA_FILE} says "
+            f"{entry['num_sequences']} of width {entry['seq_len']}")
     if logprob_dtype != LOGPROB_DTYPES[metadata["logprob_dtype"]]:
         raise ReplayBufferError(
             f"shard {path} stores log-probs as {logprob_dtype}, but {METADATA_FILE} says logprob_dtype="

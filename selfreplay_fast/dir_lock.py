@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import sys
+import time
 import warnings
 
 from .buffer_files import ReplayBufferError
@@ -71,9 +72,9 @@ class DirectoryLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                holder = _describe_holder(fd)
+                holder = _describe_holder(fd) if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else ""
                 os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if holder:
                     raise DirectoryLockedError(
                         f"{self.directory} is being written by another process ({holder}); this {self.purpose} "
                         "would corrupt its output: wait for it to finish, stop it, or use another directory"
@@ -143,12 +144,17 @@ class DirectoryLock:
 
 def _describe_holder(fd: int) -> str:
     """Who holds the lock, from what it recorded; only the recorded fields, each shortened."""
-    try:
-        record = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-    except (OSError, ValueError):
-        record = None
-    if not isinstance(record, dict):
-        return "which has not recorded itself yet"
+    # A holder records itself just after taking the lock: give one that is that moment a little time.
+    for _ in range(50):
+        try:
+            record = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict):
+            break
+        time.sleep(0.01)
+    else:
+        return "which has not recorded itself"
     fields = {key: str(record.get(key, "?"))[:300] for key in ("pid", "host", "since", "purpose", "command")}
     return (f"pid {fields['pid']}@{fields['host']}, since {fields['since']}: {fields['purpose']}, "
             f"command {fields['command']!r}")
