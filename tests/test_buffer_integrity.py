@@ -332,3 +332,19 @@ def test_a_shard_rewritten_after_open_with_its_mtime_restored_is_detected(tmp_pa
     os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
     with pytest.raises(ReplayBufferError, match="changed since the buffer was opened"):
         lazy.shard(1)
+
+
+def test_a_lazy_reader_of_an_overwritten_buffer_fails_and_never_reads_the_new_rows(tmp_path):
+    path = saved(tmp_path, num_seq=12)
+    lazy = ReplayBuffer.open(path)
+    make_buffer(seed=4, num_seq=12).save(path, shard_size=4, overwrite=True)  # old shards deleted
+    with pytest.raises(ReplayBufferError, match="cannot read shard"):
+        next(lazy.batches(4))
+    lazy = ReplayBuffer.open(path)
+    time.sleep(0.05)
+    make_buffer(seed=5, num_seq=12).save(path, shard_size=4, overwrite=True)  # back to the first names
+    lazy_first = ReplayBuffer.open(path)
+    make_buffer(seed=6, num_seq=12).save(path, shard_size=4, overwrite=True)  # and those names' files replaced
+    for reader in (lazy, lazy_first):
+        with pytest.raises(ReplayBufferError, match="cannot read shard|changed since the buffer was opened"):
+            next(reader.batches(4))
