@@ -4,8 +4,9 @@
   place, so a crash never leaves a half-written file under a real name. A writer holding the directory's
   lock (``dir_lock.py``) removes the temporaries that crashed writers left (:func:`remove_stale_temporaries`).
 * Shards are named by the writer's own pattern, ``shard-NNNNN.safetensors`` (generation 0) or
-  ``shard-NNNNN-gG.safetensors`` (generation G >= 1: what ``ReplayBuffer.save(overwrite=True)`` writes
-  beside the shards it replaces, so that the old buffer stays whole until the new metadata is in place).
+  ``shard-NNNNN-gG.safetensors`` (generation G >= 1). ``ReplayBuffer.save(overwrite=True)`` alternates
+  between generations 0 and 1, writing the new shards beside the ones it replaces, so that the old buffer
+  stays whole until the new metadata is in place.
   A shard name read from metadata must be exactly such a name, for the entry's own index: a plain file
   in the buffer directory. Anything else (``../x``, absolute paths, subdirectories, other names) is
   refused, and shards are opened without following symbolic links, so no metadata makes the library read,
