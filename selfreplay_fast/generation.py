@@ -1155,6 +1155,8 @@ def generate_replay(
                 elif on_shard_written is not None:
                     on_shard_written(shard, None)
     finally:
+        if writer is not None:
+            writer.close()  # the out_dir's writer lock
         if bar is not None:
             bar.close()
         model.train(was_training)

@@ -13,165 +13,63 @@ Layout (S sequences, padded to length L, k teacher slots):
   recorded slots (``-inf`` where there is none, or no prediction).
 
 On disk a buffer is a directory of safetensors shards plus ``metadata.json`` (format version, model
-name and config hash, vocabulary size, k, temperature, seed, counts and one sha256 per shard). Every
-file is written to a temporary name, fsynced and renamed into place, so a crash never leaves a
-half-written shard under a real name, and ``metadata.json`` only ever lists shards that are complete.
+name and config hash, vocabulary size, k, temperature, seed, counts and one sha256 per shard); the
+format, its checks and its atomic writes are in ``buffer_files.py``. Writers (:class:`ShardedBufferWriter`,
+:meth:`ReplayBuffer.save`) hold the directory's writer lock (``dir_lock.py``) while they write. The lazy
+reader is in ``sharded_buffer.py``, the training batches of both in ``buffer_batches.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import secrets
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
-FORMAT_NAME = "selfreplay-fast/replay-buffer"
-FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
-MODES = ("tail", "sampled")
-LOGPROB_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-# Teacher mass may exceed 1 by this much (rounding of cached log-probs) before validate() calls it an error;
-# the same tolerance fused_replay_kl applies.
-MASS_TOLERANCE = 1e-3
-_TENSOR_NAMES = ("input_ids", "lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")
-
-
-class ReplayBufferError(ValueError):
-    """A buffer on disk is corrupt, incomplete or incompatible with what the caller expects."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic file helpers (shared with the resumable generator in generation.py)
-# --------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: str) -> None:
-    # The rename itself is only durable once the directory entry is flushed (POSIX); not possible on Windows.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either the old content or all of ``data``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    # A unique hidden name in the same directory (so that the rename is atomic), created with the mode
-    # open() gives, i.e. under the umask: mkstemp's 0600 would make the buffer unreadable to other users.
-    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    _fsync_dir(directory)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def shard_file_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
-
-
-def write_shard(directory: str, index: int, tensors: Dict[str, torch.Tensor]) -> dict:
-    """Serialize one shard atomically; returns its metadata entry (file name, counts, sha256)."""
-    data = safetensors_save({name: t.contiguous().cpu() for name, t in tensors.items()})
-    name = shard_file_name(index)
-    atomic_write_bytes(os.path.join(directory, name), data)
-    lengths = tensors["lengths"]
-    return {
-        "file": name,
-        "num_sequences": int(lengths.numel()),
-        "num_tokens": int(lengths.sum()),
-        "seq_len": int(tensors["input_ids"].shape[1]),
-        "sha256": sha256_bytes(data),
-    }
-
-
-def write_metadata(directory: str, metadata: dict) -> None:
-    atomic_write_bytes(os.path.join(directory, METADATA_FILE), (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_metadata(directory: str) -> Optional[dict]:
-    """The metadata of the buffer in ``directory``, or None if there is none. Raises on a foreign file."""
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            metadata = json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReplayBufferError(f"{path} is not a readable replay-buffer metadata file: {exc}") from exc
-    if not isinstance(metadata, dict):
-        raise ReplayBufferError(f"{path} is not a replay-buffer metadata file (a JSON {type(metadata).__name__})")
-    if metadata.get("format") != FORMAT_NAME:
-        raise ReplayBufferError(f"{path} does not describe a selfreplay-fast replay buffer (format {metadata.get('format')!r})")
-    version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ReplayBufferError(
-            f"{path} has replay-buffer format version {version!r}; this selfreplay-fast reads version {FORMAT_VERSION}"
-        )
-    return metadata
-
-
-def read_shard(directory: str, entry: dict, *, verify: bool = True) -> Dict[str, torch.Tensor]:
-    path = os.path.join(directory, entry["file"])
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ReplayBufferError(f"cannot read shard {path}: {exc}") from exc
-    if verify:
-        digest = sha256_bytes(data)
-        if digest != entry["sha256"]:
-            raise ReplayBufferError(
-                f"checksum mismatch for {path}: metadata.json records sha256 {entry['sha256']}, the file has {digest} "
-                "(the shard is corrupt or was modified; regenerate it)"
-            )
-    try:
-        tensors = safetensors_load(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ReplayBufferError(f"shard {path} is not a valid safetensors file: {exc}") from exc
-    missing = [name for name in _TENSOR_NAMES if name not in tensors]
-    if missing:
-        raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
-    return tensors
+from .buffer_batches import ROW_TENSORS, TrainingBatches
+from .buffer_files import (  # noqa: F401  (re-exported: the public names of the buffer format live here)
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOGPROB_DTYPES,
+    MASS_TOLERANCE,
+    METADATA_FILE,
+    MODES,
+    TENSOR_NAMES,
+    ReplayBufferError,
+    atomic_write_bytes,
+    fsync_dir,
+    open_buffer_metadata,
+    parse_shard_file_name,
+    read_metadata,
+    read_shard,
+    remove_stale_temporaries,
+    sha256_bytes,
+    shard_file_name,
+    shard_generation,
+    shard_header,
+    write_metadata,
+    write_shard,
+)
+from .dir_lock import DirectoryLock, DirectoryLockedError  # noqa: F401  (re-exported)
 
 
 class ShardedBufferWriter:
     """The resumable, shard-by-shard writing of a buffer directory (``generate_replay`` and
     ``build_teacher_cache`` both write through it).
 
-    On construction it creates ``out_dir`` if needed and reads the buffer already there: a directory
-    holding something else is refused, and so is a buffer whose ``metadata[settings_key]`` differs from
-    ``settings`` (another producer, or the same one with other settings). The shards it lists are
-    verified against their sha256 (a resumed run builds on them) and, with ``keep_done``, their tensors
-    are kept in ``done_tensors``. :meth:`write_shard` then writes the next shard and, after it, the
-    progress ``metadata.json`` (``metadata`` plus the shard list and counts; ``complete`` once
-    ``num_shards`` shards are written), so the metadata only ever lists whole shards.
+    On construction it creates ``out_dir`` if needed, takes the directory's writer lock (a second writer
+    fails at once with a :class:`DirectoryLockedError` naming the holder), removes the temporaries a
+    crashed writer left, and reads the buffer already there: a directory holding something else is
+    refused, and so is a buffer whose ``metadata[settings_key]`` differs from ``settings`` (another
+    producer, or the same one with other settings). The shards it lists are verified against their
+    sha256 (a resumed run builds on them) and, with ``keep_done``, their tensors are kept in
+    ``done_tensors``. :meth:`write_shard` then writes the next shard and, after it, the progress
+    ``metadata.json`` (``metadata`` plus the shard list and counts; ``complete`` once ``num_shards``
+    shards are written), so the metadata only ever lists whole shards.
 
-    ``producer`` names the caller in error messages.
+    The lock is held until :meth:`close` (or the end of a ``with`` block). ``producer`` names the caller
+    in error messages.
     """
 
     def __init__(
@@ -190,10 +88,6 @@ class ShardedBufferWriter:
             raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
         out_dir = os.fspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-        try:
-            existing = read_metadata(out_dir)
-        except ReplayBufferError as exc:
-            raise ValueError(f"out_dir {out_dir} holds something that is not a replay buffer: {exc}") from exc
         self.out_dir = out_dir
         self.settings_key = settings_key
         self.metadata = dict(metadata)
@@ -201,31 +95,66 @@ class ShardedBufferWriter:
         self.num_shards = num_shards
         self.entries: List[dict] = []
         self.done_tensors: List[Dict[str, torch.Tensor]] = []
+        self._generation = 0
+        self._lock = DirectoryLock(out_dir, purpose=producer).acquire()
+        try:
+            self._resume(settings, producer, keep_done)
+        except BaseException:
+            self.close()
+            raise
+
+    def _resume(self, settings: dict, producer: str, keep_done: bool) -> None:
+        out_dir, settings_key = self.out_dir, self.settings_key
+        try:
+            existing = read_metadata(out_dir)
+        except ReplayBufferError as exc:
+            raise ReplayBufferError(f"out_dir {out_dir} holds something that is not a replay buffer, or a damaged "
+                                    f"one: {exc}") from exc
+        remove_stale_temporaries(out_dir)  # under the lock: no write is in progress
         if existing is None:
             leftovers = [name for name in os.listdir(out_dir) if not name.startswith(".")]
             if leftovers:
                 raise ValueError(
                     f"out_dir {out_dir} is not empty and holds no replay buffer ({leftovers[:3]}...); use an empty directory"
                 )
-        else:
-            previous = existing.get(settings_key)
-            if not isinstance(previous, dict):
-                raise ValueError(
-                    f"out_dir {out_dir} holds a replay buffer made by another run (not by {producer}: its "
-                    f"metadata.json has no {settings_key!r} settings); use a fresh directory"
-                )
-            differing = sorted(key for key in set(settings) | set(previous) if settings.get(key) != previous.get(key))
-            if differing:
-                detail = ", ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differing[:6])
-                raise ValueError(
-                    f"out_dir {out_dir} holds a replay buffer made with other settings by another run of {producer} "
-                    f"({detail}); use a fresh directory, or rerun with the original settings to resume"
-                )
-            for entry in existing.get("shards", []):  # a resumed run builds on these: verify them now
-                tensors = read_shard(out_dir, entry, verify=True)
-                if keep_done:
-                    self.done_tensors.append(tensors)
-                self.entries.append(entry)
+            return
+        previous = existing.get(settings_key)
+        if not isinstance(previous, dict):
+            raise ValueError(
+                f"out_dir {out_dir} holds a replay buffer made by another run (not by {producer}: its "
+                f"metadata.json has no {settings_key!r} settings); use a fresh directory"
+            )
+        differing = sorted(key for key in set(settings) | set(previous) if settings.get(key) != previous.get(key))
+        if differing:
+            detail = ", ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differing[:6])
+            raise ValueError(
+                f"out_dir {out_dir} holds a replay buffer made with other settings by another run of {producer} "
+                f"({detail}); use a fresh directory, or rerun with the original settings to resume"
+            )
+        if len(existing["shards"]) > self.num_shards:
+            raise ReplayBufferError(
+                f"{out_dir}/{METADATA_FILE} lists {len(existing['shards'])} shards, but these settings make "
+                f"{self.num_shards}: it was changed; use a fresh directory")
+        self._generation = shard_generation(existing) or 0
+        for entry in existing["shards"]:  # a resumed run builds on these: verify them now
+            tensors = read_shard(out_dir, entry, existing, verify=True)
+            if keep_done:
+                self.done_tensors.append(tensors)
+            self.entries.append(entry)
+
+    def close(self) -> None:
+        """Release the directory's writer lock (idempotent)."""
+        self._lock.release()
+
+    def __enter__(self) -> "ShardedBufferWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if not self._lock.held:
+            raise RuntimeError(f"the writer of {self.out_dir} is closed")
 
     @property
     def num_done_shards(self) -> int:
@@ -241,6 +170,7 @@ class ShardedBufferWriter:
 
     def write_progress(self, *, extra_metadata: Optional[dict] = None) -> None:
         """Write ``metadata.json`` for the shards written so far (atomically)."""
+        self._check_open()
         meta = dict(self.metadata)
         meta.update(
             shards=self.entries,
@@ -261,9 +191,11 @@ class ShardedBufferWriter:
         extra_metadata: Optional[dict] = None,
     ) -> dict:
         """Write the next shard, then the progress metadata listing it; returns its metadata entry."""
+        self._check_open()
         if self.complete:
             raise ValueError(f"all {self.num_shards} shards of {self.out_dir} are written already")
-        entry = write_shard(self.out_dir, len(self.entries), tensors)
+        entry = write_shard(self.out_dir, len(self.entries), tensors, generation=self._generation,
+                            header=shard_header(self.metadata))
         if entry_extra:
             entry.update(entry_extra)
         self.entries.append(entry)
@@ -276,90 +208,7 @@ class ShardedBufferWriter:
 # --------------------------------------------------------------------------------------------------
 
 
-_ROW_TENSORS = ("input_ids", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")
-
-
-def _iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_last, device, trim, teacher_dtype,
-                  start=0, stride=1):
-    """The training batches of a buffer (see :meth:`ReplayBuffer.batches`), in-memory or lazy alike:
-    ``rows(idx, width)`` returns the ``_ROW_TENSORS`` of the sequences ``idx``, cut to ``width``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be an int >= 0 (a batch index), got {start!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive int, got {stride!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if teacher_dtype is not None and teacher_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"teacher_dtype must be a floating torch dtype or None, got {teacher_dtype!r}")
-    n = len(lengths)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-    stop = (n // batch_size) * batch_size if drop_last else n
-    # Batch j holds order[j * batch_size : (j + 1) * batch_size] whatever is skipped: skipping reads nothing.
-    for first in range(start * batch_size, stop, stride * batch_size):
-        idx = order[first : first + batch_size]
-        batch_lengths = lengths[idx]
-        width = int(batch_lengths.max()) if trim else seq_len
-        batch = rows(idx, width)
-        if teacher_dtype is not None:
-            for name in ("teacher_logprobs", "teacher_tail_logprob"):
-                batch[name] = batch[name].to(teacher_dtype)
-        batch.update(
-            attention_mask=(torch.arange(width)[None, :] < batch_lengths[:, None]).long(),
-            mask=batch["teacher_ids"][:, :, 0] >= 0,
-            lengths=batch_lengths,
-            indices=idx,
-        )
-        if device is not None:
-            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-        yield batch
-
-
-class _TrainingBatches:
-    """``batches`` and ``num_batches`` of both buffer kinds; a subclass has ``lengths``, ``seq_len``, ``__len__``
-    and ``_rows(idx, width)``: the ``_ROW_TENSORS`` of the sequences ``idx``, cut to ``width``."""
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        device=None,
-        trim: bool = True,
-        teacher_dtype: Optional[torch.dtype] = None,
-        start: int = 0,
-        stride: int = 1,
-    ) -> Iterator[Dict[str, torch.Tensor]]:
-        """Yield training batches aligned for ``fused_replay_kl``.
-
-        Each batch is a dict with ``input_ids`` [B, Lb], ``attention_mask`` [B, Lb] (1 = real token),
-        ``teacher_ids`` [B, Lb, k], ``teacher_logprobs`` [B, Lb, k], ``teacher_tail_logprob`` [B, Lb] and
-        ``mask`` [B, Lb] (True where the position has a teacher). Row ``j`` is the teacher for predicting
-        token ``j + 1``, so pass the student's hidden states at positions ``0..Lb-1`` unshifted::
-
-            hidden = last_hidden_states(model, b["input_ids"], b["attention_mask"])  # [B, Lb, D]
-            loss = fused_replay_kl(hidden, lm_head.weight, b["teacher_ids"], b["teacher_logprobs"],
-                                   mask=b["mask"], teacher_tail_logprob=b["teacher_tail_logprob"])
-
-        ``trim`` cuts every batch to its longest sequence; ``shuffle`` uses a permutation drawn from
-        ``seed`` (pass e.g. ``seed + epoch`` for a new order each epoch). ``start`` and ``stride`` yield only
-        the batches ``start, start + stride, ...`` of the pass, the same batches as without them and without
-        reading the others: ``start`` resumes a pass, ``stride`` splits it over data-parallel ranks. A
-        ``ShardedReplayBuffer`` yields the same batches, read lazily: one batch in memory at a time, each
-        opening the shards it draws from and reading only its rows.
-        """
-        return _iter_batches(self._rows, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
-                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype,
-                             start=start, stride=stride)
-
-    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
-        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
-
-
-class ReplayBuffer(_TrainingBatches):
+class ReplayBuffer(TrainingBatches):
     """Self-generated replay sequences with their cached top-k teacher; see the module docstring.
 
     ``metadata`` carries provenance (model name, config hash, temperature, seed, ...) and is saved
@@ -515,12 +364,13 @@ class ReplayBuffer(_TrainingBatches):
     def validate(self, *, chunk_sequences: int = 1024) -> "ReplayBuffer":
         """Check the teacher values once, so training can skip per-batch checks. Raises ValueError.
 
-        Checks: ids in [-1, V); no duplicate id within a row; finite log-probs on used slots; the
-        recorded mass of a row (plus the tail mass in mode "tail") at most 1 + 1e-3; tail never NaN or
+        Checks: ids in [-1, V); no duplicate id within a row; finite log-probs on used slots; in mode
+        "tail", the slots plus the tail of every row with a teacher hold mass 1 within ``MASS_TOLERANCE``
+        (1e-3) both ways; in mode "sampled", the slots' frequencies at most 1 + 1e-3; tail never NaN or
         positive beyond the tolerance; tokens in [0, V); rows past a sequence's end carry no teacher.
         """
         vocab = self.vocab_size
-        limit = math.log1p(MASS_TOLERANCE)
+        limit, floor = math.log1p(MASS_TOLERANCE), math.log1p(-MASS_TOLERANCE)
         for start in range(0, len(self), chunk_sequences):
             sl = slice(start, start + chunk_sequences)
             ids = self.teacher_ids[sl].long()
@@ -544,15 +394,22 @@ class ReplayBuffer(_TrainingBatches):
                 raise ValueError(f"teacher_logprobs: expected finite log-probabilities on every used slot {where}")
             mass = torch.where(used, lp, float("-inf")).logsumexp(dim=-1)
             if self.mode == "tail":
+                # Slots + tail is the teacher's whole distribution: short of 1, the KL would come out negative.
                 mass = torch.logaddexp(mass, tail)
+                names = "teacher_logprobs and teacher_tail_logprob"
+                if ((mass < floor) & used.any(dim=-1)).any():
+                    raise ValueError(f"{names}: expected the slots plus the tail of a row to hold mass 1 (at least "
+                                     f"1 - {MASS_TOLERANCE}) {where}")
+            else:
+                names = "teacher_logprobs"
             if (mass > limit).any():
-                raise ValueError(f"teacher_logprobs: expected the mass of a row to be at most 1 + {MASS_TOLERANCE} {where}")
+                raise ValueError(f"{names}: expected the mass of a row to be at most 1 + {MASS_TOLERANCE} {where}")
             if (torch.isnan(tail) | (tail > limit)).any():
                 raise ValueError(f"teacher_tail_logprob: expected a log-probability <= 0 (or -inf), never NaN {where}")
         return self
 
     def _rows(self, idx, width):
-        return {name: getattr(self, name)[idx, :width] for name in _ROW_TENSORS}
+        return {name: getattr(self, name)[idx, :width] for name in ROW_TENSORS}
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -586,6 +443,14 @@ class ReplayBuffer(_TrainingBatches):
 
         Shards are written first (atomically), ``metadata.json`` last, so an interrupted save never
         looks like a complete buffer. Refuses a directory that already holds a buffer unless ``overwrite``.
+        Holds the directory's writer lock while it writes.
+
+        ``overwrite=True`` is atomic at the buffer level: the new shards are written under names of a new
+        generation (``shard-NNNNN-g1.safetensors`` beside ``shard-NNNNN.safetensors``, and back) beside the old ones, then ``metadata.json`` is replaced
+        in one rename, and only then are the old shards deleted. Killed at any point, the directory loads
+        as the old buffer or as the new one. Only files of the writer's own name patterns are ever
+        removed: the shards the old metadata lists (once they are no longer needed), and shards and
+        temporaries that an interrupted save left unlisted.
         """
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
@@ -593,30 +458,33 @@ class ReplayBuffer(_TrainingBatches):
             raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        old = read_metadata(directory)
-        if old is not None and not overwrite:
-            raise FileExistsError(f"{directory} already holds a replay buffer; pass overwrite=True to replace it")
-        shards = [
-            write_shard(directory, index, self._tensors(slice(start, start + shard_size)))
-            for index, start in enumerate(range(0, len(self), shard_size))
-        ]
-        meta = self.describe()
-        meta.update(
-            shards=shards,
-            shard_size=shard_size,
-            num_sequences=len(self),
-            num_tokens=self.num_tokens,
-            num_teacher_rows=self.num_teacher_rows,
-            complete=True,
-        )
-        write_metadata(directory, meta)
-        if old is not None:
-            keep = {s["file"] for s in shards}
-            for entry in old.get("shards", []):
-                if entry["file"] not in keep:
-                    path = os.path.join(directory, entry["file"])
-                    if os.path.exists(path):
-                        os.unlink(path)
+        with DirectoryLock(directory, purpose="ReplayBuffer.save"):
+            old = read_metadata(directory)
+            if old is not None and not overwrite:
+                raise FileExistsError(f"{directory} already holds a replay buffer; pass overwrite=True to replace it")
+            remove_stale_temporaries(directory)
+            generation = 0
+            if old is not None:
+                # The new shards must not overwrite the old ones, which stay the buffer until the metadata switch.
+                generation = 1 if shard_generation(old) == 0 else 0
+                _remove_unlisted_shards(directory, old)
+            meta = self.describe()
+            shards = [
+                write_shard(directory, index, self._tensors(slice(start, start + shard_size)), generation=generation,
+                            header=shard_header(meta))
+                for index, start in enumerate(range(0, len(self), shard_size))
+            ]
+            meta.update(
+                shards=shards,
+                shard_size=shard_size,
+                num_sequences=len(self),
+                num_tokens=self.num_tokens,
+                num_teacher_rows=self.num_teacher_rows,
+                complete=True,
+            )
+            write_metadata(directory, meta)  # the switch: the old buffer until here, the new one after
+            if old is not None:
+                _remove_unlisted_shards(directory, meta)
 
     @classmethod
     def load(
@@ -634,31 +502,20 @@ class ReplayBuffer(_TrainingBatches):
         ``expected_vocab_size`` (pass your model's ``lm_head`` rows), and runs :meth:`validate` once.
         A generation that was interrupted is refused unless ``allow_incomplete`` (rerun it to finish).
         """
-        directory, meta = _open_metadata(directory, expected_vocab_size, allow_incomplete)
-        vocab = meta.get("vocab_size")
-        mode, pad_token_id = meta.get("mode", "tail"), meta.get("pad_token_id", 0)
+        directory, meta = open_buffer_metadata(directory, expected_vocab_size, allow_incomplete)
+        vocab, mode, pad_token_id = meta["vocab_size"], meta["mode"], meta["pad_token_id"]
         parts = []
-        for entry in meta.get("shards", []):
-            t = read_shard(directory, entry, verify=verify_checksums)
-            if t["lengths"].numel() != entry.get("num_sequences"):
-                raise ReplayBufferError(
-                    f"shard {entry['file']} holds {t['lengths'].numel()} sequences, metadata.json says {entry.get('num_sequences')}"
-                )
+        for entry in meta["shards"]:
+            t = read_shard(directory, entry, meta, verify=verify_checksums)
             parts.append(
                 cls(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"], t["teacher_tail_logprob"],
                     vocab_size=vocab, mode=mode, pad_token_id=pad_token_id)
-            )
-        listed = sum(entry.get("num_sequences", 0) for entry in meta.get("shards", []))
-        if meta.get("num_sequences") != listed:
-            raise ReplayBufferError(
-                f"metadata.json of {directory} says {meta.get('num_sequences')} sequences but its shards hold {listed}"
             )
         meta_only = {key: value for key, value in meta.items() if key != "shards"}
         if parts:
             buffer = cls.concat(parts, metadata=meta_only)
         else:
-            k = int(meta.get("k", 1))
-            dtype = LOGPROB_DTYPES.get(meta.get("logprob_dtype", "float32"), torch.float32)
+            k, dtype = meta["k"], LOGPROB_DTYPES[meta["logprob_dtype"]]
             buffer = cls(torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
                          torch.zeros(0, 1, k, dtype=torch.int32), torch.zeros(0, 1, k, dtype=dtype),
                          torch.zeros(0, 1, dtype=dtype), vocab_size=vocab, mode=mode, pad_token_id=pad_token_id,
@@ -689,275 +546,20 @@ class ReplayBuffer(_TrainingBatches):
                                         allow_incomplete=allow_incomplete)
 
 
-# --------------------------------------------------------------------------------------------------
-# Lazy, memory-bounded reading of a buffer on disk
-# --------------------------------------------------------------------------------------------------
-
-
-def _open_metadata(directory, expected_vocab_size: Optional[int], allow_incomplete: bool) -> "tuple[str, dict]":
-    """The checks ``ReplayBuffer.load`` and ``ReplayBuffer.open`` share: a buffer directory with readable
-    metadata, the expected vocabulary, complete unless ``allow_incomplete``."""
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory must be a path, got {type(directory).__name__}")
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no replay buffer at {directory}: not a directory")
-    meta = read_metadata(directory)
-    if meta is None:
-        raise FileNotFoundError(f"no replay buffer at {directory}: {METADATA_FILE} is missing")
-    vocab = meta.get("vocab_size")
-    if expected_vocab_size is not None:
-        if isinstance(expected_vocab_size, bool) or not isinstance(expected_vocab_size, int) or expected_vocab_size < 1:
-            raise ValueError(f"expected_vocab_size must be a positive int or None, got {expected_vocab_size!r}")
-        if vocab != expected_vocab_size:
-            raise ReplayBufferError(
-                f"the replay buffer at {directory} was made for a vocabulary of {vocab} tokens "
-                f"(model {meta.get('model_name')!r}), but expected_vocab_size is {expected_vocab_size}: "
-                "its teacher ids index another vocabulary; regenerate the buffer with this model"
-            )
-    if not meta.get("complete", False) and not allow_incomplete:
-        raise ReplayBufferError(
-            f"the replay buffer at {directory} is incomplete ({len(meta.get('shards', []))} shard(s) written): "
-            "rerun the generation into the same directory to finish it, or pass allow_incomplete=True"
-        )
-    return directory, meta
-
-
-def _sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-                digest.update(chunk)
-    except OSError as exc:
-        raise ReplayBufferError(f"cannot read shard {path}: {exc}") from exc
-    return digest.hexdigest()
-
-
-class ShardedReplayBuffer(_TrainingBatches):
-    """A replay buffer read from its directory lazily: what :meth:`ReplayBuffer.open` returns.
-
-    Opening streams over the shards once, one shard in memory at a time: it verifies each shard's
-    sha256, checks its tensors and (with ``validate``) runs :meth:`ReplayBuffer.validate` on it. After
-    that only the sequence lengths (8 bytes per sequence) stay in memory. :meth:`batches` yields exactly
-    the batches ``ReplayBuffer.load(directory).batches(...)`` would, for the same arguments and seed
-    (same order, same padding and dtypes), reading just the rows of each batch from the shard files
-    (``safetensors.safe_open`` slices; no shard is ever loaded whole). A shard file that changes after
-    opening (size or mtime) is refused when a batch reads from it.
-    """
-
-    def __init__(self, directory: str, metadata: dict, entries: List[dict], shard_lengths: List[torch.Tensor],
-                 shard_widths: List[int], shard_stats: List[tuple], *, k: int, logprob_dtype: torch.dtype,
-                 validated: bool):
-        self.directory = directory
-        self.metadata = {key: value for key, value in metadata.items() if key != "shards"}
-        self.vocab_size = metadata.get("vocab_size")
-        self.mode = metadata.get("mode", "tail")
-        self.pad_token_id = int(metadata.get("pad_token_id", 0))
-        self._entries = entries
-        self._widths = shard_widths
-        self._stats = shard_stats
-        self._k = k
-        self.logprob_dtype = logprob_dtype
-        self.validated = validated
-        self.lengths = torch.cat(shard_lengths) if shard_lengths else torch.zeros(0, dtype=torch.int64)
-        counts = [t.numel() for t in shard_lengths]
-        # Sequence i lives in shard _shard_of[i], at row _row_of[i].
-        self._shard_of = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
-        starts = torch.tensor([0] + counts[:-1], dtype=torch.int64).cumsum(0) if counts else torch.zeros(0, dtype=torch.int64)
-        self._row_of = torch.arange(len(self.lengths)) - starts[self._shard_of] if counts else torch.zeros(0, dtype=torch.int64)
-        self.generation_stats = None
-
-    # -- opening ----------------------------------------------------------------------------------
-
-    @classmethod
-    def open(
-        cls,
-        directory,
-        *,
-        expected_vocab_size: Optional[int] = None,
-        verify_checksums: bool = True,
-        validate: bool = True,
-        allow_incomplete: bool = False,
-    ) -> "ShardedReplayBuffer":
-        """See :meth:`ReplayBuffer.open`."""
-        directory, meta = _open_metadata(directory, expected_vocab_size, allow_incomplete)
-        vocab, mode, pad = meta.get("vocab_size"), meta.get("mode", "tail"), meta.get("pad_token_id", 0)
-        entries = list(meta.get("shards", []))
-        listed = sum(entry.get("num_sequences", 0) for entry in entries)
-        if meta.get("num_sequences") != listed:
-            raise ReplayBufferError(
-                f"metadata.json of {directory} says {meta.get('num_sequences')} sequences but its shards hold {listed}"
-            )
-        k = int(meta.get("k", 1))
-        dtype = LOGPROB_DTYPES.get(meta.get("logprob_dtype", "float32"), torch.float32)
-        lengths, widths, stats = [], [], []
-        for index, entry in enumerate(entries):
-            path = os.path.join(directory, entry["file"])
-            stat = os.stat(path) if os.path.exists(path) else None
-            if verify_checksums:
-                digest = _sha256_file(path)
-                if digest != entry["sha256"]:
-                    raise ReplayBufferError(
-                        f"checksum mismatch for {path}: metadata.json records sha256 {entry['sha256']}, the file has "
-                        f"{digest} (the shard is corrupt or was modified; regenerate it)"
-                    )
-            shard = cls._load_shard(directory, entry, names=_TENSOR_NAMES if validate else ("lengths",))
-            if shard["lengths"].numel() != entry.get("num_sequences"):
-                raise ReplayBufferError(
-                    f"shard {entry['file']} holds {shard['lengths'].numel()} sequences, metadata.json says {entry.get('num_sequences')}"
-                )
-            shapes = shard.pop("_shapes")
-            if index == 0:
-                k = shapes["teacher_ids"][2] if len(shapes["teacher_ids"]) == 3 else k
-                dtype = shard.pop("_logprob_dtype", dtype)
-            else:
-                shard.pop("_logprob_dtype", None)
-            if validate:
-                try:
-                    part = ReplayBuffer(shard["input_ids"], shard["lengths"], shard["teacher_ids"],
-                                        shard["teacher_logprobs"], shard["teacher_tail_logprob"], vocab_size=vocab,
-                                        mode=mode, pad_token_id=pad)
-                    if part.k != k or part.teacher_logprobs.dtype != dtype:
-                        raise ValueError(f"k={part.k} and {part.teacher_logprobs.dtype} differ from the first shard's "
-                                         f"k={k} and {dtype}")
-                    part.validate()
-                except (TypeError, ValueError) as exc:
-                    raise ReplayBufferError(f"shard {path}: {exc}") from exc
-                del part
-            else:
-                n, width = shapes["input_ids"]
-                if (shapes["teacher_ids"] != [n, width, k] or shapes["teacher_logprobs"] != [n, width, k]
-                        or shapes["teacher_tail_logprob"] != [n, width]):
-                    raise ReplayBufferError(f"shard {path}: tensor shapes {shapes} do not fit [S, L, k={k}]")
-            lengths.append(shard["lengths"].to(torch.int64).clone())
-            widths.append(int(shapes["input_ids"][1]))
-            stats.append((stat.st_size, stat.st_mtime_ns) if stat is not None else None)
-            del shard  # one shard in memory at a time
-        return cls(directory, meta, entries, lengths, widths, stats, k=k, logprob_dtype=dtype,
-                   validated=validate)
-
-    @staticmethod
-    def _load_shard(directory: str, entry: dict, names=_TENSOR_NAMES) -> Dict[str, object]:
-        """Read the tensors ``names`` of one shard whole (and every tensor's shape, under ``"_shapes"``)."""
-        path = os.path.join(directory, entry["file"])
-        try:
-            with safe_open(path, framework="pt") as handle:
-                present = set(handle.keys())
-                missing = [name for name in _TENSOR_NAMES if name not in present]
-                if missing:
-                    raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
-                out: Dict[str, object] = {name: handle.get_tensor(name) for name in names}
-                out["_shapes"] = {name: list(handle.get_slice(name).get_shape()) for name in _TENSOR_NAMES}
-                lp_dtype = handle.get_slice("teacher_logprobs").get_dtype()
-        except ReplayBufferError:
-            raise
-        except OSError as exc:
-            raise ReplayBufferError(f"cannot read shard {path}: {exc}") from exc
-        except Exception as exc:  # safetensors raises its own error types
-            raise ReplayBufferError(f"shard {path} is not a valid safetensors file: {exc}") from exc
-        out["_logprob_dtype"] = {"F32": torch.float32, "F16": torch.float16}.get(lp_dtype, torch.float32)
-        return out
-
-    # -- basic properties -------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return int(self.lengths.numel())
-
-    @property
-    def k(self) -> int:
-        return self._k
-
-    @property
-    def seq_len(self) -> int:
-        """The padded length ``ReplayBuffer.load`` would give: the widest shard's."""
-        return max(self._widths) if self._widths else 1
-
-    @property
-    def num_shards(self) -> int:
-        return len(self._entries)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.lengths.sum())
-
-    def __repr__(self) -> str:
-        return (
-            f"ShardedReplayBuffer({self.directory!r}, sequences={len(self)}, shards={self.num_shards}, k={self.k}, "
-            f"vocab_size={self.vocab_size}, mode={self.mode!r}, tokens={self.num_tokens}, logprob_dtype={self.logprob_dtype})"
-        )
-
-    # -- whole shards -----------------------------------------------------------------------------
-
-    def shard(self, index: int) -> ReplayBuffer:
-        """Shard ``index`` as an in-memory :class:`ReplayBuffer` (trimmed to the shard's own width)."""
-        self._check_unchanged(index)
-        t = self._load_shard(self.directory, self._entries[index])
-        return ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                            t["teacher_tail_logprob"], vocab_size=self.vocab_size, mode=self.mode,
-                            pad_token_id=self.pad_token_id, metadata=self.metadata)
-
-    def shards(self) -> Iterator[ReplayBuffer]:
-        """Yield each shard as an in-memory :class:`ReplayBuffer`, one at a time (drop each before
-        asking for the next to keep a single shard in memory)."""
-        for index in range(self.num_shards):
-            yield self.shard(index)
-
-    def validate(self) -> "ShardedReplayBuffer":
-        """Run :meth:`ReplayBuffer.validate` over every shard, one shard in memory at a time."""
-        for index in range(self.num_shards):
-            part = self.shard(index)
+def _remove_unlisted_shards(directory: str, metadata: dict) -> None:
+    """Delete the shard files (names of the writer's own pattern only) that ``metadata`` does not list:
+    the replaced shards after an overwrite, or what an interrupted save left. Call it holding the lock."""
+    listed = {entry["file"] for entry in metadata["shards"]}
+    removed = False
+    for name in os.listdir(directory):
+        if name not in listed and parse_shard_file_name(name) is not None:
             try:
-                part.validate()
-            except ValueError as exc:
-                raise ReplayBufferError(f"shard {self._entries[index]['file']}: {exc}") from exc
-            del part
-        self.validated = True
-        return self
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                continue
+            removed = True
+    if removed:
+        fsync_dir(directory)
 
-    def _check_unchanged(self, index: int) -> None:
-        path = os.path.join(self.directory, self._entries[index]["file"])
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            raise ReplayBufferError(f"cannot read shard {path}: {exc}") from exc
-        if self._stats[index] != (stat.st_size, stat.st_mtime_ns):
-            raise ReplayBufferError(
-                f"shard {path} changed since the buffer was opened (its checksum was verified then); reopen it"
-            )
 
-    # -- training batches -------------------------------------------------------------------------
-
-    def _rows(self, idx: torch.Tensor, width: int) -> Dict[str, torch.Tensor]:
-        """Rows ``idx`` of the (virtually concatenated) buffer, cut or padded to ``width``."""
-        num = idx.numel()
-        out = {
-            "input_ids": torch.full((num, width), self.pad_token_id, dtype=torch.int64),
-            "teacher_ids": torch.full((num, width, self.k), -1, dtype=torch.int32),
-            "teacher_logprobs": torch.zeros((num, width, self.k), dtype=self.logprob_dtype),
-            "teacher_tail_logprob": torch.full((num, width), float("-inf"), dtype=self.logprob_dtype),
-        }
-        shard_of, row_of = self._shard_of[idx], self._row_of[idx]
-        for shard in shard_of.unique().tolist():
-            self._check_unchanged(shard)
-            positions = (shard_of == shard).nonzero()[:, 0]
-            rows = row_of[positions]
-            rows, order = rows.sort()
-            positions = positions[order]
-            # Runs of consecutive rows are read with one slice each (all of them when not shuffling).
-            breaks = ((rows[1:] - rows[:-1]) != 1).nonzero()[:, 0] + 1
-            bounds = [0] + breaks.tolist() + [rows.numel()]
-            w = min(width, self._widths[shard])
-            path = os.path.join(self.directory, self._entries[shard]["file"])
-            try:
-                with safe_open(path, framework="pt") as handle:
-                    for name, target in out.items():
-                        sl = handle.get_slice(name)
-                        for a, b in zip(bounds[:-1], bounds[1:]):
-                            first = int(rows[a])
-                            target[positions[a:b], :w] = sl[first : first + (b - a), :w].to(target.dtype)
-            except ReplayBufferError:
-                raise
-            except Exception as exc:
-                raise ReplayBufferError(f"cannot read rows of shard {path}: {exc}") from exc
-        return out
+from .sharded_buffer import ShardedReplayBuffer  # noqa: E402  (it builds on ReplayBuffer, defined above)

@@ -146,8 +146,8 @@ def build_teacher_cache(
     num_shards = -(-len(sequences) // shard_size)
     writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
                                  producer="build_teacher_cache")
-    with tqdm(total=len(sequences), initial=writer.num_done_sequences, desc="teacher cache", unit="seq",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with writer, tqdm(total=len(sequences), initial=writer.num_done_sequences, desc="teacher cache", unit="seq",
+                      disable=not progress, dynamic_ncols=True) as bar:  # the writer holds out_dir's lock
         for index in range(writer.num_done_shards, num_shards):
             shard = sequences[index * shard_size : (index + 1) * shard_size]
             tensors = _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size,

@@ -68,9 +68,13 @@ def test_save_refuses_existing_buffer_unless_overwrite(tmp_path):
     make_buffer(seed=0).save(path, shard_size=2)  # 4 shards
     with pytest.raises(FileExistsError):
         make_buffer(seed=1).save(path)
-    make_buffer(seed=1, num_seq=3).save(path, overwrite=True, shard_size=2)  # 2 shards: stale ones removed
-    assert sorted(os.listdir(path)) == ["metadata.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    # 2 shards under the other generation's names (the old ones stay whole until the switch), stale ones removed
+    make_buffer(seed=1, num_seq=3).save(path, overwrite=True, shard_size=2)
+    assert sorted(os.listdir(path)) == ["metadata.json", "shard-00000-g1.safetensors", "shard-00001-g1.safetensors"]
     assert_same(ReplayBuffer.load(path), make_buffer(seed=1, num_seq=3))
+    make_buffer(seed=2, num_seq=5).save(path, overwrite=True, shard_size=4)  # and back to the plain names
+    assert sorted(os.listdir(path)) == ["metadata.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert_same(ReplayBuffer.load(path), make_buffer(seed=2, num_seq=5))
 
 
 def test_no_temporary_files_left_and_crash_before_metadata_is_not_a_buffer(tmp_path, monkeypatch):
