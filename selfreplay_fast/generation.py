@@ -41,6 +41,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from ._inputs import check_temperature
+from .fingerprint import check_resume_weights, weights_identity
 from .replay_buffer import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -1039,6 +1040,10 @@ def generate_replay(
     settings = {
         "model_name": _model_name(model),
         "config_hash": model_config_hash(model),
+        # The weights themselves (a checkpoint retrained in place keeps its name and config) and their dtype.
+        # The draft model is left out: exact speculative sampling makes the output follow the target's
+        # distribution whatever the draft, so another draft cannot mix two teachers.
+        **weights_identity(model),
         "vocab_size": vocab_size,
         "k": k,
         "mode": "tail" if sampled_draws is None else "sampled",
@@ -1068,10 +1073,15 @@ def generate_replay(
         "logprob_dtype": settings["logprob_dtype"],
         "model_name": settings["model_name"],
         "config_hash": settings["config_hash"],
+        "weights_fingerprint": settings["weights_fingerprint"],
+        "weights_dtype": settings["weights_dtype"],
         "temperature": temperature,
         "seed": seed,
         "generation": settings,
     }
+    # Before the writer reads and verifies the existing shards, and before the model runs at all.
+    if out_dir is not None:
+        check_resume_weights(out_dir, "generation", settings, producer="generate_replay")
 
     # ---- resume ----
     writer: Optional[ShardedBufferWriter] = None

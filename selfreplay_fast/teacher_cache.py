@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._inputs import check_temperature
+from .fingerprint import check_resume_weights, weights_identity
 from .generation import _model_name, model_config_hash
 from .model_glue import lm_head_of
 from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, ReplayBuffer, ShardedBufferWriter
@@ -129,6 +130,7 @@ def build_teacher_cache(
     settings = {
         "model_name": _model_name(model),
         "config_hash": model_config_hash(model),
+        **weights_identity(model),  # a checkpoint retrained in place keeps its name and config
         "vocab_size": vocab,
         "k": k,
         "temperature": temperature,
@@ -140,9 +142,11 @@ def build_teacher_cache(
     metadata = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": vocab, "k": k, "mode": "tail",
         "pad_token_id": pad_token_id, "logprob_dtype": "float32", "model_name": settings["model_name"],
-        "config_hash": settings["config_hash"], "temperature": temperature, "source": "corpus",
+        "config_hash": settings["config_hash"], "weights_fingerprint": settings["weights_fingerprint"],
+        "weights_dtype": settings["weights_dtype"], "temperature": temperature, "source": "corpus",
         SETTINGS_KEY: settings,
     }
+    check_resume_weights(out_dir, SETTINGS_KEY, settings, producer="build_teacher_cache")  # before any shard is read
     num_shards = -(-len(sequences) // shard_size)
     writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
                                  producer="build_teacher_cache")
