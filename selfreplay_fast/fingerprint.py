@@ -43,6 +43,7 @@ __all__ = ["SAMPLE_SIZE", "fingerprinted_tensors", "weights_fingerprint", "weigh
 # tensors it trains) impossible in practice, at a cost of ~1.2M gathered elements for an 8B model.
 SAMPLE_SIZE = 4096
 _INVERSE_GOLDEN_RATIO = (math.sqrt(5.0) - 1.0) / 2.0
+_WEIGHTS_KEYS = ("weights_fingerprint", "weights_dtype")  # the settings entries weights_identity() makes
 
 
 def fingerprinted_tensors(model: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
@@ -119,18 +120,19 @@ def weights_dtype(model: torch.nn.Module) -> str:
 def weights_identity(model: torch.nn.Module) -> dict:
     """The settings entries that identify the weights of a teacher: ``weights_fingerprint`` and
     ``weights_dtype`` (the fingerprint covers the dtype too; the dtype is there to be read)."""
-    return {"weights_fingerprint": weights_fingerprint(model), "weights_dtype": weights_dtype(model)}
+    return dict(zip(_WEIGHTS_KEYS, (weights_fingerprint(model), weights_dtype(model))))
 
 
 def check_resume_weights(out_dir, settings_key: str, settings: dict, *, producer: str) -> None:
     """Refuse to resume a buffer in ``out_dir`` that other weights than ``settings``' wrote.
 
     Only reads ``metadata.json`` (no shard), so a resume with the wrong model fails before any costly
-    work. Raises :class:`ReplayBufferError` (one line) when the recorded ``weights_fingerprint`` or
-    ``weights_dtype`` differs from ``settings``', or when the buffer records none (written before
-    fingerprints existed: the weights cannot be checked, and a mixed buffer cannot be told apart
-    afterwards). Anything else (no buffer yet, another producer's buffer, a file that is not a buffer, a
-    bad ``out_dir``) is left to ``ShardedBufferWriter``, which reports it.
+    work. Where every other setting matches, raises :class:`ReplayBufferError` (one line) when the
+    recorded ``weights_fingerprint`` or ``weights_dtype`` differs from ``settings``', or when the buffer
+    records none (written before fingerprints existed: the weights cannot be checked, and a mixed buffer
+    cannot be told apart afterwards). Anything else (no buffer yet, other settings, another producer's
+    buffer, a file that is not a buffer, a bad ``out_dir``) is left to ``ShardedBufferWriter``, which
+    reports it, still before reading a shard.
     """
     if not isinstance(out_dir, (str, os.PathLike)):
         return
@@ -142,13 +144,15 @@ def check_resume_weights(out_dir, settings_key: str, settings: dict, *, producer
     previous = existing.get(settings_key) if isinstance(existing, dict) else None
     if not isinstance(previous, dict):
         return
+    if any(previous.get(key) != settings.get(key) for key in set(previous) | set(settings) if key not in _WEIGHTS_KEYS):
+        return  # another model or other settings: the writer names those, which say more than the weights
     if "weights_fingerprint" not in previous:
         raise ReplayBufferError(
             f"out_dir {out_dir} holds a buffer of {producer} that records no weights_fingerprint (it was written "
             "before selfreplay-fast fingerprinted the teacher's weights), so resuming it cannot check that the model "
             "is the one that generated its shards; use a fresh directory (the buffer itself still loads)"
         )
-    differing = [key for key in ("weights_fingerprint", "weights_dtype") if previous.get(key) != settings.get(key)]
+    differing = [key for key in _WEIGHTS_KEYS if previous.get(key) != settings.get(key)]
     if differing:
         detail = ", ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differing)
         raise ReplayBufferError(

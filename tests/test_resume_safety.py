@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import selfreplay_fast.generation as generation
 from selfreplay_fast.generation import generate_replay
-from selfreplay_fast.replay_buffer import ReplayBuffer, ReplayBufferError
+from selfreplay_fast.replay_buffer import ReplayBuffer, ReplayBufferError, read_metadata, write_metadata
 
 CHECKPOINT = "/checkpoints/llama-tiny"  # the same name for every model: a checkpoint overwritten in place
 
@@ -120,12 +120,12 @@ def test_buffer_without_a_fingerprint_is_refused(tmp_path):
     model = tiny_llama(0)
     out = tmp_path / "buf"
     partial_buffer(model, str(out))
-    # A buffer written before the fingerprint existed: the same metadata without its two fields.
-    meta = json.loads((out / "metadata.json").read_text())
+    # A buffer written before the fingerprint existed: the same metadata without its two fields, written
+    # as the library writes it (so that any integrity record of the file itself is right).
+    meta = read_metadata(str(out))
     for key in ("weights_fingerprint", "weights_dtype"):
-        meta["generation"].pop(key, None)
-        meta.pop(key, None)
-    (out / "metadata.json").write_text(json.dumps(meta))
+        del meta["generation"][key], meta[key]
+    write_metadata(str(out), meta)
     with pytest.raises(ReplayBufferError, match="records no weights_fingerprint.*use a fresh directory") as caught:
         generate_replay(model, out_dir=str(out), **RUN)
     assert "\n" not in str(caught.value)
