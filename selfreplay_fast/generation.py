@@ -24,7 +24,10 @@ so no generation_config default such as ``top_k=50`` can truncate the distributi
   its content does not depend on earlier shards. With ``out_dir`` each finished shard is written
   atomically and listed in ``metadata.json``; rerunning with the same arguments skips the listed
   shards and produces exactly what an uninterrupted run produces (same device and software assumed:
-  kernels differ between CPU and GPU).
+  kernels differ between CPU and GPU). The settings include a fingerprint of the model's weights and
+  their dtype (fingerprint.py), checked before anything else: a rerun with other weights under the same
+  name and config (a checkpoint retrained in place, another dtype) is refused instead of completing the
+  buffer with a second teacher.
 """
 
 from __future__ import annotations
@@ -913,7 +916,8 @@ def generate_replay(
         draft_model: a smaller causal LM with the same vocabulary, for speculative decoding.
         num_draft_tokens: draft tokens per speculative step.
         seed: base seed; shard ``s`` samples with a generator seeded from ``(seed, s)``.
-        out_dir: directory to write the sharded buffer to; a rerun resumes after the last complete shard.
+        out_dir: directory to write the sharded buffer to; a rerun resumes after the last complete shard,
+            provided the model's weights (their fingerprint and dtype) and every setting are the same.
         progress: show a tqdm bar (sequences, tokens/s, acceptance rate).
         shard_size: sequences per shard (the unit of resumption).
         tokenizer: optional; used for string prompts and for BOS/EOS ids when the config lacks them.

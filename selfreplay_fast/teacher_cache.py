@@ -104,7 +104,8 @@ def build_teacher_cache(
         token_sequences: list of token-id lists (or 1-D integer tensors), each at least one token.
         k: teacher slots per position, 1 <= k <= vocabulary size.
         out_dir: directory of the buffer; a rerun with the same model, sequences and settings resumes
-            after the last complete shard; a directory holding another buffer is refused.
+            after the last complete shard; a directory holding another buffer is refused, and so is one
+            that other weights (another fingerprint or dtype, see fingerprint.py) began.
         batch_size: sequences per forward pass. shard_size: sequences per shard file.
         temperature: the teacher is softmax(logits / temperature).
         chunk_size: positions per logits chunk of ``linear_topk_logprobs`` (default: its own).
