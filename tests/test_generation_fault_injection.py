@@ -86,8 +86,6 @@ RUN = dict(num_sequences=5, shard_size=2, max_new_tokens=6, top_k=4, batch_size=
 # call (a resumed call counts only the shards it generated) and each shard's wall-clock timings.
 VOLATILE_METADATA = ("generation_stats",)
 VOLATILE_SHARD_STATS = ("seconds", "tokens_per_second")
-# generate_replay checks the slot cache with 6 forward passes before the first shard it generates.
-CHECK_FORWARDS = 6
 
 
 def build_model():
@@ -141,27 +139,39 @@ def assert_prefix_of(partial, reference, context):
             assert torch.equal(getattr(partial, name)[i, :n], getattr(reference, name)[i, :n]), (context, name, i)
 
 
+def forwards_of_the_slot_cache_check():
+    """How many forward passes generate_replay's check of the model makes before its first shard."""
+    from selfreplay_fast.generation import check_slot_attention
+
+    model, calls = build_model(), []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with torch.inference_mode():
+        check_slot_attention(model)
+    return len(calls)
+
+
 def test_kill_9_in_every_phase_then_resume_equals_an_uninterrupted_run(tmp_path):
     rng = random.Random(SEED)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    shard_steps = RUN["max_new_tokens"] + 1  # decode steps of a 2-sequence shard with 2 slots, at most
+    first_kill = "fs:rename:metadata.json:1:before"
+    reference_child = start_child(tmp_path, straight, "none")  # runs beside the chain's first child
+    killed = start_child(tmp_path, resumed, first_kill)
+    check_forwards = forwards_of_the_slot_cache_check()
+    code, err = finish(reference_child)
+    assert code == 0, err
+    reference = ReplayBuffer.load(str(straight))
+    assert len(reference) == RUN["num_sequences"] and len(read_metadata(str(straight))["shards"]) == 3
+    decode_forwards = read_metadata(str(straight))["shards"][0]["stats"]["target_forwards"]  # of shard 0
     chain = [
         # (phase, kill point, shards that metadata.json lists after the kill; None = no metadata.json yet)
-        ("before the first shard: the metadata claim renamed into place never",
-         "fs:rename:metadata.json:1:before", None),
-        ("decoding shard 0", f"forward:{CHECK_FORWARDS + rng.randint(1, shard_steps)}", 0),
+        ("before the first shard: the metadata claim renamed into place never", first_kill, None),
+        ("decoding shard 0", f"forward:{check_forwards + rng.randint(1, decode_forwards)}", 0),
         ("shard 0 renamed into place, the metadata listing it not written",
          "fs:rename:shard-00000:1:after", 0),
         ("writing shard 1's temporary file",
          rng.choice(["fs:open:shard-00001:1:after", "fs:rename:shard-00001:1:before"]), 1),
         ("after completion", "exit", 3),
     ]
-    reference_child = start_child(tmp_path, straight, "none")  # runs beside the chain's first child
-    killed = start_child(tmp_path, resumed, chain[0][1])
-    code, err = finish(reference_child)
-    assert code == 0, err
-    reference = ReplayBuffer.load(str(straight))
-    assert len(reference) == RUN["num_sequences"] and len(read_metadata(str(straight))["shards"]) == 3
 
     for step, (phase, kill, listed) in enumerate(chain):
         context = f"kill {step} ({phase}; {kill}; seed {SEED})"
