@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ._inputs import check_temperature
 from .fingerprint import check_resume_weights, weights_identity
-from .generation import _model_name, model_config_hash
+from .model_info import model_config_hash, model_name
 from .model_glue import lm_head_of
 from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, ReplayBuffer, ShardedBufferWriter
 from .topk import linear_topk_logprobs
@@ -129,7 +129,7 @@ def build_teacher_cache(
         pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
 
     settings = {
-        "model_name": _model_name(model),
+        "model_name": model_name(model),
         "config_hash": model_config_hash(model),
         **weights_identity(model),  # a checkpoint retrained in place keeps its name and config
         "vocab_size": vocab,
