@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ._inputs import check_temperature
-from .generation import _model_name, model_config_hash
+from .fingerprint import check_resume_weights, weights_identity
+from .model_info import model_config_hash, model_name
 from .model_glue import lm_head_of
 from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, ReplayBuffer, ShardedBufferWriter
 from .topk import linear_topk_logprobs
@@ -103,7 +104,8 @@ def build_teacher_cache(
         token_sequences: list of token-id lists (or 1-D integer tensors), each at least one token.
         k: teacher slots per position, 1 <= k <= vocabulary size.
         out_dir: directory of the buffer; a rerun with the same model, sequences and settings resumes
-            after the last complete shard; a directory holding another buffer is refused.
+            after the last complete shard; a directory holding another buffer is refused, and so is one
+            that other weights (another fingerprint or dtype, see fingerprint.py) began.
         batch_size: sequences per forward pass. shard_size: sequences per shard file.
         temperature: the teacher is softmax(logits / temperature).
         chunk_size: positions per logits chunk of ``linear_topk_logprobs`` (default: its own).
@@ -127,8 +129,9 @@ def build_teacher_cache(
         pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
 
     settings = {
-        "model_name": _model_name(model),
+        "model_name": model_name(model),
         "config_hash": model_config_hash(model),
+        **weights_identity(model),  # a checkpoint retrained in place keeps its name and config
         "vocab_size": vocab,
         "k": k,
         "temperature": temperature,
@@ -140,9 +143,11 @@ def build_teacher_cache(
     metadata = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": vocab, "k": k, "mode": "tail",
         "pad_token_id": pad_token_id, "logprob_dtype": "float32", "model_name": settings["model_name"],
-        "config_hash": settings["config_hash"], "temperature": temperature, "source": "corpus",
+        "config_hash": settings["config_hash"], "weights_fingerprint": settings["weights_fingerprint"],
+        "weights_dtype": settings["weights_dtype"], "temperature": temperature, "source": "corpus",
         SETTINGS_KEY: settings,
     }
+    check_resume_weights(out_dir, SETTINGS_KEY, settings, producer="build_teacher_cache")  # before any shard is read
     num_shards = -(-len(sequences) // shard_size)
     writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
                                  producer="build_teacher_cache")

@@ -17,8 +17,9 @@ scipy_stats = pytest.importorskip("scipy.stats")
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import selfreplay_fast.generation as generation
-from selfreplay_fast.generation import NGramDrafter, generate_replay, sample_categorical
+import selfreplay_fast.decode_engine as decode_engine
+import selfreplay_fast.slot_cache as slot_cache
+from selfreplay_fast.generation import DecodeState, NGramDrafter, generate_replay, sample_categorical
 from selfreplay_fast.reference import reference_replay_kl
 from selfreplay_fast.replay_buffer import ReplayBuffer
 
@@ -155,7 +156,7 @@ def test_speculative_sampling_follows_model_distribution(peaky_model, peaky_draf
 
 def test_speculative_without_residual_fails_the_test(peaky_model, peaky_draft, monkeypatch):
     # The classic bug: after a rejection, resample from p instead of normalize(max(p - q, 0)).
-    monkeypatch.setattr(generation, "_correction_distribution", lambda p, q, rejected: p)
+    monkeypatch.setattr(decode_engine, "correction_distribution", lambda p, q, rejected: p)
     buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
                              batch_size=256, draft_model=peaky_draft, num_draft_tokens=2, seed=2, progress=False)
     exact = exact_sequence_probs(peaky_model, [BOS], MAX_NEW, 1.0)
@@ -174,7 +175,7 @@ def test_ngram_speculative_sampling_follows_model_distribution(peaky_model):
 
 
 def test_ngram_without_residual_fails_the_test(peaky_model, monkeypatch):
-    monkeypatch.setattr(generation, "_correction_distribution", lambda p, q, rejected: p)
+    monkeypatch.setattr(decode_engine, "correction_distribution", lambda p, q, rejected: p)
     prompt = [BOS, 1, 2, 3, 1, 2]
     buffer = generate_replay(peaky_model, num_sequences=NUM_SAMPLES, max_new_tokens=MAX_NEW, top_k=3,
                              batch_size=256, prompts=[prompt], drafter=NGramDrafter(max_ngram=2),
@@ -242,7 +243,7 @@ def assert_teacher_matches_full_forward(model, buffer, k, prompts_len=None, temp
 @pytest.mark.parametrize("speculative", ["none", "draft", "ngram"])
 def test_cached_topk_equals_full_forward(arch, speculative, monkeypatch):
     # Exercise cache compaction often (slack 0) and the delayed finish checks (check_every=3).
-    monkeypatch.setattr(generation, "_COMPACT_SLACK", 0)
+    monkeypatch.setattr(slot_cache, "COMPACT_SLACK", 0)
     model = build_model(arch, 0)
     prompts = [[1, 5, 6, 5, 6], [1], [1, 7, 7]]
     kwargs = {}
@@ -609,7 +610,7 @@ def test_ngram_drafter_proposals():
     seqs = [[1, 5, 6, 7, 5, 6], [1, 2, 3, 4], [1, 9, 9, 9]]
     for i, seq in enumerate(seqs):
         tokens[i, : len(seq)] = torch.tensor(seq)
-    state = generation._DecodeState(tokens, torch.tensor([len(s) for s in seqs]), torch.ones(3, dtype=torch.bool),
+    state = DecodeState(tokens, torch.tensor([len(s) for s in seqs]), torch.ones(3, dtype=torch.bool),
                                     None, 1.0, 12)
     drafts, probs = NGramDrafter().propose(state, 5)
     assert probs is None  # deterministic proposal
@@ -661,7 +662,7 @@ def test_keep_in_memory_false_writes_shards_only(tmp_path):
 def test_cache_compaction_while_every_slot_is_finished(monkeypatch):
     # With delayed finish checks every slot can sit finished (not yet refilled) for several steps. A
     # compaction then may leave the cache narrower than a draft block; the rollback must cope.
-    monkeypatch.setattr(generation, "_COMPACT_SLACK", 0)
+    monkeypatch.setattr(slot_cache, "COMPACT_SLACK", 0)
 
     class EosFirstLlama(LlamaForCausalLM):
         def forward(self, *args, **kwargs):

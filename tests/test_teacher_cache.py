@@ -124,6 +124,29 @@ def test_other_runs_directory_is_refused(tmp_path):
         sf.build_teacher_cache(model, seqs, 3, tmp_path / "junk", progress=False)
 
 
+@pytest.mark.parametrize("other", ["reinitialized", "bfloat16"])
+def test_resume_with_other_weights_is_refused(tmp_path, monkeypatch, other):
+    # A checkpoint retrained in place, or loaded in another dtype, keeps its name and config: the weights
+    # fingerprint tells them apart, before any shard is read.
+    model, seqs = tiny_model(), corpus(count=5)
+    model.config._name_or_path = "/checkpoints/tiny"
+    sf.build_teacher_cache(model, seqs, 3, tmp_path / "c", shard_size=2, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+    if other == "reinitialized":
+        changed, match = tiny_model(seed=1), "weights_fingerprint: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now"
+    else:
+        changed, match = tiny_model().to(torch.bfloat16), "weights_dtype: 'float32' there, 'bfloat16' now"
+    changed.config._name_or_path = "/checkpoints/tiny"
+    monkeypatch.setattr(rb, "read_shard", lambda *a, **k: pytest.fail("a shard was read before the weights check"))
+    with pytest.raises(sf.ReplayBufferError, match=match + r".*the model's weights differ") as caught:
+        sf.build_teacher_cache(changed, seqs, 3, tmp_path / "c", shard_size=2, progress=False)
+    assert "\n" not in str(caught.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == before
+    meta = json.loads((tmp_path / "c" / "metadata.json").read_text())
+    assert meta["teacher_cache"]["weights_fingerprint"] == meta["weights_fingerprint"]
+    assert meta["teacher_cache"]["weights_dtype"] == meta["weights_dtype"] == "float32"
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -1,0 +1,114 @@
+"""Sampling from ``softmax(logits / temperature)`` and recording the teacher of each sampled position:
+the inverse-CDF sampler, the rows of the distribution computed in few passes, the top-k (or sampled)
+teacher rows, and the residual distribution that makes speculative sampling exact."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["sample_categorical", "SamplingRows", "TeacherRecorder", "correction_distribution"]
+
+
+_SAMPLE_BLOCK = 256
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samples: int = 1) -> torch.Tensor:
+    """Draw ``num_samples`` ids (with replacement) per row of ``probs`` [..., V] by inverse CDF.
+
+    ``torch.multinomial`` costs ~8x more on the CPU, and one float32 cumsum over a large vocabulary
+    accumulates rounding (and is itself slow). So this is two-level: pick a block of 256 ids from the
+    block totals (accumulated in float64), then the id inside the chosen block from its float32 cumsum.
+    Rows need not be normalized. Zero-probability ids are never drawn: a draw lands on id ``i`` iff
+    ``cdf[i-1] <= u < cdf[i]``, and a ``u`` that rounding puts past the block's cumsum is clamped to the
+    block's last id with positive mass.
+    """
+    lead, vocab = probs.shape[:-1], probs.shape[-1]
+    rows = probs.reshape(-1, vocab).float()
+    num_rows = rows.shape[0]
+    pad = (-vocab) % _SAMPLE_BLOCK
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    num_blocks = rows.shape[1] // _SAMPLE_BLOCK
+    blocks = rows.view(num_rows, num_blocks, _SAMPLE_BLOCK)
+    outer = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [R, nb]
+    u = torch.rand(num_rows, num_samples, generator=generator, dtype=torch.float64, device=rows.device)
+    u = u * outer[:, -1:]
+    block = torch.searchsorted(outer, u, right=True).clamp_max(num_blocks - 1)  # [R, n]
+    before = torch.where(block > 0, outer.gather(1, (block - 1).clamp_min(0)), 0.0)
+    rest = (u - before).float()
+    block_cdf = blocks.gather(1, block[:, :, None].expand(num_rows, num_samples, _SAMPLE_BLOCK)).cumsum(-1)
+    offset = torch.searchsorted(block_cdf, rest[:, :, None], right=True)[:, :, 0]
+    last_positive = (block_cdf < block_cdf[:, :, -1:]).sum(-1)
+    ids = block * _SAMPLE_BLOCK + torch.minimum(offset, last_positive)
+    return ids.reshape(*lead, num_samples)
+
+
+class SamplingRows:
+    """Rows of the sampling distribution ``softmax(logits / temperature)``, computed in few passes.
+
+    ``weights = exp(z - max z)`` are the unnormalized probabilities (the sampler takes them as they
+    are), ``total`` their sum, so ``p = weights / total`` and ``lse = max + log(total)``. The top-k
+    come from one ``topk`` over the logits (whose first value is the max, for free).
+    """
+
+    def __init__(self, logits: torch.Tensor, temperature: float, k: int):
+        # `logits` is a fresh model output that nothing else reads, so it is overwritten in place:
+        # a new [B, V] tensor per step would cost an allocation (and page faults on the CPU) per pass.
+        z = logits.float()
+        if temperature != 1.0:
+            z = z.div_(temperature)
+        self.top_z, self.top_ids = z.topk(k, dim=-1)
+        shift = self.top_z[..., :1]
+        self.weights = z.sub_(shift).exp_()
+        self.total = self.weights.sum(-1)
+        self.shift = shift[..., 0]
+        self.lse = self.shift + self.total.log()
+
+
+class TeacherRecorder:
+    """Turns rows of the sampling distribution into teacher rows (top-k + tail, or sampled)."""
+
+    def __init__(self, k: int, sampled_draws: Optional[int]):
+        self.k = k
+        self.sampled_draws = sampled_draws
+        # top-k mode needs the k largest logits; sampled mode only the max (to shift the exponentials).
+        self.top = k if sampled_draws is None else 1
+
+    def __call__(self, rows: SamplingRows, generator):
+        """-> ids [..., k] int32, logprobs [..., k] float32, tail [...]. Consumes ``rows.weights``
+        (overwritten in place), so call it after all sampling from ``rows``."""
+        if self.sampled_draws is None:
+            logprobs = rows.top_z - rows.lse[..., None]
+            # Tail mass = sum of the non-top-k probabilities, summed directly (no 1 - sum p cancellation):
+            # this is logsumexp over the non-top-k logits minus the full LSE, shifted by the row max. It
+            # is exact to float32 rounding down to a tail of ~1e-37 of the top probability, and -inf below
+            # (and when k = V), where the tail's contribution to any KL is < 1e-35.
+            rest = rows.weights.scatter_(-1, rows.top_ids, 0.0).sum(-1)
+            tail = (rest / rows.total).log()
+            return rows.top_ids.int(), logprobs, tail
+        lead, vocab = rows.weights.shape[:-1], rows.weights.shape[-1]
+        weights = rows.weights.reshape(-1, vocab)
+        draws = sample_categorical(weights, generator, self.sampled_draws)
+        counts = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
+        counts.scatter_add_(1, draws, torch.ones(draws.shape, dtype=torch.float32, device=weights.device))
+        values, ids = counts.topk(self.k, dim=-1)
+        used = values > 0
+        n = float(self.sampled_draws)
+        logprobs = torch.where(used, (values / n).log(), 0.0)
+        ids = torch.where(used, ids, -1)
+        dropped = (n - values.sum(-1)) / n  # draws of ids that did not fit in k slots
+        tail = torch.where(dropped > 0, dropped.clamp_min(1e-30).log(), float("-inf"))
+        return ids.int().reshape(*lead, self.k), logprobs.reshape(*lead, self.k), tail.reshape(lead)
+
+
+def correction_distribution(p: torch.Tensor, q: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Distribution of the token emitted after the accepted drafts (rows [B, V], need not be normalized).
+
+    After a rejection it is ``normalize(max(p - q, 0))``, the residual that makes speculative sampling
+    exact; when every draft was accepted it is the bonus distribution ``p`` itself.
+    """
+    residual = (p - q * rejected[:, None]).clamp_min(0)
+    # The residual mass is 0 only if p == q exactly, where a rejection has probability 0: fall back to p.
+    return torch.where(residual.sum(1, keepdim=True) > 0, residual, p)
