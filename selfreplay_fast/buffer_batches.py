@@ -88,3 +88,13 @@ class TrainingBatches:
 
     def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def stream(self, batch_size: int, *, seed: int = 0, device=None, rank: int = 0, world_size: int = 1,
+               drop_last: bool = False, trim: bool = True, teacher_dtype: Optional[torch.dtype] = None):
+        """An endless :class:`~selfreplay_fast.replay_stream.ReplayStream` of training batches: pass p over
+        the buffer is shuffled with ``seed + p``; rank ``rank`` of ``world_size`` takes every
+        ``world_size``-th batch; ``state_dict()`` / ``load_state_dict()`` resume it exactly."""
+        from .replay_stream import ReplayStream
+
+        return ReplayStream(self, batch_size, seed=seed, device=device, rank=rank, world_size=world_size,
+                            drop_last=drop_last, trim=trim, teacher_dtype=teacher_dtype)

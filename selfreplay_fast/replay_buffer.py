@@ -22,6 +22,7 @@ reader is in ``sharded_buffer.py``, the training batches of both in ``buffer_bat
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -317,6 +318,29 @@ class ReplayBuffer(TrainingBatches):
             self.teacher_tail_logprob[idx, :width], vocab_size=self.vocab_size, mode=self.mode,
             pad_token_id=self.pad_token_id, metadata=self.metadata,
         )
+
+    def split(self, holdout, *, seed: int = 0) -> "tuple[ReplayBuffer, ReplayBuffer]":
+        """(train, held_out): a reproducible random split of the sequences, ``holdout`` of them held out (an
+        int count, or a fraction in (0, 1) rounded to the nearest count, at least 1). The same ``seed`` and
+        buffer always give the same split; each part keeps the buffer's order."""
+        n = len(self)
+        if n < 2:
+            raise ValueError(f"holdout: a buffer of {n} sequence(s) cannot be split")
+        if isinstance(holdout, bool) or not isinstance(holdout, numbers.Real):
+            raise TypeError(f"holdout must be an int count or a float fraction, got {type(holdout).__name__}")
+        if isinstance(holdout, numbers.Integral):
+            count = int(holdout)
+            if not 0 < count < n:
+                raise ValueError(f"holdout must be a count in [1, {n - 1}] (the buffer holds {n} sequences), got {count}")
+        else:
+            if not 0 < holdout < 1:
+                raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+            count = min(max(1, round(holdout * n)), n - 1)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        held = torch.zeros(n, dtype=torch.bool)
+        held[torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:count]] = True
+        return self.select(~held), self.select(held)
 
     def sequences(self) -> List[List[int]]:
         """The token ids of every sequence, without padding."""

@@ -64,6 +64,7 @@ from .model_glue import (
     task_nll,
 )
 from .replay_buffer import ReplayBuffer, ShardedReplayBuffer
+from .replay_stream import ReplayStream
 
 __all__ = ["ReplayTrainer"]
 
@@ -80,7 +81,7 @@ class _ReplayStreamStart(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         t = self.trainer
-        t._replay_taken, t._replay_iter, t._replay_sums = 0, None, None
+        t._replay, t._replay_sums = None, None  # the stream restarts at t._replay_start
         t._replay_window.clear()
         t._replay_logged_step = state.global_step
 
@@ -152,9 +153,8 @@ class ReplayTrainer(Trainer):
         self.replay_loss = replay_loss
         self.replay_batch_size = replay_batch_size or max(1, self.args.per_device_train_batch_size // 2)
         self.replay_seed = int(replay_seed)
-        self._replay_iter = None
+        self._replay = None  # this rank's ReplayStream, made at the first replay batch of a training loop
         self._replay_start = 0  # stream position (in single-process batches) the stream starts from
-        self._replay_taken = 0  # batches this rank took from the stream since it started
         self._replay_window = collections.deque()  # (batch, window replay count) of the current optimizer step
         self._replay_sums = None  # [task, kl] since the last log, on the device
         self._replay_logged_step = 0
@@ -162,29 +162,16 @@ class ReplayTrainer(Trainer):
 
     # -- the replay stream --------------------------------------------------------------------------------
 
-    def _replay_stream(self):
-        # The single-process stream is the passes' batches one after the other; under DDP rank r keeps the
+    def next_replay_batch(self):
+        # The single-process stream is the passes' batches one after the other; under DDP rank r takes the
         # stream positions r, r + N, r + 2N, ... (only those are read), so the ranks replay disjoint batches
         # that together make the single-process stream. It starts at position self._replay_start, a
         # multiple of N (resumed from a checkpoint: replay_state.json).
-        rank, world = self.args.process_index, self.args.world_size
-        per_pass = self.replay_buffer.num_batches(self.replay_batch_size)
-        replay_pass, first = divmod(self._replay_start, per_pass)
-        while True:
-            pass_start = replay_pass * per_pass
-            yield from self.replay_buffer.batches(
-                self.replay_batch_size, shuffle=True, seed=self.replay_seed + replay_pass,
-                device=self.args.device, start=first + (rank - pass_start - first) % world, stride=world,
-            )
-            replay_pass += 1
-            first = 0
-
-    def next_replay_batch(self):
-        if self._replay_iter is None:
-            self._replay_iter = self._replay_stream()
-        batch = next(self._replay_iter)
-        self._replay_taken += 1
-        return batch
+        if self._replay is None:
+            self._replay = ReplayStream(self.replay_buffer, self.replay_batch_size, seed=self.replay_seed,
+                                        device=self.args.device, rank=self.args.process_index,
+                                        world_size=self.args.world_size, position=self._replay_start)
+        return next(self._replay)
 
     @property
     def replay_passes(self) -> int:
@@ -195,7 +182,7 @@ class ReplayTrainer(Trainer):
     def replay_position(self) -> int:
         """Batches of the single-process replay stream consumed by all ranks together (where training
         resumes). Every rank takes one replay batch per micro-batch, so all have taken equally many."""
-        return self._replay_start + self._replay_taken * self.args.world_size
+        return self._replay.position if self._replay is not None else self._replay_start
 
     # -- checkpoints: the replay stream resumes where it stopped ----------------------------------------------
 
