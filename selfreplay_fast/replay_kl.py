@@ -397,8 +397,19 @@ class _FusedReplayKL(torch.autograd.Function):
         return (loss_rows * weight_rows).sum()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        # The engine runs backward with autograd on exactly when create_graph=True (a gradient penalty,
+        # torch.autograd.functional.hvp/hessian). The gradients below come from fused arithmetic, not
+        # from differentiable operations: returned as they are, a second derivative through them would
+        # be a silent 0, so refuse.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_replay_kl does not support double backward (second-order gradients: "
+                "create_graph=True, gradient penalties, torch.autograd.functional.hvp/hessian); its "
+                "gradients are computed by fused kernels, not by differentiable operations. Use "
+                "reference_replay_kl (same arguments, plain autograd over the full [N, V] logits) for "
+                "second-order gradients"
+            )
         if ctx.recompute is not None:  # reduction="none" (per-row grad_output) or fp16 operands
             # Vocab-parallel: the same collectives as the forward, in the same order on every rank.
             inp, head, passes, vocab, chunk_rows, weight_rows = ctx.recompute
