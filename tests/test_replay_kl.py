@@ -325,6 +325,13 @@ BAD = [
     ("chunk_size", dict(chunk_size=0), ValueError, "chunk_size"),
     ("tail with topk", dict(mode="topk", teacher_tail_logprob=torch.zeros(2, 3)), ValueError, "teacher_tail_logprob"),
     ("tail nan", dict(teacher_tail_logprob=torch.full((2, 3), float("nan"))), ValueError, "teacher_tail_logprob"),
+    # slots 0.5 + tail 0.1: a teacher that leaves 40% of its mass nowhere (KL would go negative)
+    ("slots + tail < 1", dict(teacher_logprobs=torch.full((2, 3, 3), math.log(0.5 / 3)),
+                              teacher_tail_logprob=torch.full((2, 3), math.log(0.1))),
+     ValueError, "teacher_logprobs and teacher_tail_logprob"),
+    ("slots + tail > 1", dict(teacher_logprobs=torch.full((2, 3, 3), math.log(0.9 / 3)),
+                              teacher_tail_logprob=torch.full((2, 3), math.log(0.9))),
+     ValueError, "teacher_logprobs and teacher_tail_logprob"),
 ]
 
 
@@ -333,6 +340,25 @@ BAD = [
 def test_bad_input_is_rejected(fn, name, over, exc, match):
     with pytest.raises(exc, match=match):
         _call(fn, **over)
+
+
+def test_slots_plus_tail_within_the_tolerance_of_one_pass():
+    """The tolerance is MASS_TOLERANCE (shared with ReplayBuffer.validate) on either side of 1; masked
+    positions are not checked; without a tail only the upper bound applies (a top-k cache alone
+    leaves its tail unknown)."""
+    from selfreplay_fast.replay_buffer import MASS_TOLERANCE
+
+    slots = torch.full((2, 3, 3), math.log(0.6 / 3))
+    for total in (1 - 0.9 * MASS_TOLERANCE, 1 + 0.9 * MASS_TOLERANCE):
+        assert torch.isfinite(_call(teacher_logprobs=slots, teacher_tail_logprob=torch.full((2, 3), math.log(total - 0.6))))
+    for total in (1 - 1.5 * MASS_TOLERANCE, 1 + 1.5 * MASS_TOLERANCE):
+        with pytest.raises(ValueError, match="teacher_logprobs and teacher_tail_logprob"):
+            _call(teacher_logprobs=slots, teacher_tail_logprob=torch.full((2, 3), math.log(total - 0.6)))
+    short = torch.full((2, 3), math.log(0.1))
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    short[0, 0] = math.log(0.4)  # the one counted position sums to 1
+    assert torch.isfinite(_call(teacher_logprobs=slots, teacher_tail_logprob=short, mask=mask))
+    assert torch.isfinite(_call(teacher_logprobs=slots))  # no tail: mass 0.6 <= 1 is fine
 
 
 def test_sampled_mass_over_one_and_good_call_pass():
