@@ -6,7 +6,7 @@ A chunk of ``c`` rows of raw student logits ``x`` [c, V] is visited twice, with 
 * :func:`masked_lse` gathers the scaled logits on each row's teacher slots, overwrites those positions
   of ``x`` with -inf, and returns the log-sum-exp of ``z`` over the remaining vocabulary;
 * :func:`softmax_grad` (after per-row scalars are computed in Python) writes the dense gradient
-  ``sign * exp(z - shift)`` and then the sparse gradient on the teacher slots.
+  ``sign * exp((z - origin) + log_coef)`` and then the sparse gradient on the teacher slots.
 
 Both kernels run one program per row and stream the vocabulary in tiles of ``BLOCK_V`` columns.
 """
@@ -118,8 +118,10 @@ def _softmax_grad_kernel(
     grad_teacher_col_stride,
     sign_ptr,
     sign_stride,
-    shift_ptr,
-    shift_stride,
+    origin_ptr,
+    origin_stride,
+    log_coef_ptr,
+    log_coef_stride,
     out_ptr,
     out_row_stride,
     inv_temp: tl.float64,
@@ -135,9 +137,9 @@ def _softmax_grad_kernel(
     logits_ptr: raw student logits x [c, V] as left by _masked_lse_kernel (-inf on used slots).
     ids_ptr: teacher token ids [c, K]; -1 marks an unused slot.
     grad_teacher_ptr: [c, K] gradient w.r.t. z on the slots (0 on unused slots).
-    sign_ptr, shift_ptr: [c] per-row scalars of the dense gradient (sign in {-1, 0, 1}).
+    sign_ptr, origin_ptr, log_coef_ptr: [c] per-row scalars of the dense gradient (sign in {-1, 0, 1}).
     out_ptr: output [c, V], may alias logits_ptr (same strides):
-        out[n, v] = sign[n] * exp(z[n, v] - shift[n]),  z = x * inv_temp,
+        out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]),  z = x * inv_temp,
         then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot i.
     inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
     V: vocabulary size. K: teacher slots per row.
@@ -150,14 +152,15 @@ def _softmax_grad_kernel(
     row_out_ptr = out_ptr + row * out_row_stride
     out_dtype = out_ptr.dtype.element_ty
     neg_inf = float("-inf")
-    pos_inf = float("inf")
 
     sign = tl.load(sign_ptr + row * sign_stride)
-    shift = tl.load(shift_ptr + row * shift_stride)
-    # Per-row guards, so the dense pass is NaN-free whatever z holds: a zero sign turns the
-    # exponential off (exp(z - inf) = 0, never 0 * inf), and a -inf shift (possible only when every z
-    # of the row is -inf) becomes 0 so that exp(-inf - shift) = 0.
-    shift = tl.where(sign == 0, pos_inf, tl.where(shift == neg_inf, 0.0, shift))
+    origin = tl.load(origin_ptr + row * origin_stride)
+    log_coef = tl.load(log_coef_ptr + row * log_coef_stride)
+    # Per-row guards, so the dense pass is NaN-free on valid rows: a zero sign turns the exponential
+    # off (log_coef = -inf: exp(z - origin - inf) = 0, never 0 * inf), and a -inf origin (only when every z of the row
+    # is -inf) becomes 0 so that exp(-inf - origin) = 0.
+    log_coef = tl.where(sign == 0, neg_inf, log_coef)
+    origin = tl.where(origin == neg_inf, 0.0, origin)
     scale = tl.full([], inv_temp, sign.dtype)  # compute dtype = logits' dtype (fp32 or fp64)
 
     # Dense pass. When out aliases the logits, each element is read and then written by the same lane
@@ -167,7 +170,8 @@ def _softmax_grad_kernel(
         cols = start + col
         in_row = cols < V
         z = tl.load(row_logits_ptr + cols, mask=in_row, other=neg_inf) * scale
-        grad = sign * tl.exp(z - shift)
+        # (z - origin) first: both are ~1/T in size and nearly cancel; log_coef is O(log 1/T).
+        grad = sign * tl.exp((z - origin) + log_coef)
         if OUT_IS_16BIT:
             grad = grad.to(tl.float32)
         tl.store(row_out_ptr + cols, grad.to(out_dtype), mask=in_row)
@@ -315,7 +319,8 @@ def softmax_grad(
     ids: torch.Tensor,
     grad_teacher: torch.Tensor,
     sign: torch.Tensor,
-    shift: torch.Tensor,
+    origin: torch.Tensor,
+    log_coef: torch.Tensor,
     inv_temp: float,
     out: torch.Tensor,
     *,
@@ -324,10 +329,10 @@ def softmax_grad(
 ) -> torch.Tensor:
     """logits: [c, V] as left by masked_lse (used-slot positions hold -inf).
     ids: [c, k] int64/int32, -1 = unused. grad_teacher: [c, k] (logits.dtype), 0 on unused slots.
-    sign, shift: [c] (logits.dtype), sign in {-1, 0, 1}.
+    sign, origin, log_coef: [c] (logits.dtype), sign in {-1, 0, 1}; origin is LSE_c (-inf allowed).
     out: [c, V] float32/float64/bfloat16/float16, last dim contiguous; may be the same tensor as logits.
     Writes, with z = logits * inv_temp computed in logits.dtype:
-      out[n, v] = sign[n] * exp(z[n, v] - shift[n]) for every v,
+      out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]) for every v (the subtraction first),
       then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot.
     A zero sign gives an exact 0. Returns out.
     block_v, block_k: vocabulary / slot tile width overrides (powers of 2), for tests and tuning.
@@ -337,7 +342,7 @@ def softmax_grad(
     inv_temp = _check_inv_temp(inv_temp)
     dtype, device = logits.dtype, logits.device
     _check_like("grad_teacher", grad_teacher, (c, k), dtype, device)
-    for name, t in (("sign", sign), ("shift", shift)):
+    for name, t in (("sign", sign), ("origin", origin), ("log_coef", log_coef)):
         _check_like(name, t, (c,), dtype, device)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (c, V):
         raise ValueError(f"out must be a tensor of shape [{c}, {V}], got {_describe(out)}")
@@ -366,8 +371,10 @@ def softmax_grad(
             grad_teacher.stride(1),
             sign,
             sign.stride(0),
-            shift,
-            shift.stride(0),
+            origin,
+            origin.stride(0),
+            log_coef,
+            log_coef.stride(0),
             out,
             out.stride(0),
             inv_temp,

@@ -11,11 +11,14 @@ scaled logits on the slots (``z_teacher``). From those and the teacher this modu
 so one vocabulary kernel serves all modes: modes differ only in these per-row scalars. The code
 evaluates the dense part as a single exponential
 
-    alpha * exp(z_v - beta) - gamma * exp(z_v - delta) = sign * exp(z_v - shift)
+    alpha * exp(z_v - beta) - gamma * exp(z_v - delta) = sign * exp((z_v - origin) + log_coef)
 
-with sign and shift = beta - log|alpha - gamma * exp(beta - delta)| taken in log space; the exponent
-is at most log 2 for v outside the slots (docs/design.md, section 2), so it never overflows and no
-product of a huge scalar and an underflowed probability (inf * 0 = NaN) is ever formed.
+with origin = LSE_c, the log-sum-exp of the complement, and sign and log_coef = log|c (1 - Q)| taken
+in log space (docs/design.md, section 2). z_v - origin <= 0 and log_coef <= 0 for v outside the slots,
+so the exponent never overflows and no product of a huge scalar and an underflowed probability
+(inf * 0 = NaN) is ever formed. The two are added only at the end, each rounded on its own scale: at
+a small temperature z and LSE_c are ~1e8 (an fp32 ulp of 8), and any per-row scalar folded into the
+origin (log 1/T, log|c|) would be rounded away.
 """
 
 from __future__ import annotations
@@ -30,16 +33,20 @@ NEG_INF = float("-inf")
 
 @dataclass
 class RowTerms:
+    """Outside the slots dL/dz_v = sign * exp((z_v - origin) + log_coef); on used slots grad_teacher."""
+
     loss: torch.Tensor  # [c] KL of each row (0 for a row without used slots)
-    sign: torch.Tensor  # [c] sign of the dense gradient (+1, -1 or 0)
-    shift: torch.Tensor  # [c] dL/dz_v = sign * exp(z_v - shift) outside the slots (+inf: zero)
+    sign: torch.Tensor  # [c] sign of the dense gradient (+1, -1, or 0 for an exact 0)
+    origin: torch.Tensor  # [c] LSE_c (-inf for an empty complement: the passes use 0 then)
+    log_coef: torch.Tensor  # [c] log of the dense gradient's coefficient, relative to exp(z_v - origin)
     grad_teacher: torch.Tensor  # [c, k] dL/dz on the slots, 0 on unused slots
 
     def scaled(self, row_scale: torch.Tensor):
-        """(sign, shift, grad_teacher) of row_scale[n] * dL/dz (row weight and 1/temperature)."""
-        sign = self.sign * torch.sign(row_scale)
-        shift = self.shift - row_scale.abs().log()  # a zero scale gives +inf: an exact 0 gradient
-        return sign, shift, self.grad_teacher * row_scale[:, None]
+        """(sign, origin, log_coef, grad_teacher) of row_scale[n] * dL/dz (row weight and 1/temperature).
+        A zero scale gives sign 0: an exact 0 gradient."""
+        sign = torch.where(row_scale == 0, 0.0, self.sign * torch.sign(row_scale))
+        log_coef = self.log_coef + row_scale.abs().log()
+        return sign, self.origin, log_coef, self.grad_teacher * row_scale[:, None]
 
 
 def _signed_log_difference(log_a: torch.Tensor, log_b: torch.Tensor):
@@ -77,10 +84,13 @@ def compute_row_terms(
         p_hat = torch.where(valid, log_p_hat.exp(), 0.0)
         loss = torch.where(valid, p_hat * (log_p_hat - log_q_hat), 0.0).sum(-1)
         grad_teacher = torch.where(valid, log_q_hat.exp() - p_hat, 0.0)
-        return RowTerms(loss, zero.expand(loss.shape), (zero + float("inf")).expand(loss.shape), grad_teacher)
+        return RowTerms(loss, zero.expand(loss.shape), zero.expand(loss.shape), (zero + NEG_INF).expand(loss.shape),
+                        grad_teacher)
 
     lse = torch.logaddexp(lse_complement, lse_teacher)  # full-vocabulary log-sum-exp
     log_q_teacher = z_teacher - lse[:, None]
+    log_one_minus_q = lse_complement - lse  # log(1 - Q), a log-sum-exp over the complement: never 1 - Q
+    log_q_mass = lse_teacher - lse  # log Q
     p = torch.where(valid, teacher_logprobs.exp(), 0.0)
     mass = p.sum(-1)
     loss = torch.where(valid, p * (teacher_logprobs - log_q_teacher), 0.0).sum(-1)
@@ -95,16 +105,16 @@ def compute_row_terms(
         # The tail bucket only exists when the teacher leaves mass there and the student has tokens there.
         active = (r > 0) & (lse_complement > NEG_INF)
         r = torch.where(active, r, 0.0)
-        log_one_minus_q = lse_complement - lse  # log(1 - Q), a log-sum-exp over the complement: never 1 - Q
         tail = r * (torch.where(active, log_r, 0.0) - torch.where(active, log_one_minus_q, 0.0))
         loss = loss + tail
-        # Outside the slots dL/dz_v = (mass - r Q / (1 - Q)) q_v: the log of the subtracted part.
-        log_subtracted = torch.where(active, r.log() + (lse_teacher - lse) - log_one_minus_q, NEG_INF)
+        # Outside the slots dL/dz_v = (mass - r Q / (1 - Q)) q_v = (mass (1 - Q) - r Q) exp(z_v - LSE_c):
+        # the log of the subtracted part r Q.
+        log_subtracted = torch.where(active, r.log() + log_q_mass, NEG_INF)
     else:  # "sampled": the same family with no tail bucket
         r = zero.expand(mass.shape)
         log_subtracted = torch.full_like(mass, NEG_INF)
 
     # dL/dz_v = (mass + r) q_v - r [v outside] q_v / (1 - Q) - p_v  (docs/design.md, eq. G)
     grad_teacher = torch.where(valid, (mass + r)[:, None] * log_q_teacher.exp() - p, 0.0)
-    sign, log_abs_coef = _signed_log_difference(mass.log(), log_subtracted)
-    return RowTerms(loss, sign, lse - log_abs_coef, grad_teacher)
+    sign, log_coef = _signed_log_difference(mass.log() + log_one_minus_q, log_subtracted)
+    return RowTerms(loss, sign, lse_complement, log_coef, grad_teacher)

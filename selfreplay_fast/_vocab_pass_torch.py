@@ -24,11 +24,14 @@ def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
     return z_teacher, lse_complement
 
 
-def softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp: float, out):
+def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: float, out):
     dense = logits  # the logits are not needed afterwards: computed in place, no [c, V] temporaries
     if inv_temp != 1.0:
         dense.mul_(inv_temp)
-    dense.sub_(shift[:, None]).exp_().mul_(sign[:, None])
+    # exp((z - origin) + log_coef): two steps, each on its own scale (_row_terms.py). An empty
+    # complement (origin -inf) has z = -inf everywhere: origin 0 gives exp(-inf) = 0, never NaN.
+    origin = torch.where(origin == float("-inf"), 0.0, origin)
+    dense.sub_(origin[:, None]).add_(log_coef[:, None]).exp_().mul_(sign[:, None])
     # The teacher's slots hold exp(-inf) = 0 after the dense formula: add their sparse values.
     dense.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, grad_teacher, 0.0))
     if dense is not out:

@@ -323,8 +323,8 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             logits.shape, dtype=head.operand_dtype, device=dev
         )
         # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
-        sign, shift, grad_teacher = (t.to(logits.dtype) for t in terms.scaled(row_scale[rows]))
-        grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out)
+        sign, origin, log_coef, grad_teacher = (t.to(logits.dtype) for t in terms.scaled(row_scale[rows]))
+        grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp, out)
         del logits
         if want_h:
             partial = head.grad_hidden(grad_logits)

@@ -17,40 +17,10 @@ from selfreplay_fast import replay_kl as rk
 from selfreplay_fast._inputs import prepare_replay_kl_inputs
 
 from conftest import DEVICES, device_for
-from replay_cases import log_mass_outside, make_case, rel_err
+from replay_cases import assert_close_to_reference, log_mass_outside, make_case, rel_err, run
 
 IMPLS = ["torch", "triton"]
 MODES = ["tail", "sampled", "topk"]
-
-
-def run(fn, case, dtype, device="cpu", reduction="mean", grad_seed=0, weight_grad=True, **kw):
-    """Loss and gradients (hidden, weight, bias) of sum(loss * random grad_output)."""
-    h, w, b = case.leaves(dtype, device, weight_grad=weight_grad)
-    ids, lp, tkw = case.teacher(device)
-    loss = fn(h, w, ids, lp, bias=b, reduction=reduction, **tkw, **kw)
-    g = torch.Generator().manual_seed(grad_seed)
-    grad_out = (torch.rand(loss.shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(loss.dtype).to(device)
-    (loss * grad_out).sum().backward()
-    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
-
-
-def assert_close_to_reference(case, impl, dtype, tol, reduction="mean", device=None, **kw):
-    device = device or device_for(impl)
-    ref = run(sf.reference_replay_kl, case, torch.float64, "cpu", reduction)
-    got = run(sf.fused_replay_kl, case, dtype, device, reduction, impl=impl, **kw)
-    names = ["loss", "grad_hidden", "grad_weight", "grad_bias"]
-    for name, a, e in zip(names, got, ref):
-        if e is None:
-            assert a is None, name
-            continue
-        assert a.shape == e.shape, name
-        assert torch.isfinite(a).all(), f"{name} has inf/NaN"
-        if e.norm() == 0:
-            assert a.abs().max().item() == 0, name
-        else:
-            err = rel_err(a, e)
-            assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
-    return ref
 
 
 # --- the reference itself, against formulas written out independently ------------------------------

@@ -82,18 +82,20 @@ def reference_masked_lse(logits, ids, inv_temp):
     return z_teacher, lse
 
 
-def reference_softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp):
+def reference_softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp):
     z = logits.double() * inv_temp
     z = z.masked_fill(slot_mask(ids, logits.shape[1]), NEG_INF)
-    out = sign.double()[:, None] * torch.exp(z - shift.double()[:, None])
+    shift = torch.where(origin == NEG_INF, 0.0, origin.double()) - log_coef.double()
+    out = sign.double()[:, None] * torch.exp(z - shift[:, None])
     for n, i in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
         out[n, ids[n, i]] = grad_teacher[n, i].double()
     return out
 
 
 def row_scalars(z_teacher, lse_complement, seed=0):
-    """Realistic per-row scalars: shift = full log-sum-exp minus the log of a coefficient in
-    [0.05, 2], signs of both kinds (sign = 0 in the last row), grad_teacher 0 on unused slots."""
+    """Realistic per-row scalars: origin = the complement's log-sum-exp, log_coef = the log of a
+    coefficient in [0.05, 2] times 1 - Q (the dense gradient coef * q_v), signs of both kinds
+    (sign = 0 in the last row), grad_teacher 0 on unused slots."""
     gen = torch.Generator().manual_seed(seed + 1)
     c, k = z_teacher.shape
     dtype = z_teacher.dtype
@@ -104,7 +106,8 @@ def row_scalars(z_teacher, lse_complement, seed=0):
     noise = torch.randn(c, k, generator=gen, dtype=torch.float64)
     grad_teacher = torch.where(z_teacher.cpu() > NEG_INF, noise, 0.0)
     dev = z_teacher.device
-    return tuple(t.to(device=dev, dtype=dtype) for t in (grad_teacher.to(dev), sign.to(dev), lse - coef.log().to(dev)))
+    log_coef = coef.log().to(dev) + lse_complement.double() - lse
+    return tuple(t.to(device=dev, dtype=dtype) for t in (grad_teacher.to(dev), sign.to(dev), lse_complement, log_coef))
 
 
 def assert_close(actual, expected, dtype, what):
@@ -190,14 +193,14 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
     logits, ids = make_inputs(c, V, k, dtype=logits_dtype, seed=seed, peaked=peaked, padded=seed % 2 == 1)
     original = logits.clone()
     z_teacher, lse_complement = masked_lse(logits, ids, inv_temp, block_v=block_v)
-    grad_teacher, sign, shift = row_scalars(z_teacher, lse_complement, seed)
-    expected = reference_softmax_grad(original, ids, grad_teacher, sign, shift, inv_temp)
+    scalars = row_scalars(z_teacher, lse_complement, seed)
+    expected = reference_softmax_grad(original, ids, *scalars, inv_temp)
 
     if out_kind.endswith("inplace"):
         out = logits
     else:
         out = torch.full((c, V + 2), float("nan"), dtype=out_dtype, device=DEVICE)[:, :V]  # padded row stride
-    result = softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out, block_v=block_v)
+    result = softmax_grad(logits, ids, *scalars, inv_temp, out, block_v=block_v)
     assert result is out and result.dtype == out_dtype
     return result, expected, out_dtype
 
@@ -225,7 +228,7 @@ def test_softmax_grad_inplace_shapes(c, V, k):
 
 
 def test_softmax_grad_is_nan_free_on_degenerate_rows():
-    """Every token a used id (z = -inf everywhere, even with shift = -inf), and a zero sign next to
+    """Every token a used id (z = -inf everywhere, even with origin = -inf), and a zero sign next to
     logits whose exponentials overflow fp32."""
     V = 37
     logits = torch.randn(3, V, device=DEVICE)
@@ -234,9 +237,10 @@ def test_softmax_grad_is_nan_free_on_degenerate_rows():
     masked_lse(logits, ids, 1.0, block_v=TILE)
     grad_teacher = torch.where(ids >= 0, torch.randn(3, V, device=DEVICE), 0.0)
     sign = torch.tensor([1.0, -1.0, 0.0], device=DEVICE)
-    shift = torch.tensor([NEG_INF, 5.0, 0.0], device=DEVICE)
+    origin = torch.tensor([NEG_INF, 5.0, 0.0], device=DEVICE)
+    log_coef = torch.zeros(3, device=DEVICE)
     out = torch.empty(3, V, device=DEVICE)
-    softmax_grad(logits, ids, grad_teacher, sign, shift, 1.0, out, block_v=TILE)
+    softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, 1.0, out, block_v=TILE)
     assert not torch.isnan(out).any()
     expected = torch.zeros(3, V, device=DEVICE)
     expected.scatter_(1, ids[:2], grad_teacher[:2])
@@ -250,7 +254,7 @@ def test_softmax_grad_is_nan_free_on_degenerate_rows():
 
 def test_wrappers_reject_bad_arguments():
     logits, ids = make_inputs(3, 37, 3)
-    scalars = [torch.zeros(3, device=DEVICE) for _ in range(2)]
+    scalars = [torch.zeros(3, device=DEVICE) for _ in range(3)]
     grad_teacher = torch.zeros(3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="logits"):
         masked_lse(logits.half(), ids, 1.0)
@@ -264,8 +268,10 @@ def test_wrappers_reject_bad_arguments():
         masked_lse(logits, ids, torch.tensor(1.0))
     with pytest.raises(ValueError, match="grad_teacher"):
         softmax_grad(logits, ids, grad_teacher.double(), *scalars, 1.0, logits)
-    with pytest.raises(ValueError, match="shift"):
-        softmax_grad(logits, ids, grad_teacher, scalars[0], torch.zeros(4, device=DEVICE), 1.0, logits)
+    with pytest.raises(ValueError, match="origin"):
+        softmax_grad(logits, ids, grad_teacher, scalars[0], torch.zeros(4, device=DEVICE), scalars[2], 1.0, logits)
+    with pytest.raises(ValueError, match="log_coef"):
+        softmax_grad(logits, ids, grad_teacher, *scalars[:2], torch.zeros(3, device=DEVICE).double(), 1.0, logits)
     with pytest.raises(ValueError, match="out"):
         softmax_grad(logits, ids, grad_teacher, *scalars, 1.0, torch.empty(3, 37, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="out"):
@@ -285,9 +291,9 @@ def test_slot_tiles_smaller_than_k(c, V, k):
         assert_close(z_teacher, z_ref, torch.float32, f"z_teacher block_k={block_k}")
         assert_close(lse, lse_ref, torch.float32, f"lse_complement block_k={block_k}")
         assert torch.equal(logits, original.masked_fill(slot_mask(ids, V), NEG_INF))
-        grad_teacher, sign, shift = row_scalars(z_teacher, lse, seed=block_k)
-        expected = reference_softmax_grad(original, ids, grad_teacher, sign, shift, 0.37)
-        out = softmax_grad(logits, ids, grad_teacher, sign, shift, 0.37, logits, block_v=TILE, block_k=block_k)
+        scalars = row_scalars(z_teacher, lse, seed=block_k)
+        expected = reference_softmax_grad(original, ids, *scalars, 0.37)
+        out = softmax_grad(logits, ids, *scalars, 0.37, logits, block_v=TILE, block_k=block_k)
         assert_close(out, expected, torch.float32, f"softmax_grad block_k={block_k}")
 
 
