@@ -68,6 +68,7 @@ def _masked_lse_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
     neg_inf = float("-inf")
+    pos_inf = float("inf")
     compute_dtype = logits_ptr.dtype.element_ty  # fp32 or fp64
     scale = tl.full([], inv_temp, compute_dtype)
 
@@ -86,13 +87,20 @@ def _masked_lse_kernel(
     tl.debug_barrier()
 
     # Streaming log-sum-exp with one running (max, sum) pair per lane, reduced once after the loop:
-    # lane_sum = sum over the lane's columns of exp(z - lane_max).
+    # lane_sum = sum over the lane's columns of exp(z - lane_max). NaN and +inf are recorded on the
+    # side, as torch.logsumexp propagates them (NaN if any, else +inf): the running pair cannot carry
+    # them (tl.maximum may drop a NaN; exp(inf - inf) is NaN).
     col = tl.arange(0, BLOCK_V)
     lane_max = tl.full([BLOCK_V], neg_inf, compute_dtype)
     lane_sum = tl.zeros([BLOCK_V], compute_dtype)
+    lane_nan = tl.zeros([BLOCK_V], tl.int32)
+    lane_posinf = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + col
         z = tl.load(row_logits_ptr + cols, mask=cols < V, other=neg_inf) * scale
+        lane_nan = tl.maximum(lane_nan, (z != z).to(tl.int32))
+        lane_posinf = tl.maximum(lane_posinf, (z == pos_inf).to(tl.int32))
+        z = tl.where((z != z) | (z == pos_inf), neg_inf, z)  # recorded above; keeps the pair finite
         new_max = tl.maximum(lane_max, z)
         safe_max = tl.where(new_max == neg_inf, 0.0, new_max)  # exp(-inf - 0) = 0 instead of NaN
         lane_sum = lane_sum * tl.exp(lane_max - safe_max) + tl.exp(z - safe_max)
@@ -103,6 +111,8 @@ def _masked_lse_kernel(
     row_sum = tl.sum(lane_sum * tl.exp(lane_max - safe_row_max), axis=0)
     nonempty = row_sum > 0  # an empty complement has log(0) = -inf, without evaluating log(0)
     lse_complement = tl.where(nonempty, safe_row_max + tl.log(tl.where(nonempty, row_sum, 1.0)), neg_inf)
+    lse_complement = tl.where(tl.max(lane_posinf, axis=0) > 0, pos_inf, lse_complement)
+    lse_complement = tl.where(tl.max(lane_nan, axis=0) > 0, float("nan"), lse_complement)
     tl.store(lse_complement_ptr + row, lse_complement)
 
 
@@ -172,6 +182,7 @@ def _softmax_grad_kernel(
         z = tl.load(row_logits_ptr + cols, mask=in_row, other=neg_inf) * scale
         # (z - origin) first: both are ~1/T in size and nearly cancel; log_coef is O(log 1/T).
         grad = sign * tl.exp((z - origin) + log_coef)
+        grad = tl.where(sign == 0, 0.0, grad)  # exact 0 for a row that does not count, even where z is inf/NaN
         if OUT_IS_16BIT:
             grad = grad.to(tl.float32)
         tl.store(row_out_ptr + cols, grad.to(out_dtype), mask=in_row)

@@ -67,11 +67,18 @@ def compute_row_terms(
     valid: torch.Tensor,
     teacher_tail_logprob: Optional[torch.Tensor],
     mode: str,
+    vocab_size: Optional[int] = None,
 ) -> RowTerms:
     """z_teacher: [c, k] scaled student logits on the slots, -inf on unused slots.
     lse_complement: [c] log-sum-exp of scaled logits outside the slots (-inf when the complement is
-    empty); None in "topk" mode, which never looks outside the slots.
-    teacher_logprobs: [c, k], 0 on unused slots. valid: [c, k] bool."""
+    empty, NaN when it holds a NaN, +inf when it holds +inf); None in "topk" mode, which never looks
+    outside the slots.
+    teacher_logprobs: [c, k], 0 on unused slots. valid: [c, k] bool.
+    vocab_size: the whole vocabulary's size (tail mode: which rows have a complement at all).
+
+    Non-finite logits propagate as through a plain log-softmax: a NaN or +inf logit anywhere in a row
+    (topk: on its slots) makes the row's loss NaN and its dense gradient NaN; -inf is a token of
+    probability 0."""
     zero = torch.zeros((), dtype=z_teacher.dtype, device=z_teacher.device)
     lse_teacher = z_teacher.logsumexp(dim=-1)  # -inf for a row without used slots
     has_valid = valid.any(dim=-1)
@@ -88,6 +95,9 @@ def compute_row_terms(
                         grad_teacher)
 
     lse = torch.logaddexp(lse_complement, lse_teacher)  # full-vocabulary log-sum-exp
+    # log_softmax of a row holding +inf is NaN (inf - inf); logaddexp alone would say +inf, and
+    # log q = z - inf = -inf would turn it into an infinite loss or a zero gradient instead.
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
     log_q_teacher = z_teacher - lse[:, None]
     log_one_minus_q = lse_complement - lse  # log(1 - Q), a log-sum-exp over the complement: never 1 - Q
     log_q_mass = lse_teacher - lse  # log Q
@@ -102,8 +112,10 @@ def compute_row_terms(
         else:
             r = (1 - mass).clamp(0, 1)
             log_r = r.log()
-        # The tail bucket only exists when the teacher leaves mass there and the student has tokens there.
-        active = (r > 0) & (lse_complement > NEG_INF)
+        # The tail bucket exists when the teacher leaves mass there and the vocabulary has tokens there
+        # (a complement whose logits are all -inf is a student tail of mass 0: an infinite KL, as in the
+        # reference; a NaN complement gives NaN).
+        active = (r > 0) & (valid.sum(-1) < vocab_size)
         r = torch.where(active, r, 0.0)
         tail = r * (torch.where(active, log_r, 0.0) - torch.where(active, log_one_minus_q, 0.0))
         loss = loss + tail
@@ -117,4 +129,5 @@ def compute_row_terms(
     # dL/dz_v = (mass + r) q_v - r [v outside] q_v / (1 - Q) - p_v  (docs/design.md, eq. G)
     grad_teacher = torch.where(valid, (mass + r)[:, None] * log_q_teacher.exp() - p, 0.0)
     sign, log_coef = _signed_log_difference(mass.log() + log_one_minus_q, log_subtracted)
+    sign = torch.where(torch.isnan(lse), float("nan"), sign)  # a NaN row's dense gradient is NaN, never 0
     return RowTerms(loss, sign, lse_complement, log_coef, grad_teacher)

@@ -32,6 +32,8 @@ def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: fl
     # complement (origin -inf) has z = -inf everywhere: origin 0 gives exp(-inf) = 0, never NaN.
     origin = torch.where(origin == float("-inf"), 0.0, origin)
     dense.sub_(origin[:, None]).add_(log_coef[:, None]).exp_().mul_(sign[:, None])
+    # A zero sign (a row that does not count) is an exact 0, even where its logits are inf/NaN.
+    dense.masked_fill_((sign == 0)[:, None], 0.0)
     # The teacher's slots hold exp(-inf) = 0 after the dense formula: add their sparse values.
     dense.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, grad_teacher, 0.0))
     if dense is not out:

@@ -12,7 +12,7 @@ import torch
 import selfreplay_fast as sf
 
 from conftest import device_for
-from replay_cases import assert_close_to_reference, make_case, rel_err
+from replay_cases import assert_close_to_reference, make_case, rel_err, run
 
 IMPLS = ["torch", "triton"]
 MODES = ["tail", "sampled", "topk"]
@@ -105,3 +105,113 @@ def test_tail_gradient_with_the_student_peaked_on_the_slots(impl, temperature):
     assert ref_grad.abs().max() > 1e6  # 1/T times O(1) probabilities
     assert rel_err(loss, ref_loss) <= 1e-5
     assert rel_err(grad, ref_grad) <= 1e-4
+
+
+# --- item 6: non-finite student logits, masked positions holding inf/NaN ----------------------------
+
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+# Where the bad value sits: a bias entry / a weight row off every row's slots or on row 0's first slot,
+# or the hidden state of one counted position.
+PLACES = ["bias_off", "bias_on", "weight_off", "hidden"]
+
+
+def _nonfinite_case(mode, place, value, seed):
+    case = make_case((5,), 6, 19, 3, mode, seed=seed, mask=False, with_tail=mode == "tail" and seed % 2 == 0)
+    ids = case.teacher_ids
+    off = next(v for v in range(19) if not (ids == v).any())
+    on = int(ids[0][ids[0] >= 0][0])
+    if place == "hidden":
+        case.hidden[3, 2] = value
+    elif place.startswith("bias"):
+        case.bias[off if place == "bias_off" else on] = value
+    else:
+        case.weight[off] = value
+    return case
+
+
+def _loss_and_grads(fn, case, dtype, device, **kw):
+    h, w, b = case.leaves(dtype, device)
+    ids, lp, tkw = case.teacher(device)
+    loss = fn(h, w, ids, lp, bias=b, reduction="none", **tkw, **kw)
+    loss.sum().backward()
+    return loss.detach().double().cpu(), [g.double().cpu() for g in (h.grad, w.grad, b.grad)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("place", PLACES)
+def test_nonfinite_logits_propagate_as_in_the_reference(impl, mode, place):
+    """Counted positions: NaN exactly where the reference's loss is NaN, +-inf where it is +-inf, the
+    same value elsewhere; a NaN loss never comes with finite gradients, and where every gradient of the
+    reference is finite (a -inf logit is a token of probability 0), so is ours, and close."""
+    for seed, value in enumerate(NONFINITE):
+        case = _nonfinite_case(mode, place, value, seed)
+        ref_loss, ref_grads = _loss_and_grads(sf.reference_replay_kl, case, torch.float64, "cpu")
+        loss, grads = _loss_and_grads(sf.fused_replay_kl, case, torch.float32, device_for(impl), impl=impl)
+        what = f"{place}={value}"
+        assert torch.equal(torch.isnan(loss), torch.isnan(ref_loss)), f"{what}: NaN at {loss} vs {ref_loss}"
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, equal_nan=True, msg=what)
+        if torch.isnan(ref_loss).any():
+            assert not all(torch.isfinite(g).all() for g in grads), f"{what}: finite gradients of a NaN loss"
+        if all(torch.isfinite(g).all() for g in ref_grads):
+            for g, e in zip(grads, ref_grads):
+                assert torch.isfinite(g).all() and rel_err(g, e) <= 1e-4, what
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_positions_holding_inf_or_nan_contribute_nothing(impl, mode, reduction):
+    """Whatever the hidden state of a masked position holds, the loss and every gradient are those of
+    the same batch with that position's hidden state set to 0, and its hidden gradient is exactly 0."""
+    dev = device_for(impl)
+    for seed, value in enumerate(NONFINITE):
+        case = make_case((2, 4), 6, 19, 3, mode, seed=seed + 10, with_tail=mode == "tail")
+        case.mask[1, 1:3] = False
+        clean = case.hidden.clone()
+        clean[~case.mask] = 0.0
+        expected = run(sf.reference_replay_kl, _with_hidden(case, clean), torch.float64, "cpu", reduction)
+        poisoned = case.hidden.clone()
+        poisoned[1, 1] = value
+        poisoned[1, 2, 0] = value
+        got = run(sf.fused_replay_kl, _with_hidden(case, poisoned), torch.float32, dev, reduction, impl=impl)
+        for name, a, e in zip(["loss", "grad_hidden", "grad_weight", "grad_bias"], got, expected):
+            assert torch.isfinite(a).all(), f"{name} non-finite with {value} at a masked position"
+            assert rel_err(a, e) <= 1e-4, name
+        assert got[1][~case.mask.to(got[1].device)].abs().max().item() == 0
+        # The reference, too, gives a masked position exactly nothing.
+        ref = run(sf.reference_replay_kl, _with_hidden(case, poisoned), torch.float64, "cpu", reduction)
+        assert all(torch.isfinite(t).all() for t in ref)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nan_head_with_every_position_masked_gives_exact_zeros(impl, reduction):
+    """A NaN bias makes every logit NaN, but no position counts: loss 0, every gradient exactly 0."""
+    case = make_case((4,), 6, 19, 3, "tail", seed=5)
+    case.mask[:] = False
+    case.bias[7] = float("nan")
+    loss, *grads = run(sf.fused_replay_kl, case, torch.float32, device_for(impl), reduction, impl=impl)
+    assert loss.abs().max().item() == 0
+    for g in grads:
+        assert torch.isfinite(g).all() and g.abs().max().item() == 0
+
+
+def test_nonfinite_logits_propagate_on_the_vocab_parallel_path():
+    """process_group (one in-process rank): the same non-finite loss as without it."""
+    import torch.distributed as dist
+
+    group = dist.ProcessGroupGloo(dist.HashStore(), 0, 1)
+    for mode in MODES:
+        for seed, value in enumerate(NONFINITE):
+            case = _nonfinite_case(mode, "bias_off" if seed % 2 else "bias_on", value, seed)
+            ref_loss, _ = _loss_and_grads(sf.reference_replay_kl, case, torch.float64, "cpu")
+            loss, _ = _loss_and_grads(sf.fused_replay_kl, case, torch.float32, "cpu", impl="torch",
+                                      process_group=group)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, equal_nan=True, msg=f"{mode} {value}")
+
+
+def _with_hidden(case, hidden):
+    import dataclasses
+
+    return dataclasses.replace(case, hidden=hidden)

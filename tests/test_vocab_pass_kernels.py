@@ -176,6 +176,41 @@ def test_masked_lse_int32_ids_and_float64():
     assert_close(lse, lse_ref, torch.float64, "lse_complement fp64")
 
 
+def test_masked_lse_propagates_nan_and_inf_like_torch_logsumexp():
+    """NaN anywhere in the complement gives NaN, else +inf gives +inf (as torch.logsumexp), whatever
+    tile holds it; -inf is an ordinary token of weight 0; a non-finite slot logit leaves the
+    complement alone and is gathered as it is."""
+    V = 37
+    logits, ids = make_inputs(6, V, 3, seed=9)
+    off = [next(v for v in range(V) if not (ids[n] == v).any()) for n in range(6)]
+    specials = [float("nan"), float("inf"), float("-inf"), float("nan"), float("inf")]
+    for n, value in enumerate(specials):
+        logits[n, off[n] if n < 3 else V - 1 - n] = value
+    logits[3, 0] = float("inf")  # NaN and +inf in one row: NaN
+    on = int(ids[5][ids[5] >= 0][0])
+    logits[5, on] = float("nan")
+    original = logits.clone()
+    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
+    expected = (original.double() * 0.37).masked_fill(slot_mask(ids, V), NEG_INF).logsumexp(dim=1)
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(lse[[0, 3]]).all() and torch.isnan(z_teacher[5][ids[5] == on]).all()
+
+
+def test_softmax_grad_zero_sign_is_exact_zero_on_nonfinite_logits():
+    """A row that does not count (sign 0) gets exact zeros even where its logits are NaN or inf; a
+    counted row's NaN logit stays NaN."""
+    V = 37
+    logits = torch.randn(3, V, device=DEVICE)
+    logits[0, 4], logits[0, 5], logits[1, 6] = float("nan"), float("inf"), float("nan")
+    ids = torch.full((3, 2), -1, device=DEVICE)
+    zeros = torch.zeros(3, device=DEVICE)
+    sign = torch.tensor([0.0, 1.0, 1.0], device=DEVICE)
+    out = softmax_grad(logits, ids, torch.zeros(3, 2, device=DEVICE), sign, zeros, zeros, 1.0,
+                       torch.empty(3, V, device=DEVICE), block_v=TILE)
+    assert torch.equal(out[0], torch.zeros(V, device=DEVICE))
+    assert torch.isnan(out[1, 6]) and torch.isfinite(out[2]).all()
+
+
 # --------------------------------------------------------------------------------------------------
 # softmax_grad
 # --------------------------------------------------------------------------------------------------
