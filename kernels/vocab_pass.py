@@ -4,7 +4,9 @@ A chunk of ``c`` rows of raw student logits ``x`` [c, V] is visited twice, with 
 ``z = x * inv_temp``:
 
 * :func:`masked_lse` gathers the scaled logits on each row's teacher slots, overwrites those positions
-  of ``x`` with -inf, and returns the log-sum-exp of ``z`` over the remaining vocabulary;
+  of ``x`` with -inf, and returns the log-sum-exp of ``z`` over the remaining vocabulary as two numbers,
+  its maximum and the log of the sum relative to it (one fp32 number would round the log-sum away
+  when z is ~1e8, at a small temperature);
 * :func:`softmax_grad` (after per-row scalars are computed in Python) writes the dense gradient
   ``sign * exp((z - origin) + log_coef)`` and then the sparse gradient on the teacher slots.
 
@@ -46,7 +48,8 @@ def _masked_lse_kernel(
     ids_col_stride,
     z_teacher_ptr,
     z_teacher_row_stride,
-    lse_complement_ptr,
+    max_complement_ptr,
+    logsum_complement_ptr,
     inv_temp: tl.float64,
     V,
     K,
@@ -60,7 +63,10 @@ def _masked_lse_kernel(
         On exit x[n, ids[n, i]] = -inf for every used slot i.
     ids_ptr: teacher token ids [c, K] (int32/int64); ids[n, i] = -1 marks an unused slot.
     z_teacher_ptr: output [c, K]: z_teacher[n, i] = x[n, ids[n, i]] * inv_temp on used slots, -inf on unused.
-    lse_complement_ptr: output [c]: log sum_{v not in ids[n]} exp(x[n, v] * inv_temp), -inf for an empty sum.
+    max_complement_ptr, logsum_complement_ptr: outputs [c]: the log-sum-exp of z over v not in ids[n]
+        is max_complement[n] + logsum_complement[n], with max_complement[n] = max of those z (NaN if one
+        is NaN, else +inf if one is +inf) and logsum_complement[n] = log sum exp(z - max) in [0, log V];
+        both -inf for an empty sum.
     inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
     V: vocabulary size (columns of x). K: teacher slots per row.
     BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: slot tile width (power of 2, <= MAX_BLOCK_K).
@@ -110,10 +116,11 @@ def _masked_lse_kernel(
     safe_row_max = tl.where(row_max == neg_inf, 0.0, row_max)
     row_sum = tl.sum(lane_sum * tl.exp(lane_max - safe_row_max), axis=0)
     nonempty = row_sum > 0  # an empty complement has log(0) = -inf, without evaluating log(0)
-    lse_complement = tl.where(nonempty, safe_row_max + tl.log(tl.where(nonempty, row_sum, 1.0)), neg_inf)
-    lse_complement = tl.where(tl.max(lane_posinf, axis=0) > 0, pos_inf, lse_complement)
-    lse_complement = tl.where(tl.max(lane_nan, axis=0) > 0, float("nan"), lse_complement)
-    tl.store(lse_complement_ptr + row, lse_complement)
+    logsum = tl.where(nonempty, tl.log(tl.where(nonempty, row_sum, 1.0)), neg_inf)
+    row_max = tl.where(tl.max(lane_posinf, axis=0) > 0, pos_inf, row_max)
+    row_max = tl.where(tl.max(lane_nan, axis=0) > 0, float("nan"), row_max)
+    tl.store(max_complement_ptr + row, row_max)
+    tl.store(logsum_complement_ptr + row, logsum)
 
 
 @triton.jit
@@ -291,10 +298,12 @@ def masked_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [c, V] float32/float64, last dim contiguous (row stride may be > V).
     ids: [c, k] int64 (or int32), -1 = unused slot; used ids of a row are unique and in [0, V).
-    Returns (z_teacher [c, k], lse_complement [c]) in logits.dtype:
+    Returns (z_teacher [c, k], max_complement [c], logsum_complement [c]) in logits.dtype:
       z_teacher[n, i] = logits[n, ids[n, i]] * inv_temp on used slots, -inf on unused slots;
-      lse_complement[n] = log(sum over v not in the row's used ids of exp(logits[n, v] * inv_temp)),
-      -inf when every v is a used id.
+      with z = logits * inv_temp over the v not in the row's used ids (the complement),
+      max_complement[n] = max z (NaN if a z is NaN, else +inf if one is +inf) and
+      logsum_complement[n] = log(sum exp(z - max_complement[n])): their sum is the complement's
+      log-sum-exp. Both -inf when every v is a used id.
     Side effect: logits[n, ids[n, i]] is overwritten with -inf for every used slot.
     block_v, block_k: vocabulary / slot tile width overrides (powers of 2), for tests and tuning.
     """
@@ -302,9 +311,10 @@ def masked_lse(
     k = _check_ids(ids, c, logits.device)
     inv_temp = _check_inv_temp(inv_temp)
     z_teacher = torch.empty((c, k), dtype=logits.dtype, device=logits.device)
-    lse_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
+    max_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
+    logsum_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
     if c == 0:
-        return z_teacher, lse_complement
+        return z_teacher, max_complement, logsum_complement
     with _on_device(logits.device):
         _masked_lse_kernel[(c,)](
             logits,
@@ -314,7 +324,8 @@ def masked_lse(
             ids.stride(1),
             z_teacher,
             z_teacher.stride(0),
-            lse_complement,
+            max_complement,
+            logsum_complement,
             inv_temp,
             V,
             k,
@@ -322,7 +333,7 @@ def masked_lse(
             BLOCK_K=_block_k(k, block_k),
             num_warps=NUM_WARPS,
         )
-    return z_teacher, lse_complement
+    return z_teacher, max_complement, logsum_complement
 
 
 def softmax_grad(
@@ -340,7 +351,7 @@ def softmax_grad(
 ) -> torch.Tensor:
     """logits: [c, V] as left by masked_lse (used-slot positions hold -inf).
     ids: [c, k] int64/int32, -1 = unused. grad_teacher: [c, k] (logits.dtype), 0 on unused slots.
-    sign, origin, log_coef: [c] (logits.dtype), sign in {-1, 0, 1}; origin is LSE_c (-inf allowed).
+    sign, origin, log_coef: [c] (logits.dtype), sign in {-1, 0, 1}; origin is max_complement (-inf allowed).
     out: [c, V] float32/float64/bfloat16/float16, last dim contiguous; may be the same tensor as logits.
     Writes, with z = logits * inv_temp computed in logits.dtype:
       out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]) for every v (the subtraction first),

@@ -2,7 +2,8 @@
 
 Same contract as ``selfreplay_fast.kernels.vocab_pass`` (the Triton version); see that module and
 docs/design.md, section 3. A chunk of raw logits x [c, V] is read twice: ``masked_lse`` gathers the
-teacher logits, masks the teacher's slots with -inf and reduces the rest to a log-sum-exp;
+teacher logits, masks the teacher's slots with -inf and reduces the rest to a log-sum-exp (as max
+and log-sum);
 ``softmax_grad`` writes dL/dx with per-row scalars. Temporaries are [c, V], which the caller bounds
 through the chunk size.
 """
@@ -20,8 +21,12 @@ def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
     # never unmask a used id 0, whatever order the scatter runs in.
     fill = torch.where(valid, float("-inf"), float("inf")).to(logits.dtype)
     logits.scatter_reduce_(1, safe_ids, fill, reduce="amin")
-    lse_complement = torch.logsumexp(logits * inv_temp if inv_temp != 1.0 else logits, dim=-1)
-    return z_teacher, lse_complement
+    z = logits * inv_temp  # one [c, V] temporary, as torch.logsumexp would allocate
+    # The complement's log-sum-exp as (max, log-sum relative to it): see kernels/vocab_pass.py.
+    max_complement = z.amax(dim=-1)  # NaN if a z is NaN, +inf if one is +inf, -inf if empty
+    origin = torch.where(torch.isfinite(max_complement), max_complement, 0.0)
+    logsum_complement = z.sub_(origin[:, None]).exp_().sum(dim=-1).log()
+    return z_teacher, max_complement, logsum_complement
 
 
 def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: float, out):

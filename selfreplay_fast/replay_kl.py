@@ -157,8 +157,8 @@ class _WholeVocab:
     def combine_teacher_logits(self, z_teacher):
         return z_teacher
 
-    def combine_lse(self, z_teacher, lse_complement):
-        return z_teacher, lse_complement
+    def combine_lse(self, z_teacher, max_complement, logsum_complement):
+        return z_teacher, max_complement, logsum_complement
 
     def sum_partials(self, partial, acc_dtype):
         return partial
@@ -204,16 +204,18 @@ class _VocabShard(_WholeVocab):
     def combine_teacher_logits(self, z_teacher):
         return self._all_reduce(_nan_as_posinf(z_teacher).contiguous(), self._dist.ReduceOp.MAX)
 
-    def combine_lse(self, z_teacher, lse_complement):
+    def combine_lse(self, z_teacher, max_complement, logsum_complement):
         k = z_teacher.shape[1]
         # One MAX over [c, k + 1]: the slots' logits (exact: one finite value per used slot) and the
-        # per-row maximum of the ranks' complement log-sum-exps.
-        packed = torch.cat([z_teacher, lse_complement[:, None]], dim=1)
+        # per-row maximum of the ranks' complement maxima.
+        packed = torch.cat([z_teacher, max_complement[:, None]], dim=1)
         packed = self._all_reduce(_nan_as_posinf(packed), self._dist.ReduceOp.MAX)
         top = packed[:, k]
-        top = torch.where(top == float("-inf"), 0.0, top)  # every rank's complement empty: sum 0, log 0 = -inf
-        total = self._all_reduce((lse_complement - top).exp(), self._dist.ReduceOp.SUM)  # [c], each term <= 1
-        return packed[:, :k], total.log() + top
+        safe_top = torch.where(top == float("-inf"), 0.0, top)  # every rank's complement empty: sum 0, log 0 = -inf
+        # Each rank's sum relative to the global maximum (each term <= V_r), then summed.
+        local = ((max_complement - safe_top) + logsum_complement).exp()
+        total = self._all_reduce(local, self._dist.ReduceOp.SUM)
+        return packed[:, :k], top, total.log()
 
     def sum_partials(self, partial, acc_dtype):
         # Summed in the accumulation dtype: sharding adds no 16-bit rounding to the hidden gradient.
@@ -329,7 +331,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             if head.bias is not None:
                 z = z + head.bias[safe_ids]
             z = vocab.combine_teacher_logits(torch.where(ids >= 0, z * inv_temp, float("-inf")))
-            terms = compute_row_terms(z, None, lp, valid, None, "topk")
+            terms = compute_row_terms(z, None, None, lp, valid, None, "topk")
             loss[rows] = terms.loss
             if want_any:
                 # dL/dx on this process's slots, 0 elsewhere
@@ -345,8 +347,8 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             continue
 
         logits = head.logits(h)  # [c, V] raw logits, fp32/fp64
-        z_teacher, lse_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
-        terms = compute_row_terms(z_teacher, lse_complement, lp, valid, tail, inp.mode, vocab_size)
+        z_teacher, max_complement, logsum_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
+        terms = compute_row_terms(z_teacher, max_complement, logsum_complement, lp, valid, tail, inp.mode, vocab_size)
         loss[rows] = terms.loss
         if not want_any:
             continue

@@ -107,6 +107,36 @@ def test_tail_gradient_with_the_student_peaked_on_the_slots(impl, temperature):
     assert rel_err(grad, ref_grad) <= 1e-4
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_tied_logits_at_a_tiny_temperature(impl, mode):
+    """Two tied top logits at T = 2^-26 (z ~ 7e7, an fp32 ulp of 8): each has q = 1/2, which a
+    log-sum-exp held as one fp32 number (z + log 2 rounds to z) would call 1. Tied pairs on the slots,
+    off them and across; the inputs and z are exact in fp32, so only the algorithm is measured."""
+    temperature = 2.0 ** -26
+    x = torch.tensor([[1.0, 1.0, 0.5, -1.0, 0.25],
+                      [0.5, 1.0, 0.25, 1.0, -2.0],
+                      [1.0, -1.0, 0.5, 0.0, 1.0]], dtype=torch.float64)
+    ids = torch.tensor([[0, 2], [2, 4], [0, 4]])  # tied across, off the slots, on the slots
+    lp = torch.log(torch.tensor([[0.5, 0.3], [0.4, 0.6], [0.7, 0.1]]))
+    if mode == "sampled":
+        lp = lp - lp.logsumexp(-1, keepdim=True)
+    eye = torch.eye(5, dtype=torch.float64)
+    dev = device_for(impl)
+    results = []
+    for fn, dtype, d, kw in [(sf.reference_replay_kl, torch.float64, "cpu", {}),
+                             (sf.fused_replay_kl, torch.float32, dev, {"impl": impl})]:
+        h = x.to(d, dtype, copy=True).requires_grad_(True)
+        loss = fn(h, eye.to(d, dtype), ids.to(d), lp.float().to(d), mode=mode, temperature=temperature,
+                  reduction="sum", **kw)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    (ref_loss, ref_grad), (loss, grad) = results
+    assert ref_grad.abs().max() * temperature > 0.1
+    assert rel_err(loss, ref_loss) <= 1e-6
+    assert rel_err(grad, ref_grad) <= 1e-4
+
+
 # --- item 6: non-finite student logits, masked positions holding inf/NaN ----------------------------
 
 NONFINITE = [float("nan"), float("inf"), float("-inf")]

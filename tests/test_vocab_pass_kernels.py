@@ -6,6 +6,7 @@ is a teacher slot, peaked logits, and padded row strides.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -92,22 +93,35 @@ def reference_softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, in
     return out
 
 
-def row_scalars(z_teacher, lse_complement, seed=0):
-    """Realistic per-row scalars: origin = the complement's log-sum-exp, log_coef = the log of a
-    coefficient in [0.05, 2] times 1 - Q (the dense gradient coef * q_v), signs of both kinds
+def run_masked_lse(logits, ids, inv_temp, **kw):
+    """masked_lse, with the complement's log-sum-exp reassembled in float64 from the (max, log-sum)
+    pair it returns; checks that pair's contract on the way (max in the logits' dtype, log-sum in
+    [0, log V] for a non-empty finite complement, both -inf for an empty one)."""
+    z_teacher, max_c, logsum_c = masked_lse(logits, ids, inv_temp, **kw)
+    assert max_c.dtype == logsum_c.dtype == z_teacher.dtype == logits.dtype
+    finite = torch.isfinite(max_c)
+    assert (logsum_c[finite] >= 0).all() and (logsum_c[finite] <= math.log(logits.shape[1]) + 1e-5).all()
+    assert torch.equal(max_c == NEG_INF, logsum_c == NEG_INF)
+    return z_teacher, max_c.double() + logsum_c.double()
+
+
+def row_scalars(z_teacher, max_complement, logsum_complement, seed=0):
+    """Realistic per-row scalars: origin = the complement's max, log_coef = the log of a coefficient
+    in [0.05, 2] relative to exp(z - origin) (the dense gradient coef * q_v), signs of both kinds
     (sign = 0 in the last row), grad_teacher 0 on unused slots."""
     gen = torch.Generator().manual_seed(seed + 1)
     c, k = z_teacher.shape
     dtype = z_teacher.dtype
-    lse = torch.logaddexp(lse_complement.double(), z_teacher.double().logsumexp(dim=1))
+    lse_complement = max_complement.double() + logsum_complement.double()
+    lse = torch.logaddexp(lse_complement, z_teacher.double().logsumexp(dim=1))
     coef = 0.05 + 1.95 * torch.rand(c, generator=gen, dtype=torch.float64)
     sign = torch.where(torch.rand(c, generator=gen) < 0.5, 1.0, -1.0).double()
     sign[-1] = 0.0
     noise = torch.randn(c, k, generator=gen, dtype=torch.float64)
     grad_teacher = torch.where(z_teacher.cpu() > NEG_INF, noise, 0.0)
     dev = z_teacher.device
-    log_coef = coef.log().to(dev) + lse_complement.double() - lse
-    return tuple(t.to(device=dev, dtype=dtype) for t in (grad_teacher.to(dev), sign.to(dev), lse_complement, log_coef))
+    log_coef = coef.log().to(dev) + max_complement.double() - lse
+    return tuple(t.to(device=dev, dtype=dtype) for t in (grad_teacher.to(dev), sign.to(dev), max_complement, log_coef))
 
 
 def assert_close(actual, expected, dtype, what):
@@ -140,11 +154,11 @@ def test_masked_lse_matches_reference(c, V, k):
         original = logits.clone()
         z_ref, lse_ref = reference_masked_lse(original, ids, inv_temp)
 
-        z_teacher, lse = masked_lse(logits, ids, inv_temp, block_v=block_v)
+        z_teacher, lse = run_masked_lse(logits, ids, inv_temp, block_v=block_v)
 
         what = f"inv_temp={inv_temp} block_v={block_v}"
         assert z_teacher.shape == (c, k) and lse.shape == (c,)
-        assert z_teacher.dtype == lse.dtype == torch.float32
+        assert z_teacher.dtype == torch.float32
         assert_close(z_teacher, z_ref, torch.float32, f"z_teacher, {what}")
         assert_close(lse, lse_ref, torch.float32, f"lse_complement, {what}")
         # Side effect: -inf exactly at the used ids, every other entry untouched.
@@ -159,7 +173,7 @@ def test_masked_lse_empty_complement_and_empty_rows():
     logits = torch.randn(3, V, device=DEVICE)
     ids = torch.stack([torch.randperm(V), torch.full((V,), -1), torch.randperm(V)]).to(DEVICE)
     ids[2, 5] = -1
-    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
+    z_teacher, lse = run_masked_lse(logits, ids, 0.37, block_v=TILE)
     assert lse[0].item() == NEG_INF
     assert torch.isinf(logits[0]).all() and (logits[0] < 0).all()
     assert torch.isfinite(lse[1:]).all()
@@ -170,8 +184,8 @@ def test_masked_lse_empty_complement_and_empty_rows():
 def test_masked_lse_int32_ids_and_float64():
     logits, ids = make_inputs(3, 300, 7, dtype=torch.float64, seed=4, peaked=True, id_dtype=torch.int32)
     z_ref, lse_ref = reference_masked_lse(logits, ids, 0.37)
-    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
-    assert z_teacher.dtype == lse.dtype == torch.float64
+    z_teacher, lse = run_masked_lse(logits, ids, 0.37, block_v=TILE)
+    assert z_teacher.dtype == torch.float64
     assert_close(z_teacher, z_ref, torch.float64, "z_teacher fp64")
     assert_close(lse, lse_ref, torch.float64, "lse_complement fp64")
 
@@ -190,9 +204,11 @@ def test_masked_lse_propagates_nan_and_inf_like_torch_logsumexp():
     on = int(ids[5][ids[5] >= 0][0])
     logits[5, on] = float("nan")
     original = logits.clone()
-    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
+    z_teacher, max_c, logsum_c = masked_lse(logits, ids, 0.37, block_v=TILE)
+    lse = max_c.double() + logsum_c.double()
     expected = (original.double() * 0.37).masked_fill(slot_mask(ids, V), NEG_INF).logsumexp(dim=1)
-    torch.testing.assert_close(lse.double(), expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(lse, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(max_c[[0, 3]]).all() and (max_c[[1, 4]] == float("inf")).all()
     assert torch.isnan(lse[[0, 3]]).all() and torch.isnan(z_teacher[5][ids[5] == on]).all()
 
 
@@ -227,8 +243,7 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
     }[out_kind]
     logits, ids = make_inputs(c, V, k, dtype=logits_dtype, seed=seed, peaked=peaked, padded=seed % 2 == 1)
     original = logits.clone()
-    z_teacher, lse_complement = masked_lse(logits, ids, inv_temp, block_v=block_v)
-    scalars = row_scalars(z_teacher, lse_complement, seed)
+    scalars = row_scalars(*masked_lse(logits, ids, inv_temp, block_v=block_v), seed)
     expected = reference_softmax_grad(original, ids, *scalars, inv_temp)
 
     if out_kind.endswith("inplace"):
@@ -322,11 +337,12 @@ def test_slot_tiles_smaller_than_k(c, V, k):
         logits, ids = make_inputs(c, V, k, seed=block_k, peaked=True)
         original = logits.clone()
         z_ref, lse_ref = reference_masked_lse(original, ids, 0.37)
-        z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE, block_k=block_k)
+        z_teacher, max_c, logsum_c = masked_lse(logits, ids, 0.37, block_v=TILE, block_k=block_k)
+        lse = max_c.double() + logsum_c.double()
         assert_close(z_teacher, z_ref, torch.float32, f"z_teacher block_k={block_k}")
         assert_close(lse, lse_ref, torch.float32, f"lse_complement block_k={block_k}")
         assert torch.equal(logits, original.masked_fill(slot_mask(ids, V), NEG_INF))
-        scalars = row_scalars(z_teacher, lse, seed=block_k)
+        scalars = row_scalars(z_teacher, max_c, logsum_c, seed=block_k)
         expected = reference_softmax_grad(original, ids, *scalars, 0.37)
         out = softmax_grad(logits, ids, *scalars, 0.37, logits, block_v=TILE, block_k=block_k)
         assert_close(out, expected, torch.float32, f"softmax_grad block_k={block_k}")
