@@ -4,8 +4,9 @@ Same contract as ``selfreplay_fast.kernels.vocab_pass`` (the Triton version); se
 docs/design.md, section 3. A chunk of raw logits x [c, V] is read twice: ``masked_lse`` gathers the
 teacher logits, masks the teacher's slots with -inf and reduces the rest to a log-sum-exp (as max
 and log-sum);
-``softmax_grad`` writes dL/dx with per-row scalars. Temporaries are [c, V], which the caller bounds
-through the chunk size.
+``softmax_grad`` writes dL/dx with per-row scalars. One difference from the Triton contract:
+``masked_lse`` leaves the chunk scaled (z = x * inv_temp, teacher slots -inf), and ``softmax_grad``
+reads it as such. No [c, V] temporaries beyond torch.logsumexp's own.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
     # never unmask a used id 0, whatever order the scatter runs in.
     fill = torch.where(valid, float("-inf"), float("inf")).to(logits.dtype)
     logits.scatter_reduce_(1, safe_ids, fill, reduce="amin")
-    z = logits * inv_temp  # one [c, V] temporary, as torch.logsumexp would allocate
-    # The complement's log-sum-exp as (max, log-sum relative to it): see kernels/vocab_pass.py.
-    max_complement = z.amax(dim=-1)  # NaN if a z is NaN, +inf if one is +inf, -inf if empty
-    origin = torch.where(torch.isfinite(max_complement), max_complement, 0.0)
-    logsum_complement = z.sub_(origin[:, None]).exp_().sum(dim=-1).log()
+    # The complement's log-sum-exp as (max, log-sum relative to it): see kernels/vocab_pass.py. In
+    # place, no [c, V] temporary: the chunk becomes z - max, whose log-sum-exp is the log-sum exactly
+    # (values <= 0), then z again (exact where exp(z - max) is not negligible: Sterbenz).
+    if inv_temp != 1.0:
+        logits.mul_(inv_temp)
+    max_complement = logits.amax(dim=-1)  # NaN if a z is NaN, +inf if one is +inf, -inf if empty
+    origin = torch.where(torch.isfinite(max_complement), max_complement, 0.0)[:, None]
+    logsum_complement = torch.logsumexp(logits.sub_(origin), dim=-1)
+    logits.add_(origin)
     return z_teacher, max_complement, logsum_complement
 
 
 def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: float, out):
+    """``logits`` as left by :func:`masked_lse`: already scaled by ``inv_temp`` (unused here)."""
     dense = logits  # the logits are not needed afterwards: computed in place, no [c, V] temporaries
-    if inv_temp != 1.0:
-        dense.mul_(inv_temp)
     # exp((z - origin) + log_coef): two steps, each on its own scale (_row_terms.py). An empty
     # complement (origin -inf) has z = -inf everywhere: origin 0 gives exp(-inf) = 0, never NaN.
     origin = torch.where(origin == float("-inf"), 0.0, origin)

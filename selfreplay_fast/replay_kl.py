@@ -553,7 +553,10 @@ def fused_replay_kl(
 
     Returns the loss in float32 (float64 for float64 hidden). Gradients flow to hidden, weight and
     bias, never to the teacher; a weight (or bias) with ``requires_grad=False`` costs no gradient
-    work. Math and numerics: docs/design.md.
+    work. A masked position contributes exactly 0 to the loss and every gradient, whatever its hidden
+    state holds; a NaN/+inf logit of a counted position gives a NaN loss, as a plain log-softmax
+    would. Second-order gradients (``create_graph=True``) raise; use ``reference_replay_kl``. Math
+    and numerics: docs/design.md.
     """
     chunk_size = check_chunk_size(chunk_size)
     _check_choice("impl", impl, IMPLS)
