@@ -4,9 +4,11 @@ A chunk of ``c`` rows of raw student logits ``x`` [c, V] is visited twice, with 
 ``z = x * inv_temp``:
 
 * :func:`masked_lse` gathers the scaled logits on each row's teacher slots, overwrites those positions
-  of ``x`` with -inf, and returns the log-sum-exp of ``z`` over the remaining vocabulary;
+  of ``x`` with -inf, and returns the log-sum-exp of ``z`` over the remaining vocabulary as two numbers,
+  its maximum and the log of the sum relative to it (one fp32 number would round the log-sum away
+  when z is ~1e8, at a small temperature);
 * :func:`softmax_grad` (after per-row scalars are computed in Python) writes the dense gradient
-  ``sign * exp(z - shift)`` and then the sparse gradient on the teacher slots.
+  ``sign * exp((z - origin) + log_coef)`` and then the sparse gradient on the teacher slots.
 
 Both kernels run one program per row and stream the vocabulary in tiles of ``BLOCK_V`` columns.
 """
@@ -46,7 +48,8 @@ def _masked_lse_kernel(
     ids_col_stride,
     z_teacher_ptr,
     z_teacher_row_stride,
-    lse_complement_ptr,
+    max_complement_ptr,
+    logsum_complement_ptr,
     inv_temp: tl.float64,
     V,
     K,
@@ -60,7 +63,10 @@ def _masked_lse_kernel(
         On exit x[n, ids[n, i]] = -inf for every used slot i.
     ids_ptr: teacher token ids [c, K] (int32/int64); ids[n, i] = -1 marks an unused slot.
     z_teacher_ptr: output [c, K]: z_teacher[n, i] = x[n, ids[n, i]] * inv_temp on used slots, -inf on unused.
-    lse_complement_ptr: output [c]: log sum_{v not in ids[n]} exp(x[n, v] * inv_temp), -inf for an empty sum.
+    max_complement_ptr, logsum_complement_ptr: outputs [c]: the log-sum-exp of z over v not in ids[n]
+        is max_complement[n] + logsum_complement[n], with max_complement[n] = max of those z (NaN if one
+        is NaN, else +inf if one is +inf) and logsum_complement[n] = log sum exp(z - max) in [0, log V];
+        both -inf for an empty sum.
     inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
     V: vocabulary size (columns of x). K: teacher slots per row.
     BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: slot tile width (power of 2, <= MAX_BLOCK_K).
@@ -68,6 +74,7 @@ def _masked_lse_kernel(
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
     neg_inf = float("-inf")
+    pos_inf = float("inf")
     compute_dtype = logits_ptr.dtype.element_ty  # fp32 or fp64
     scale = tl.full([], inv_temp, compute_dtype)
 
@@ -86,13 +93,20 @@ def _masked_lse_kernel(
     tl.debug_barrier()
 
     # Streaming log-sum-exp with one running (max, sum) pair per lane, reduced once after the loop:
-    # lane_sum = sum over the lane's columns of exp(z - lane_max).
+    # lane_sum = sum over the lane's columns of exp(z - lane_max). NaN and +inf are recorded on the
+    # side, as torch.logsumexp propagates them (NaN if any, else +inf): the running pair cannot carry
+    # them (tl.maximum may drop a NaN; exp(inf - inf) is NaN).
     col = tl.arange(0, BLOCK_V)
     lane_max = tl.full([BLOCK_V], neg_inf, compute_dtype)
     lane_sum = tl.zeros([BLOCK_V], compute_dtype)
+    lane_nan = tl.zeros([BLOCK_V], tl.int32)
+    lane_posinf = tl.zeros([BLOCK_V], tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + col
         z = tl.load(row_logits_ptr + cols, mask=cols < V, other=neg_inf) * scale
+        lane_nan = tl.maximum(lane_nan, (z != z).to(tl.int32))
+        lane_posinf = tl.maximum(lane_posinf, (z == pos_inf).to(tl.int32))
+        z = tl.where((z != z) | (z == pos_inf), neg_inf, z)  # recorded above; keeps the pair finite
         new_max = tl.maximum(lane_max, z)
         safe_max = tl.where(new_max == neg_inf, 0.0, new_max)  # exp(-inf - 0) = 0 instead of NaN
         lane_sum = lane_sum * tl.exp(lane_max - safe_max) + tl.exp(z - safe_max)
@@ -102,8 +116,11 @@ def _masked_lse_kernel(
     safe_row_max = tl.where(row_max == neg_inf, 0.0, row_max)
     row_sum = tl.sum(lane_sum * tl.exp(lane_max - safe_row_max), axis=0)
     nonempty = row_sum > 0  # an empty complement has log(0) = -inf, without evaluating log(0)
-    lse_complement = tl.where(nonempty, safe_row_max + tl.log(tl.where(nonempty, row_sum, 1.0)), neg_inf)
-    tl.store(lse_complement_ptr + row, lse_complement)
+    logsum = tl.where(nonempty, tl.log(tl.where(nonempty, row_sum, 1.0)), neg_inf)
+    row_max = tl.where(tl.max(lane_posinf, axis=0) > 0, pos_inf, row_max)
+    row_max = tl.where(tl.max(lane_nan, axis=0) > 0, float("nan"), row_max)
+    tl.store(max_complement_ptr + row, row_max)
+    tl.store(logsum_complement_ptr + row, logsum)
 
 
 @triton.jit
@@ -118,8 +135,10 @@ def _softmax_grad_kernel(
     grad_teacher_col_stride,
     sign_ptr,
     sign_stride,
-    shift_ptr,
-    shift_stride,
+    origin_ptr,
+    origin_stride,
+    log_coef_ptr,
+    log_coef_stride,
     out_ptr,
     out_row_stride,
     inv_temp: tl.float64,
@@ -135,9 +154,9 @@ def _softmax_grad_kernel(
     logits_ptr: raw student logits x [c, V] as left by _masked_lse_kernel (-inf on used slots).
     ids_ptr: teacher token ids [c, K]; -1 marks an unused slot.
     grad_teacher_ptr: [c, K] gradient w.r.t. z on the slots (0 on unused slots).
-    sign_ptr, shift_ptr: [c] per-row scalars of the dense gradient (sign in {-1, 0, 1}).
+    sign_ptr, origin_ptr, log_coef_ptr: [c] per-row scalars of the dense gradient (sign in {-1, 0, 1}).
     out_ptr: output [c, V], may alias logits_ptr (same strides):
-        out[n, v] = sign[n] * exp(z[n, v] - shift[n]),  z = x * inv_temp,
+        out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]),  z = x * inv_temp,
         then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot i.
     inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
     V: vocabulary size. K: teacher slots per row.
@@ -150,14 +169,15 @@ def _softmax_grad_kernel(
     row_out_ptr = out_ptr + row * out_row_stride
     out_dtype = out_ptr.dtype.element_ty
     neg_inf = float("-inf")
-    pos_inf = float("inf")
 
     sign = tl.load(sign_ptr + row * sign_stride)
-    shift = tl.load(shift_ptr + row * shift_stride)
-    # Per-row guards, so the dense pass is NaN-free whatever z holds: a zero sign turns the
-    # exponential off (exp(z - inf) = 0, never 0 * inf), and a -inf shift (possible only when every z
-    # of the row is -inf) becomes 0 so that exp(-inf - shift) = 0.
-    shift = tl.where(sign == 0, pos_inf, tl.where(shift == neg_inf, 0.0, shift))
+    origin = tl.load(origin_ptr + row * origin_stride)
+    log_coef = tl.load(log_coef_ptr + row * log_coef_stride)
+    # Per-row guards, so the dense pass is NaN-free on valid rows: a zero sign turns the exponential
+    # off (log_coef = -inf: exp(z - origin - inf) = 0, never 0 * inf), and a -inf origin (only when every z of the row
+    # is -inf) becomes 0 so that exp(-inf - origin) = 0.
+    log_coef = tl.where(sign == 0, neg_inf, log_coef)
+    origin = tl.where(origin == neg_inf, 0.0, origin)
     scale = tl.full([], inv_temp, sign.dtype)  # compute dtype = logits' dtype (fp32 or fp64)
 
     # Dense pass. When out aliases the logits, each element is read and then written by the same lane
@@ -167,7 +187,9 @@ def _softmax_grad_kernel(
         cols = start + col
         in_row = cols < V
         z = tl.load(row_logits_ptr + cols, mask=in_row, other=neg_inf) * scale
-        grad = sign * tl.exp(z - shift)
+        # (z - origin) first: both are ~1/T in size and nearly cancel; log_coef is O(log 1/T).
+        grad = sign * tl.exp((z - origin) + log_coef)
+        grad = tl.where(sign == 0, 0.0, grad)  # exact 0 for a row that does not count, even where z is inf/NaN
         if OUT_IS_16BIT:
             grad = grad.to(tl.float32)
         tl.store(row_out_ptr + cols, grad.to(out_dtype), mask=in_row)
@@ -276,10 +298,12 @@ def masked_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [c, V] float32/float64, last dim contiguous (row stride may be > V).
     ids: [c, k] int64 (or int32), -1 = unused slot; used ids of a row are unique and in [0, V).
-    Returns (z_teacher [c, k], lse_complement [c]) in logits.dtype:
+    Returns (z_teacher [c, k], max_complement [c], logsum_complement [c]) in logits.dtype:
       z_teacher[n, i] = logits[n, ids[n, i]] * inv_temp on used slots, -inf on unused slots;
-      lse_complement[n] = log(sum over v not in the row's used ids of exp(logits[n, v] * inv_temp)),
-      -inf when every v is a used id.
+      with z = logits * inv_temp over the v not in the row's used ids (the complement),
+      max_complement[n] = max z (NaN if a z is NaN, else +inf if one is +inf) and
+      logsum_complement[n] = log(sum exp(z - max_complement[n])): their sum is the complement's
+      log-sum-exp. Both -inf when every v is a used id.
     Side effect: logits[n, ids[n, i]] is overwritten with -inf for every used slot.
     block_v, block_k: vocabulary / slot tile width overrides (powers of 2), for tests and tuning.
     """
@@ -287,9 +311,10 @@ def masked_lse(
     k = _check_ids(ids, c, logits.device)
     inv_temp = _check_inv_temp(inv_temp)
     z_teacher = torch.empty((c, k), dtype=logits.dtype, device=logits.device)
-    lse_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
+    max_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
+    logsum_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
     if c == 0:
-        return z_teacher, lse_complement
+        return z_teacher, max_complement, logsum_complement
     with _on_device(logits.device):
         _masked_lse_kernel[(c,)](
             logits,
@@ -299,7 +324,8 @@ def masked_lse(
             ids.stride(1),
             z_teacher,
             z_teacher.stride(0),
-            lse_complement,
+            max_complement,
+            logsum_complement,
             inv_temp,
             V,
             k,
@@ -307,7 +333,7 @@ def masked_lse(
             BLOCK_K=_block_k(k, block_k),
             num_warps=NUM_WARPS,
         )
-    return z_teacher, lse_complement
+    return z_teacher, max_complement, logsum_complement
 
 
 def softmax_grad(
@@ -315,7 +341,8 @@ def softmax_grad(
     ids: torch.Tensor,
     grad_teacher: torch.Tensor,
     sign: torch.Tensor,
-    shift: torch.Tensor,
+    origin: torch.Tensor,
+    log_coef: torch.Tensor,
     inv_temp: float,
     out: torch.Tensor,
     *,
@@ -324,10 +351,10 @@ def softmax_grad(
 ) -> torch.Tensor:
     """logits: [c, V] as left by masked_lse (used-slot positions hold -inf).
     ids: [c, k] int64/int32, -1 = unused. grad_teacher: [c, k] (logits.dtype), 0 on unused slots.
-    sign, shift: [c] (logits.dtype), sign in {-1, 0, 1}.
+    sign, origin, log_coef: [c] (logits.dtype), sign in {-1, 0, 1}; origin is max_complement (-inf allowed).
     out: [c, V] float32/float64/bfloat16/float16, last dim contiguous; may be the same tensor as logits.
     Writes, with z = logits * inv_temp computed in logits.dtype:
-      out[n, v] = sign[n] * exp(z[n, v] - shift[n]) for every v,
+      out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]) for every v (the subtraction first),
       then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot.
     A zero sign gives an exact 0. Returns out.
     block_v, block_k: vocabulary / slot tile width overrides (powers of 2), for tests and tuning.
@@ -337,7 +364,7 @@ def softmax_grad(
     inv_temp = _check_inv_temp(inv_temp)
     dtype, device = logits.dtype, logits.device
     _check_like("grad_teacher", grad_teacher, (c, k), dtype, device)
-    for name, t in (("sign", sign), ("shift", shift)):
+    for name, t in (("sign", sign), ("origin", origin), ("log_coef", log_coef)):
         _check_like(name, t, (c,), dtype, device)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (c, V):
         raise ValueError(f"out must be a tensor of shape [{c}, {V}], got {_describe(out)}")
@@ -366,8 +393,10 @@ def softmax_grad(
             grad_teacher.stride(1),
             sign,
             sign.stride(0),
-            shift,
-            shift.stride(0),
+            origin,
+            origin.stride(0),
+            log_coef,
+            log_coef.stride(0),
             out,
             out.stride(0),
             inv_temp,

@@ -5,7 +5,7 @@ Every public entry point (``fused_replay_kl``, ``reference_replay_kl``) goes thr
 with an error that names the argument and what was expected.
 
 Shape and dtype checks cost nothing. The checks on teacher *values* (ids in range, no duplicate ids
-in a row, finite log-probs, mass <= 1) read device data, so they are batched into one small tensor and
+in a row, finite log-probs, mass <= 1, slots + tail = 1) read device data, so they are batched into one small tensor and
 cost exactly one host sync per call; :func:`skip_value_checks` turns them off for a hot loop whose
 cache was validated once (``ReplayBuffer.load`` does that).
 """
@@ -25,8 +25,9 @@ MODES = ("tail", "sampled", "topk")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Teacher mass may exceed 1 by this much (rounding of cached log-probs) before we call it an error.
-MASS_TOLERANCE = 1e-3
+# How far a teacher's mass may be from 1 (rounding of cached log-probs) before it is an error: one
+# constant for fused_replay_kl and ReplayBuffer.validate.
+from .replay_buffer import MASS_TOLERANCE  # noqa: E402  (replay_buffer imports nothing of this package)
 
 _state = threading.local()
 
@@ -247,6 +248,15 @@ def _check_teacher_values(ids, logprobs, tail, mask, vocab, mode):
     if tail is not None:
         bad_tail = (torch.isnan(tail) | (tail > math.log1p(MASS_TOLERANCE))) & counted
         flags.append(("teacher_tail_logprob", "a log-probability <= 0 (or -inf), never NaN", bad_tail.any()))
+        # The tail is the teacher's exact mass outside its slots: together they are the whole
+        # distribution. A short total (0.5 + 0.1) would make the KL negative, a long one overcount.
+        total = torch.logaddexp(mass, tail)
+        off = (total < math.log1p(-MASS_TOLERANCE)) | (total > math.log1p(MASS_TOLERANCE))
+        flags.append((
+            "teacher_logprobs and teacher_tail_logprob",
+            "the slots' probabilities plus exp(teacher_tail_logprob) of a position to sum to 1 (+-%g)" % MASS_TOLERANCE,
+            (off & counted).any(),
+        ))
     failed = torch.stack([f[2] for f in flags]).tolist()  # the one host sync
     for (name, expected, _), bad in zip(flags, failed):
         if bad:

@@ -2,9 +2,11 @@
 
 Same contract as ``selfreplay_fast.kernels.vocab_pass`` (the Triton version); see that module and
 docs/design.md, section 3. A chunk of raw logits x [c, V] is read twice: ``masked_lse`` gathers the
-teacher logits, masks the teacher's slots with -inf and reduces the rest to a log-sum-exp;
-``softmax_grad`` writes dL/dx with per-row scalars. Temporaries are [c, V], which the caller bounds
-through the chunk size.
+teacher logits, masks the teacher's slots with -inf and reduces the rest to a log-sum-exp (as max
+and log-sum);
+``softmax_grad`` writes dL/dx with per-row scalars. One difference from the Triton contract:
+``masked_lse`` leaves the chunk scaled (z = x * inv_temp, teacher slots -inf), and ``softmax_grad``
+reads it as such. No [c, V] temporaries beyond torch.logsumexp's own.
 """
 
 from __future__ import annotations
@@ -20,15 +22,27 @@ def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
     # never unmask a used id 0, whatever order the scatter runs in.
     fill = torch.where(valid, float("-inf"), float("inf")).to(logits.dtype)
     logits.scatter_reduce_(1, safe_ids, fill, reduce="amin")
-    lse_complement = torch.logsumexp(logits * inv_temp if inv_temp != 1.0 else logits, dim=-1)
-    return z_teacher, lse_complement
-
-
-def softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp: float, out):
-    dense = logits  # the logits are not needed afterwards: computed in place, no [c, V] temporaries
+    # The complement's log-sum-exp as (max, log-sum relative to it): see kernels/vocab_pass.py. In
+    # place, no [c, V] temporary: the chunk becomes z - max, whose log-sum-exp is the log-sum exactly
+    # (values <= 0), then z again (exact where exp(z - max) is not negligible: Sterbenz).
     if inv_temp != 1.0:
-        dense.mul_(inv_temp)
-    dense.sub_(shift[:, None]).exp_().mul_(sign[:, None])
+        logits.mul_(inv_temp)
+    max_complement = logits.amax(dim=-1)  # NaN if a z is NaN, +inf if one is +inf, -inf if empty
+    origin = torch.where(torch.isfinite(max_complement), max_complement, 0.0)[:, None]
+    logsum_complement = torch.logsumexp(logits.sub_(origin), dim=-1)
+    logits.add_(origin)
+    return z_teacher, max_complement, logsum_complement
+
+
+def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: float, out):
+    """``logits`` as left by :func:`masked_lse`: already scaled by ``inv_temp`` (unused here)."""
+    dense = logits  # the logits are not needed afterwards: computed in place, no [c, V] temporaries
+    # exp((z - origin) + log_coef): two steps, each on its own scale (_row_terms.py). An empty
+    # complement (origin -inf) has z = -inf everywhere: origin 0 gives exp(-inf) = 0, never NaN.
+    origin = torch.where(origin == float("-inf"), 0.0, origin)
+    dense.sub_(origin[:, None]).add_(log_coef[:, None]).exp_().mul_(sign[:, None])
+    # A zero sign (a row that does not count) is an exact 0, even where its logits are inf/NaN.
+    dense.masked_fill_((sign == 0)[:, None], 0.0)
     # The teacher's slots hold exp(-inf) = 0 after the dense formula: add their sparse values.
     dense.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, grad_teacher, 0.0))
     if dense is not out:

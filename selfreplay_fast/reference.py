@@ -68,25 +68,33 @@ def reference_replay_kl(
         full_bias = _GatherShards.apply(inp.bias, layout) if inp.bias is not None else None
         inp = dataclasses.replace(inp, weight=_GatherShards.apply(inp.weight, layout), bias=full_bias)
     dtype = inp.row_dtype
-    logits = inp.hidden.to(dtype) @ inp.weight.to(dtype).T
+    hidden = inp.hidden.to(dtype)
+    if inp.mask is not None:
+        # A position that does not count contributes exactly nothing, whatever its hidden state holds
+        # (inf * 0 = NaN would otherwise reach the weight gradient).
+        hidden = torch.where(inp.mask[:, None], hidden, 0.0)
+    logits = hidden @ inp.weight.to(dtype).T
     if inp.bias is not None:
         logits = logits + inp.bias.to(dtype)
-    log_q = torch.log_softmax(logits / inp.temperature, dim=-1)  # [N, V]
+    scaled = logits / inp.temperature
 
     ids, lp = inp.teacher_ids, inp.teacher_logprobs
     valid = ids >= 0
     has_valid = valid.any(dim=-1)
     safe_ids = ids.clamp_min(0)
-    log_q_t = log_q.gather(1, safe_ids)  # [N, k]
 
     if mode == "topk":
-        # Renormalize both distributions over the teacher's slots. Rows without a valid slot get finite
+        # Both distributions renormalized over the teacher's slots: q_hat is the softmax of the k slot
+        # logits, so no other logit (finite or not) enters. Rows without a valid slot get finite
         # filler (not -inf) so that autograd through the discarded branch stays NaN-free.
         filler = torch.where(has_valid, float("-inf"), 0.0)[:, None]
+        z_t = scaled.gather(1, safe_ids)  # [N, k]
         lp_hat = lp - torch.where(valid, lp, filler).logsumexp(dim=-1, keepdim=True)
-        log_q_hat = log_q_t - torch.where(valid, log_q_t, filler).logsumexp(dim=-1, keepdim=True)
+        log_q_hat = z_t - torch.where(valid, z_t, filler).logsumexp(dim=-1, keepdim=True)
         per_row = torch.where(valid, lp_hat.exp() * (lp_hat - log_q_hat), 0.0).sum(dim=-1)
     else:
+        log_q = torch.log_softmax(scaled, dim=-1)  # [N, V]
+        log_q_t = log_q.gather(1, safe_ids)  # [N, k]
         p = torch.where(valid, lp.exp(), 0.0)
         per_row = torch.where(valid, p * (lp - log_q_t), 0.0).sum(dim=-1)
         if mode == "tail":

@@ -157,14 +157,18 @@ class _WholeVocab:
     def combine_teacher_logits(self, z_teacher):
         return z_teacher
 
-    def combine_lse(self, z_teacher, lse_complement):
-        return z_teacher, lse_complement
+    def combine_lse(self, z_teacher, max_complement, logsum_complement):
+        return z_teacher, max_complement, logsum_complement
 
     def sum_partials(self, partial, acc_dtype):
         return partial
 
     def max_local_rows(self, inp):
         """Vocabulary rows of the largest logits chunk any rank materializes (sets the chunk size)."""
+        return inp.vocab_size
+
+    def vocab_size(self, inp):
+        """Size of the whole vocabulary (all ranks' shards)."""
         return inp.vocab_size
 
 
@@ -198,17 +202,20 @@ class _VocabShard(_WholeVocab):
         return torch.where(local_ids >= 0, values, 0.0)
 
     def combine_teacher_logits(self, z_teacher):
-        return self._all_reduce(z_teacher.contiguous(), self._dist.ReduceOp.MAX)
+        return self._all_reduce(_nan_as_posinf(z_teacher).contiguous(), self._dist.ReduceOp.MAX)
 
-    def combine_lse(self, z_teacher, lse_complement):
+    def combine_lse(self, z_teacher, max_complement, logsum_complement):
         k = z_teacher.shape[1]
         # One MAX over [c, k + 1]: the slots' logits (exact: one finite value per used slot) and the
-        # per-row maximum of the ranks' complement log-sum-exps.
-        packed = self._all_reduce(torch.cat([z_teacher, lse_complement[:, None]], dim=1), self._dist.ReduceOp.MAX)
+        # per-row maximum of the ranks' complement maxima.
+        packed = torch.cat([z_teacher, max_complement[:, None]], dim=1)
+        packed = self._all_reduce(_nan_as_posinf(packed), self._dist.ReduceOp.MAX)
         top = packed[:, k]
-        top = torch.where(top == float("-inf"), 0.0, top)  # every rank's complement empty: sum 0, log 0 = -inf
-        total = self._all_reduce((lse_complement - top).exp(), self._dist.ReduceOp.SUM)  # [c], each term <= 1
-        return packed[:, :k], total.log() + top
+        safe_top = torch.where(top == float("-inf"), 0.0, top)  # every rank's complement empty: sum 0, log 0 = -inf
+        # Each rank's sum relative to the global maximum (each term <= V_r), then summed.
+        local = ((max_complement - safe_top) + logsum_complement).exp()
+        total = self._all_reduce(local, self._dist.ReduceOp.SUM)
+        return packed[:, :k], top, total.log()
 
     def sum_partials(self, partial, acc_dtype):
         # Summed in the accumulation dtype: sharding adds no 16-bit rounding to the hidden gradient.
@@ -216,6 +223,15 @@ class _VocabShard(_WholeVocab):
 
     def max_local_rows(self, inp):
         return max(self.sizes)  # the same chunk size on every rank, whatever its shard
+
+    def vocab_size(self, inp):
+        return sum(self.sizes)
+
+
+def _nan_as_posinf(t):
+    """A MAX all-reduce may drop a NaN (max(x, NaN) = x in some backends); a NaN and a +inf logit
+    make a row's loss NaN alike (compute_row_terms), and +inf always wins a MAX."""
+    return torch.where(torch.isnan(t), float("inf"), t)
 
 
 @dataclass
@@ -267,6 +283,14 @@ def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVo
     return max(1, min(inp.num_rows, budget // per_row))
 
 
+def _store_hidden_grad(grad_hidden, rows, partial, counted) -> None:
+    """A position that does not count gets an exact 0, even when a non-finite weight entry makes its
+    row of G W a 0 * inf = NaN."""
+    if counted is not None:
+        partial = torch.where(counted, partial, 0.0)
+    grad_hidden[rows] = partial.to(grad_hidden.dtype)
+
+
 def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b):
     """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T).
 
@@ -284,9 +308,15 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     )
     inv_temp = 1.0 / inp.temperature
     tail_all = inp.teacher_tail_logprob
+    vocab_size = vocab.vocab_size(inp)
     for start in range(0, n, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n))
         h = inp.hidden[rows].detach()
+        counted = inp.mask[rows, None] if inp.mask is not None else None
+        if counted is not None:
+            # A position that does not count contributes exactly nothing: an inf/NaN hidden state there
+            # would otherwise reach the weight gradient as inf * 0 = NaN.
+            h = torch.where(counted, h, 0.0)
         global_ids, lp = inp.teacher_ids[rows], inp.teacher_logprobs[rows]
         valid = global_ids >= 0
         ids = vocab.local_ids(global_ids)  # rows of this process's weight, -1 for slots held elsewhere
@@ -294,18 +324,21 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
         if inp.mode == "topk":
             safe_ids = ids.clamp_min(0)
             w_rows = head.weight[safe_ids].to(head.acc_dtype)  # [c, k, D]: only the slots' rows
+            # An unused slot reads row 0: zero it, so that a non-finite row 0 cannot reach the hidden
+            # gradient of a position whose slots do not name it (0 * inf = NaN).
+            w_rows.masked_fill_((ids < 0)[:, :, None], 0.0)
             z = torch.einsum("cd,ckd->ck", h.to(head.acc_dtype), w_rows)
             if head.bias is not None:
                 z = z + head.bias[safe_ids]
             z = vocab.combine_teacher_logits(torch.where(ids >= 0, z * inv_temp, float("-inf")))
-            terms = compute_row_terms(z, None, lp, valid, None, "topk")
+            terms = compute_row_terms(z, None, None, lp, valid, None, "topk")
             loss[rows] = terms.loss
             if want_any:
                 # dL/dx on this process's slots, 0 elsewhere
                 g = vocab.on_shard(terms.grad_teacher * row_scale[rows, None], ids)
                 if want_h:
                     partial = torch.einsum("ck,ckd->cd", g, w_rows)
-                    grads.hidden[rows] = vocab.sum_partials(partial, head.acc_dtype).to(grads.hidden.dtype)
+                    _store_hidden_grad(grads.hidden, rows, vocab.sum_partials(partial, head.acc_dtype), counted)
                 if want_w:
                     outer = (g[:, :, None] * h.to(head.acc_dtype)[:, None, :]).reshape(-1, dim)
                     _add_rows(grads.weight, safe_ids.reshape(-1), outer)
@@ -314,8 +347,8 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             continue
 
         logits = head.logits(h)  # [c, V] raw logits, fp32/fp64
-        z_teacher, lse_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
-        terms = compute_row_terms(z_teacher, lse_complement, lp, valid, tail, inp.mode)
+        z_teacher, max_complement, logsum_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
+        terms = compute_row_terms(z_teacher, max_complement, logsum_complement, lp, valid, tail, inp.mode, vocab_size)
         loss[rows] = terms.loss
         if not want_any:
             continue
@@ -323,18 +356,26 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             logits.shape, dtype=head.operand_dtype, device=dev
         )
         # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
-        sign, shift, grad_teacher = (t.to(logits.dtype) for t in terms.scaled(row_scale[rows]))
-        grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out)
+        sign, origin, log_coef, grad_teacher = (t.to(logits.dtype) for t in terms.scaled(row_scale[rows]))
+        grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp, out)
         del logits
         if want_h:
             partial = head.grad_hidden(grad_logits)
-            grads.hidden[rows] = vocab.sum_partials(partial, head.acc_dtype).to(grads.hidden.dtype)
+            _store_hidden_grad(grads.hidden, rows, vocab.sum_partials(partial, head.acc_dtype), counted)
         if want_w:
             head.accumulate_grad_weight(grads.weight, grad_logits, h)
         if want_b:
             grads.bias += grad_logits.sum(dim=0, dtype=head.acc_dtype)
         del grad_logits, out  # free this chunk's buffers before the next chunk allocates its own
     return loss, grads
+
+
+def _weighted_sum(loss_rows, weight_rows, counted):
+    """sum(loss * weight) over the counted rows: a masked row's loss (NaN from a NaN bias) times its
+    weight 0 would still be NaN."""
+    if counted is not None:
+        loss_rows = torch.where(counted, loss_rows, 0.0)
+    return (loss_rows * weight_rows).sum()
 
 
 class _FusedReplayKL(torch.autograd.Function):
@@ -389,16 +430,27 @@ class _FusedReplayKL(torch.autograd.Function):
             # underflow (mean divides by the token count): recompute them in backward, scaled first.
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
             ctx.recompute = (inp, head, passes, vocab, chunk_rows, weight_rows)
-            return (loss_rows * weight_rows).sum()
+            return _weighted_sum(loss_rows, weight_rows, counted)
         loss_rows, grads = _run_chunks(
             inp, head, passes, vocab, weight_rows / inp.temperature, chunk_rows, want_h, want_w, want_b
         )
         ctx.grads = grads
-        return (loss_rows * weight_rows).sum()
+        return _weighted_sum(loss_rows, weight_rows, counted)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        # The engine runs backward with autograd on exactly when create_graph=True (a gradient penalty,
+        # torch.autograd.functional.hvp/hessian). The gradients below come from fused arithmetic, not
+        # from differentiable operations: returned as they are, a second derivative through them would
+        # be a silent 0, so refuse.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_replay_kl does not support double backward (second-order gradients: "
+                "create_graph=True, gradient penalties, torch.autograd.functional.hvp/hessian); its "
+                "gradients are computed by fused kernels, not by differentiable operations. Use "
+                "reference_replay_kl (same arguments, plain autograd over the full [N, V] logits) for "
+                "second-order gradients"
+            )
         if ctx.recompute is not None:  # reduction="none" (per-row grad_output) or fp16 operands
             # Vocab-parallel: the same collectives as the forward, in the same order on every rank.
             inp, head, passes, vocab, chunk_rows, weight_rows = ctx.recompute
@@ -501,7 +553,10 @@ def fused_replay_kl(
 
     Returns the loss in float32 (float64 for float64 hidden). Gradients flow to hidden, weight and
     bias, never to the teacher; a weight (or bias) with ``requires_grad=False`` costs no gradient
-    work. Math and numerics: docs/design.md.
+    work. A masked position contributes exactly 0 to the loss and every gradient, whatever its hidden
+    state holds; a NaN/+inf logit of a counted position gives a NaN loss, as a plain log-softmax
+    would. Second-order gradients (``create_graph=True``) raise; use ``reference_replay_kl``. Math
+    and numerics: docs/design.md.
     """
     chunk_size = check_chunk_size(chunk_size)
     _check_choice("impl", impl, IMPLS)

@@ -8,6 +8,10 @@ from typing import Optional
 
 import torch
 
+import selfreplay_fast as sf
+
+from conftest import device_for
+
 
 @dataclass
 class Case:
@@ -125,3 +129,33 @@ def log_mass_outside(logprobs, ids):
     """log of the mass of ``logprobs`` [n, V] outside the used ids [n, k] of each row."""
     used = torch.zeros(logprobs.shape, dtype=torch.int32).scatter_add_(1, ids.clamp_min(0), (ids >= 0).int()) > 0
     return logprobs.masked_fill(used, float("-inf")).logsumexp(-1)
+
+
+def run(fn, case, dtype, device="cpu", reduction="mean", grad_seed=0, weight_grad=True, **kw):
+    """Loss and gradients (hidden, weight, bias) of sum(loss * random grad_output)."""
+    h, w, b = case.leaves(dtype, device, weight_grad=weight_grad)
+    ids, lp, tkw = case.teacher(device)
+    loss = fn(h, w, ids, lp, bias=b, reduction=reduction, **tkw, **kw)
+    g = torch.Generator().manual_seed(grad_seed)
+    grad_out = (torch.rand(loss.shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(loss.dtype).to(device)
+    (loss * grad_out).sum().backward()
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def assert_close_to_reference(case, impl, dtype, tol, reduction="mean", device=None, **kw):
+    device = device or device_for(impl)
+    ref = run(sf.reference_replay_kl, case, torch.float64, "cpu", reduction)
+    got = run(sf.fused_replay_kl, case, dtype, device, reduction, impl=impl, **kw)
+    names = ["loss", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, a, e in zip(names, got, ref):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.shape == e.shape, name
+        assert torch.isfinite(a).all(), f"{name} has inf/NaN"
+        if e.norm() == 0:
+            assert a.abs().max().item() == 0, name
+        else:
+            err = rel_err(a, e)
+            assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    return ref

@@ -17,40 +17,10 @@ from selfreplay_fast import replay_kl as rk
 from selfreplay_fast._inputs import prepare_replay_kl_inputs
 
 from conftest import DEVICES, device_for
-from replay_cases import log_mass_outside, make_case, rel_err
+from replay_cases import assert_close_to_reference, log_mass_outside, make_case, rel_err, run
 
 IMPLS = ["torch", "triton"]
 MODES = ["tail", "sampled", "topk"]
-
-
-def run(fn, case, dtype, device="cpu", reduction="mean", grad_seed=0, weight_grad=True, **kw):
-    """Loss and gradients (hidden, weight, bias) of sum(loss * random grad_output)."""
-    h, w, b = case.leaves(dtype, device, weight_grad=weight_grad)
-    ids, lp, tkw = case.teacher(device)
-    loss = fn(h, w, ids, lp, bias=b, reduction=reduction, **tkw, **kw)
-    g = torch.Generator().manual_seed(grad_seed)
-    grad_out = (torch.rand(loss.shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(loss.dtype).to(device)
-    (loss * grad_out).sum().backward()
-    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
-
-
-def assert_close_to_reference(case, impl, dtype, tol, reduction="mean", device=None, **kw):
-    device = device or device_for(impl)
-    ref = run(sf.reference_replay_kl, case, torch.float64, "cpu", reduction)
-    got = run(sf.fused_replay_kl, case, dtype, device, reduction, impl=impl, **kw)
-    names = ["loss", "grad_hidden", "grad_weight", "grad_bias"]
-    for name, a, e in zip(names, got, ref):
-        if e is None:
-            assert a is None, name
-            continue
-        assert a.shape == e.shape, name
-        assert torch.isfinite(a).all(), f"{name} has inf/NaN"
-        if e.norm() == 0:
-            assert a.abs().max().item() == 0, name
-        else:
-            err = rel_err(a, e)
-            assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
-    return ref
 
 
 # --- the reference itself, against formulas written out independently ------------------------------
@@ -325,6 +295,13 @@ BAD = [
     ("chunk_size", dict(chunk_size=0), ValueError, "chunk_size"),
     ("tail with topk", dict(mode="topk", teacher_tail_logprob=torch.zeros(2, 3)), ValueError, "teacher_tail_logprob"),
     ("tail nan", dict(teacher_tail_logprob=torch.full((2, 3), float("nan"))), ValueError, "teacher_tail_logprob"),
+    # slots 0.5 + tail 0.1: a teacher that leaves 40% of its mass nowhere (KL would go negative)
+    ("slots + tail < 1", dict(teacher_logprobs=torch.full((2, 3, 3), math.log(0.5 / 3)),
+                              teacher_tail_logprob=torch.full((2, 3), math.log(0.1))),
+     ValueError, "teacher_logprobs and teacher_tail_logprob"),
+    ("slots + tail > 1", dict(teacher_logprobs=torch.full((2, 3, 3), math.log(0.9 / 3)),
+                              teacher_tail_logprob=torch.full((2, 3), math.log(0.9))),
+     ValueError, "teacher_logprobs and teacher_tail_logprob"),
 ]
 
 
@@ -333,6 +310,25 @@ BAD = [
 def test_bad_input_is_rejected(fn, name, over, exc, match):
     with pytest.raises(exc, match=match):
         _call(fn, **over)
+
+
+def test_slots_plus_tail_within_the_tolerance_of_one_pass():
+    """The tolerance is MASS_TOLERANCE (shared with ReplayBuffer.validate) on either side of 1; masked
+    positions are not checked; without a tail only the upper bound applies (a top-k cache alone
+    leaves its tail unknown)."""
+    from selfreplay_fast.replay_buffer import MASS_TOLERANCE
+
+    slots = torch.full((2, 3, 3), math.log(0.6 / 3))
+    for total in (1 - 0.9 * MASS_TOLERANCE, 1 + 0.9 * MASS_TOLERANCE):
+        assert torch.isfinite(_call(teacher_logprobs=slots, teacher_tail_logprob=torch.full((2, 3), math.log(total - 0.6))))
+    for total in (1 - 1.5 * MASS_TOLERANCE, 1 + 1.5 * MASS_TOLERANCE):
+        with pytest.raises(ValueError, match="teacher_logprobs and teacher_tail_logprob"):
+            _call(teacher_logprobs=slots, teacher_tail_logprob=torch.full((2, 3), math.log(total - 0.6)))
+    short = torch.full((2, 3), math.log(0.1))
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    short[0, 0] = math.log(0.4)  # the one counted position sums to 1
+    assert torch.isfinite(_call(teacher_logprobs=slots, teacher_tail_logprob=short, mask=mask))
+    assert torch.isfinite(_call(teacher_logprobs=slots))  # no tail: mass 0.6 <= 1 is fine
 
 
 def test_sampled_mass_over_one_and_good_call_pass():

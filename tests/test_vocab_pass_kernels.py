@@ -6,6 +6,7 @@ is a teacher slot, peaked logits, and padded row strides.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -82,29 +83,45 @@ def reference_masked_lse(logits, ids, inv_temp):
     return z_teacher, lse
 
 
-def reference_softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp):
+def reference_softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp):
     z = logits.double() * inv_temp
     z = z.masked_fill(slot_mask(ids, logits.shape[1]), NEG_INF)
-    out = sign.double()[:, None] * torch.exp(z - shift.double()[:, None])
+    shift = torch.where(origin == NEG_INF, 0.0, origin.double()) - log_coef.double()
+    out = sign.double()[:, None] * torch.exp(z - shift[:, None])
     for n, i in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
         out[n, ids[n, i]] = grad_teacher[n, i].double()
     return out
 
 
-def row_scalars(z_teacher, lse_complement, seed=0):
-    """Realistic per-row scalars: shift = full log-sum-exp minus the log of a coefficient in
-    [0.05, 2], signs of both kinds (sign = 0 in the last row), grad_teacher 0 on unused slots."""
+def run_masked_lse(logits, ids, inv_temp, **kw):
+    """masked_lse, with the complement's log-sum-exp reassembled in float64 from the (max, log-sum)
+    pair it returns; checks that pair's contract on the way (max in the logits' dtype, log-sum in
+    [0, log V] for a non-empty finite complement, both -inf for an empty one)."""
+    z_teacher, max_c, logsum_c = masked_lse(logits, ids, inv_temp, **kw)
+    assert max_c.dtype == logsum_c.dtype == z_teacher.dtype == logits.dtype
+    finite = torch.isfinite(max_c)
+    assert (logsum_c[finite] >= 0).all() and (logsum_c[finite] <= math.log(logits.shape[1]) + 1e-5).all()
+    assert torch.equal(max_c == NEG_INF, logsum_c == NEG_INF)
+    return z_teacher, max_c.double() + logsum_c.double()
+
+
+def row_scalars(z_teacher, max_complement, logsum_complement, seed=0):
+    """Realistic per-row scalars: origin = the complement's max, log_coef = the log of a coefficient
+    in [0.05, 2] relative to exp(z - origin) (the dense gradient coef * q_v), signs of both kinds
+    (sign = 0 in the last row), grad_teacher 0 on unused slots."""
     gen = torch.Generator().manual_seed(seed + 1)
     c, k = z_teacher.shape
     dtype = z_teacher.dtype
-    lse = torch.logaddexp(lse_complement.double(), z_teacher.double().logsumexp(dim=1))
+    lse_complement = max_complement.double() + logsum_complement.double()
+    lse = torch.logaddexp(lse_complement, z_teacher.double().logsumexp(dim=1))
     coef = 0.05 + 1.95 * torch.rand(c, generator=gen, dtype=torch.float64)
     sign = torch.where(torch.rand(c, generator=gen) < 0.5, 1.0, -1.0).double()
     sign[-1] = 0.0
     noise = torch.randn(c, k, generator=gen, dtype=torch.float64)
     grad_teacher = torch.where(z_teacher.cpu() > NEG_INF, noise, 0.0)
     dev = z_teacher.device
-    return tuple(t.to(device=dev, dtype=dtype) for t in (grad_teacher.to(dev), sign.to(dev), lse - coef.log().to(dev)))
+    log_coef = coef.log().to(dev) + max_complement.double() - lse
+    return tuple(t.to(device=dev, dtype=dtype) for t in (grad_teacher.to(dev), sign.to(dev), max_complement, log_coef))
 
 
 def assert_close(actual, expected, dtype, what):
@@ -137,11 +154,11 @@ def test_masked_lse_matches_reference(c, V, k):
         original = logits.clone()
         z_ref, lse_ref = reference_masked_lse(original, ids, inv_temp)
 
-        z_teacher, lse = masked_lse(logits, ids, inv_temp, block_v=block_v)
+        z_teacher, lse = run_masked_lse(logits, ids, inv_temp, block_v=block_v)
 
         what = f"inv_temp={inv_temp} block_v={block_v}"
         assert z_teacher.shape == (c, k) and lse.shape == (c,)
-        assert z_teacher.dtype == lse.dtype == torch.float32
+        assert z_teacher.dtype == torch.float32
         assert_close(z_teacher, z_ref, torch.float32, f"z_teacher, {what}")
         assert_close(lse, lse_ref, torch.float32, f"lse_complement, {what}")
         # Side effect: -inf exactly at the used ids, every other entry untouched.
@@ -156,7 +173,7 @@ def test_masked_lse_empty_complement_and_empty_rows():
     logits = torch.randn(3, V, device=DEVICE)
     ids = torch.stack([torch.randperm(V), torch.full((V,), -1), torch.randperm(V)]).to(DEVICE)
     ids[2, 5] = -1
-    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
+    z_teacher, lse = run_masked_lse(logits, ids, 0.37, block_v=TILE)
     assert lse[0].item() == NEG_INF
     assert torch.isinf(logits[0]).all() and (logits[0] < 0).all()
     assert torch.isfinite(lse[1:]).all()
@@ -167,10 +184,47 @@ def test_masked_lse_empty_complement_and_empty_rows():
 def test_masked_lse_int32_ids_and_float64():
     logits, ids = make_inputs(3, 300, 7, dtype=torch.float64, seed=4, peaked=True, id_dtype=torch.int32)
     z_ref, lse_ref = reference_masked_lse(logits, ids, 0.37)
-    z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE)
-    assert z_teacher.dtype == lse.dtype == torch.float64
+    z_teacher, lse = run_masked_lse(logits, ids, 0.37, block_v=TILE)
+    assert z_teacher.dtype == torch.float64
     assert_close(z_teacher, z_ref, torch.float64, "z_teacher fp64")
     assert_close(lse, lse_ref, torch.float64, "lse_complement fp64")
+
+
+def test_masked_lse_propagates_nan_and_inf_like_torch_logsumexp():
+    """NaN anywhere in the complement gives NaN, else +inf gives +inf (as torch.logsumexp), whatever
+    tile holds it; -inf is an ordinary token of weight 0; a non-finite slot logit leaves the
+    complement alone and is gathered as it is."""
+    V = 37
+    logits, ids = make_inputs(6, V, 3, seed=9)
+    off = [next(v for v in range(V) if not (ids[n] == v).any()) for n in range(6)]
+    specials = [float("nan"), float("inf"), float("-inf"), float("nan"), float("inf")]
+    for n, value in enumerate(specials):
+        logits[n, off[n] if n < 3 else V - 1 - n] = value
+    logits[3, 0] = float("inf")  # NaN and +inf in one row: NaN
+    on = int(ids[5][ids[5] >= 0][0])
+    logits[5, on] = float("nan")
+    original = logits.clone()
+    z_teacher, max_c, logsum_c = masked_lse(logits, ids, 0.37, block_v=TILE)
+    lse = max_c.double() + logsum_c.double()
+    expected = (original.double() * 0.37).masked_fill(slot_mask(ids, V), NEG_INF).logsumexp(dim=1)
+    torch.testing.assert_close(lse, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(max_c[[0, 3]]).all() and (max_c[[1, 4]] == float("inf")).all()
+    assert torch.isnan(lse[[0, 3]]).all() and torch.isnan(z_teacher[5][ids[5] == on]).all()
+
+
+def test_softmax_grad_zero_sign_is_exact_zero_on_nonfinite_logits():
+    """A row that does not count (sign 0) gets exact zeros even where its logits are NaN or inf; a
+    counted row's NaN logit stays NaN."""
+    V = 37
+    logits = torch.randn(3, V, device=DEVICE)
+    logits[0, 4], logits[0, 5], logits[1, 6] = float("nan"), float("inf"), float("nan")
+    ids = torch.full((3, 2), -1, device=DEVICE)
+    zeros = torch.zeros(3, device=DEVICE)
+    sign = torch.tensor([0.0, 1.0, 1.0], device=DEVICE)
+    out = softmax_grad(logits, ids, torch.zeros(3, 2, device=DEVICE), sign, zeros, zeros, 1.0,
+                       torch.empty(3, V, device=DEVICE), block_v=TILE)
+    assert torch.equal(out[0], torch.zeros(V, device=DEVICE))
+    assert torch.isnan(out[1, 6]) and torch.isfinite(out[2]).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,15 +243,14 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
     }[out_kind]
     logits, ids = make_inputs(c, V, k, dtype=logits_dtype, seed=seed, peaked=peaked, padded=seed % 2 == 1)
     original = logits.clone()
-    z_teacher, lse_complement = masked_lse(logits, ids, inv_temp, block_v=block_v)
-    grad_teacher, sign, shift = row_scalars(z_teacher, lse_complement, seed)
-    expected = reference_softmax_grad(original, ids, grad_teacher, sign, shift, inv_temp)
+    scalars = row_scalars(*masked_lse(logits, ids, inv_temp, block_v=block_v), seed)
+    expected = reference_softmax_grad(original, ids, *scalars, inv_temp)
 
     if out_kind.endswith("inplace"):
         out = logits
     else:
         out = torch.full((c, V + 2), float("nan"), dtype=out_dtype, device=DEVICE)[:, :V]  # padded row stride
-    result = softmax_grad(logits, ids, grad_teacher, sign, shift, inv_temp, out, block_v=block_v)
+    result = softmax_grad(logits, ids, *scalars, inv_temp, out, block_v=block_v)
     assert result is out and result.dtype == out_dtype
     return result, expected, out_dtype
 
@@ -225,7 +278,7 @@ def test_softmax_grad_inplace_shapes(c, V, k):
 
 
 def test_softmax_grad_is_nan_free_on_degenerate_rows():
-    """Every token a used id (z = -inf everywhere, even with shift = -inf), and a zero sign next to
+    """Every token a used id (z = -inf everywhere, even with origin = -inf), and a zero sign next to
     logits whose exponentials overflow fp32."""
     V = 37
     logits = torch.randn(3, V, device=DEVICE)
@@ -234,9 +287,10 @@ def test_softmax_grad_is_nan_free_on_degenerate_rows():
     masked_lse(logits, ids, 1.0, block_v=TILE)
     grad_teacher = torch.where(ids >= 0, torch.randn(3, V, device=DEVICE), 0.0)
     sign = torch.tensor([1.0, -1.0, 0.0], device=DEVICE)
-    shift = torch.tensor([NEG_INF, 5.0, 0.0], device=DEVICE)
+    origin = torch.tensor([NEG_INF, 5.0, 0.0], device=DEVICE)
+    log_coef = torch.zeros(3, device=DEVICE)
     out = torch.empty(3, V, device=DEVICE)
-    softmax_grad(logits, ids, grad_teacher, sign, shift, 1.0, out, block_v=TILE)
+    softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, 1.0, out, block_v=TILE)
     assert not torch.isnan(out).any()
     expected = torch.zeros(3, V, device=DEVICE)
     expected.scatter_(1, ids[:2], grad_teacher[:2])
@@ -250,7 +304,7 @@ def test_softmax_grad_is_nan_free_on_degenerate_rows():
 
 def test_wrappers_reject_bad_arguments():
     logits, ids = make_inputs(3, 37, 3)
-    scalars = [torch.zeros(3, device=DEVICE) for _ in range(2)]
+    scalars = [torch.zeros(3, device=DEVICE) for _ in range(3)]
     grad_teacher = torch.zeros(3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="logits"):
         masked_lse(logits.half(), ids, 1.0)
@@ -264,8 +318,10 @@ def test_wrappers_reject_bad_arguments():
         masked_lse(logits, ids, torch.tensor(1.0))
     with pytest.raises(ValueError, match="grad_teacher"):
         softmax_grad(logits, ids, grad_teacher.double(), *scalars, 1.0, logits)
-    with pytest.raises(ValueError, match="shift"):
-        softmax_grad(logits, ids, grad_teacher, scalars[0], torch.zeros(4, device=DEVICE), 1.0, logits)
+    with pytest.raises(ValueError, match="origin"):
+        softmax_grad(logits, ids, grad_teacher, scalars[0], torch.zeros(4, device=DEVICE), scalars[2], 1.0, logits)
+    with pytest.raises(ValueError, match="log_coef"):
+        softmax_grad(logits, ids, grad_teacher, *scalars[:2], torch.zeros(3, device=DEVICE).double(), 1.0, logits)
     with pytest.raises(ValueError, match="out"):
         softmax_grad(logits, ids, grad_teacher, *scalars, 1.0, torch.empty(3, 37, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="out"):
@@ -281,13 +337,14 @@ def test_slot_tiles_smaller_than_k(c, V, k):
         logits, ids = make_inputs(c, V, k, seed=block_k, peaked=True)
         original = logits.clone()
         z_ref, lse_ref = reference_masked_lse(original, ids, 0.37)
-        z_teacher, lse = masked_lse(logits, ids, 0.37, block_v=TILE, block_k=block_k)
+        z_teacher, max_c, logsum_c = masked_lse(logits, ids, 0.37, block_v=TILE, block_k=block_k)
+        lse = max_c.double() + logsum_c.double()
         assert_close(z_teacher, z_ref, torch.float32, f"z_teacher block_k={block_k}")
         assert_close(lse, lse_ref, torch.float32, f"lse_complement block_k={block_k}")
         assert torch.equal(logits, original.masked_fill(slot_mask(ids, V), NEG_INF))
-        grad_teacher, sign, shift = row_scalars(z_teacher, lse, seed=block_k)
-        expected = reference_softmax_grad(original, ids, grad_teacher, sign, shift, 0.37)
-        out = softmax_grad(logits, ids, grad_teacher, sign, shift, 0.37, logits, block_v=TILE, block_k=block_k)
+        scalars = row_scalars(z_teacher, max_c, logsum_c, seed=block_k)
+        expected = reference_softmax_grad(original, ids, *scalars, 0.37)
+        out = softmax_grad(logits, ids, *scalars, 0.37, logits, block_v=TILE, block_k=block_k)
         assert_close(out, expected, torch.float32, f"softmax_grad block_k={block_k}")
 
 
