@@ -129,7 +129,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100", "numpy", "scipy", "peft", "matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6.100,<7", "numpy", "scipy", "peft", "matplotlib"],
         "plot": ["matplotlib"],  # the demo's and the benchmarks' PNG plots
         "flash": ["flash-attn"],
     },
