@@ -164,6 +164,27 @@ def _normalize_prompts(prompts, tokenizer, vocab_size) -> List[List[int]]:
     return out
 
 
+class RecentRate:
+    """Tokens per second over the last ``interval`` seconds or more (not since the start: a progress bar
+    showing the whole run's mean hides a slowdown). ``update`` returns a new rate at most once per interval."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self._since = None  # (time, tokens) where the current window started
+        self._tokens = 0
+
+    def update(self, num_tokens: int, now: float) -> Optional[float]:
+        self._tokens += num_tokens
+        if self._since is None:
+            self._since = (now, self._tokens - num_tokens)
+            return None
+        start, tokens_then = self._since
+        if now - start < self.interval:
+            return None
+        self._since = (now, self._tokens)
+        return (self._tokens - tokens_then) / (now - start)
+
+
 def generate_replay(
     model,
     *,
@@ -404,24 +425,21 @@ def generate_replay(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_sequences, initial=done_sequences, unit="seq", desc="generate_replay", dynamic_ncols=True)
-    run_start = time.perf_counter()
-    run_tokens = [0]
-    last_postfix = [0.0]
+    rate = RecentRate()
 
     def progress_update(num_finished, num_tokens, engine):
-        run_tokens[0] += num_tokens
+        tokens_per_second = rate.update(num_tokens, time.perf_counter())
         if bar is None:
             return
         bar.update(num_finished)
-        now = time.perf_counter()
-        if now - last_postfix[0] > 0.5:
-            last_postfix[0] = now
-            postfix = {"tok/s": f"{run_tokens[0] / max(now - run_start, 1e-9):.0f}"}
+        if tokens_per_second is not None:
+            postfix = {"tok/s": f"{tokens_per_second:.0f}"}
             if engine.drafter is not None and engine.stats.target_forwards:
                 proposed = int(engine._proposed)
                 if proposed:
                     postfix["accept"] = f"{int(engine._accepted) / proposed:.2f}"
-            bar.set_postfix(postfix, refresh=False)
+            # Redrawn now: with long sequences no sequence may finish (and tqdm redraw) for minutes.
+            bar.set_postfix(postfix, refresh=True)
 
     was_training = model.training
     draft_was_training = draft_model.training if draft_model is not None else False

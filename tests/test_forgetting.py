@@ -8,6 +8,7 @@ import torch
 
 import selfreplay_fast as sf
 from selfreplay_fast.forgetting import ratio_estimate
+from text_data import RandomTexts, collate_padded
 
 VOCAB = 37
 
@@ -121,25 +122,6 @@ def test_bad_input(buffers):
 # -- ForgettingCallback ----------------------------------------------------------------------------------
 
 
-class _Texts(torch.utils.data.Dataset):
-    def __init__(self, seed, n):
-        g = torch.Generator().manual_seed(seed)
-        self.rows = [torch.randint(3, VOCAB, (int(torch.randint(4, 10, (1,), generator=g)),), generator=g)
-                     for _ in range(n)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i]}
-
-
-def _collate(rows):
-    ids = torch.nn.utils.rnn.pad_sequence([r["input_ids"] for r in rows], batch_first=True)
-    attention = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r["input_ids"]) for r in rows], batch_first=True)
-    return {"input_ids": ids, "attention_mask": attention, "labels": ids.masked_fill(attention == 0, -100)}
-
-
 def _plain_trainer(tmp_path, model, **over):
     from transformers import Trainer, TrainingArguments
 
@@ -147,8 +129,8 @@ def _plain_trainer(tmp_path, model, **over):
                 logging_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=3, learning_rate=0.05,
                 save_strategy="no", disable_tqdm=True, remove_unused_columns=False)
     args.update(over)
-    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=_Texts(0, 8), eval_dataset=_Texts(1, 3),
-                   data_collator=_collate)
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=RandomTexts(8, VOCAB, seed=0),
+                   eval_dataset=RandomTexts(3, VOCAB, seed=1), data_collator=collate_padded)
 
 
 def test_callback_logs_the_drift_of_a_plain_trainer_at_every_evaluation(buffers, tmp_path):

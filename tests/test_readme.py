@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import selfreplay_fast as sf
+from text_data import RandomTexts, collate_padded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 97
@@ -33,29 +34,6 @@ def _model():
                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=320,
                                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
                                         initializer_range=0.2))
-
-
-class _Texts(torch.utils.data.Dataset):
-    def __init__(self, n, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.rows = [torch.randint(3, VOCAB, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g).tolist()
-                     for _ in range(n)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i]}
-
-
-def _collate(rows):
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        attention[i, : len(r["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": attention, "labels": ids.masked_fill(attention == 0, -100)}
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +66,13 @@ def test_python_block_runs_as_written(line, code, workdir, request, monkeypatch)
     monkeypatch.chdir(workdir)
     model = _model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_dataset = _Texts(128)  # the Trainer block: 3 epochs of 4 steps, one log at step 10
+    train_dataset = RandomTexts(128, VOCAB, min_len=5, max_len=20)  # the Trainer block: 3 epochs of 4 steps, one log at step 10
     replay = sf.ReplayBuffer.load(str(workdir / "replay"))
     namespace = {
         "sf": sf, "torch": torch, "model": model, "replay": replay,
-        "task_loader": torch.utils.data.DataLoader(train_dataset, batch_size=4, collate_fn=_collate),
+        "task_loader": torch.utils.data.DataLoader(train_dataset, batch_size=4, collate_fn=collate_padded),
         "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
-        "train_dataset": train_dataset, "collator": _collate, "batch": next(replay.batches(4)),
+        "train_dataset": train_dataset, "collator": collate_padded, "batch": next(replay.batches(4)),
     }
     if "dist." in code:
         namespace["dist"] = request.getfixturevalue("dist")
