@@ -272,3 +272,24 @@ def test_model_must_be_a_directory_or_an_engine(tmp_path):
         generate_replay(tiny_llama(0), num_sequences=2, max_new_tokens=2, progress=False, backend="vllm")
     with pytest.raises(ValueError, match="vllm_engine_args only applies to backend='vllm'"):
         generate_replay(tiny_llama(0), num_sequences=2, max_new_tokens=2, progress=False, vllm_engine_args={})
+
+
+def test_generate_command_with_the_vllm_backend(engine, tmp_path, capsys):
+    """The CLI builds its own engine from the directory (build_llm) and writes what the engine fixture's would."""
+    from selfreplay_fast import cli
+
+    path, model, llm = engine
+    out = tmp_path / "out"
+    common = ["--num-sequences", "6", "--max-new-tokens", "5", "--top-k", "3", "--seed", "3", "--shard-size", "4"]
+    assert cli.main(["generate", "--model", path, "--out", str(out), *common, "--backend", "vllm", "--no-progress",
+                     "--vllm-engine-args", json.dumps(ENGINE_ARGS)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["buffer"]["sequences"] == 6
+    buffer = ReplayBuffer.load(str(out), expected_vocab_size=TINY_VOCAB)
+    same = generate_replay(llm, num_sequences=6, max_new_tokens=5, top_k=3, seed=3, shard_size=4, progress=False,
+                           backend="vllm")
+    assert buffer.sequences() == same.sequences()  # same seeds, same engine settings: the same sequences
+    assert buffer.metadata["generation"]["backend"] == "vllm"
+    assert cli.main(["generate", "--model", path, "--out", str(tmp_path / "o2"), *common, "--backend", "vllm",
+                     "--ngram-draft"]) == cli.EXIT_USAGE_ERROR
+    assert "--ngram-draft: not supported with --backend vllm" in capsys.readouterr().err
