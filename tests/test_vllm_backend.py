@@ -293,3 +293,30 @@ def test_generate_command_with_the_vllm_backend(engine, tmp_path, capsys):
     assert cli.main(["generate", "--model", path, "--out", str(tmp_path / "o2"), *common, "--backend", "vllm",
                      "--ngram-draft"]) == cli.EXIT_USAGE_ERROR
     assert "--ngram-draft: not supported with --backend vllm" in capsys.readouterr().err
+
+
+def run_resume_script(path, out_dir, kill_after):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONPATH=REPO + os.pathsep + HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, os.path.join(HERE, "vllm_resume_script.py"), path, out_dir, str(kill_after),
+                           json.dumps(ENGINE_ARGS)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_after_kill_9(engine, tmp_path):
+    path, model, llm = engine
+    out = str(tmp_path / "killed")
+    killed = run_resume_script(path, out, kill_after=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with open(os.path.join(out, "metadata.json")) as handle:
+        meta = json.load(handle)
+    assert [s["file"] for s in meta["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert meta["complete"] is False
+    finished = run_resume_script(path, out, kill_after=-1)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    straight = str(tmp_path / "straight")  # the same run, uninterrupted, on the module's engine
+    generate_replay(llm, num_sequences=10, max_new_tokens=6, top_k=3, shard_size=3, seed=11, out_dir=straight,
+                    progress=False, keep_in_memory=False, backend="vllm")
+    for shard in range(4):
+        name = f"shard-{shard:05d}.safetensors"
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert len(ReplayBuffer.open(out, expected_vocab_size=TINY_VOCAB)) == 10
