@@ -210,6 +210,8 @@ def generate_replay(
     on_shard_written: Optional[Callable[[int, str], None]] = None,
     check_every: Optional[int] = None,
     keep_in_memory: bool = True,
+    backend: str = "native",
+    vllm_engine_args: Optional[dict] = None,
 ) -> Optional[ReplayBuffer]:
     """Sample ``num_sequences`` sequences from ``model`` and record its teacher at every sampled position.
 
@@ -244,12 +246,21 @@ def generate_replay(
         keep_in_memory: return the whole buffer (default). With ``out_dir``, False keeps only the shard
             being generated in memory and returns None (for runs larger than RAM; load shards later,
             the counters of the run are in ``metadata.json`` under ``generation_stats``).
+        backend: ``"native"`` (this module's decode loop) or ``"vllm"``: ``model`` is then a local model
+            directory or a ``vllm.LLM``, and the buffer means the same (selfreplay_fast/vllm_backend.py;
+            draft_model, drafter, sampled_draws and check_every are native only).
+        vllm_engine_args: with ``backend="vllm"`` and a model directory, extra ``vllm.LLM`` arguments.
 
     Returns:
         The :class:`ReplayBuffer` of all ``num_sequences`` sequences (``buffer.generation_stats`` holds
         the counters of this call, including the speculative acceptance rate), or None when
         ``keep_in_memory=False``.
     """
+    if backend != "native" or vllm_engine_args is not None:  # the vLLM backend refuses what it cannot honor
+        arguments = dict(locals())  # every argument, by name (before the import adds a name)
+        from .vllm_backend import generate_with_backend
+
+        return generate_with_backend(arguments)
     # ---- argument checks ----
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model must be a Hugging Face causal LM (torch.nn.Module with .config), got {type(model).__name__}")

@@ -53,8 +53,35 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--backend", choices=["native", "vllm"], default="native",
+                        help="native: this library's decode loop; vllm: a vllm.LLM engine (needs vllm installed; no "
+                             "drafts or sampled teacher) (default native)")
+    parser.add_argument("--vllm-engine-args", type=_json_object, default=None,
+                        help='with --backend vllm, extra vllm.LLM arguments as a JSON object, e.g. '
+                             '\'{"tensor_parallel_size": 2}\' (default: none)')
     parser.set_defaults(handler=run, on_interrupt=saved_so_far)
     return parser
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object of vllm.LLM arguments")
+    return value
+
+
+def _check_backend(args) -> None:
+    if args.backend == "native":
+        if args.vllm_engine_args is not None:
+            raise UsageError("argument --vllm-engine-args: only applies with --backend vllm")
+        return
+    for flag, used in (("--draft", args.draft is not None), ("--ngram-draft", args.ngram_draft),
+                       ("--sampled-draws", args.sampled_draws is not None)):
+        if used:
+            raise UsageError(f"argument {flag}: not supported with --backend vllm (the native decode loop only)")
 
 
 def _load_tokenizer(path):
@@ -147,6 +174,7 @@ def run(args) -> int:
     import torch
 
     # ---- everything that can be checked without the weights ----
+    _check_backend(args)
     device = check_device(args.device)
     config = read_model_config(args.model)
     check_top_k(args.top_k, config)
@@ -169,6 +197,18 @@ def run(args) -> int:
     from ..generation import generate_replay, load_model_for_generation
     from ..replay_buffer import read_metadata
 
+    if args.backend == "vllm":  # the engine loads the weights itself (--device does not apply)
+        engine_args = dict(args.vllm_engine_args or {})
+        if args.dtype != "auto":
+            engine_args.setdefault("dtype", args.dtype)
+        generate_replay(
+            args.model, num_sequences=args.num_sequences, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+            batch_size=args.batch_size, temperature=args.temperature, prompts=prompts, seed=args.seed, out_dir=args.out,
+            progress=not args.no_progress, shard_size=args.shard_size, tokenizer=tokenizer,
+            logprob_dtype=args.logprob_dtype, keep_in_memory=False, backend="vllm", vllm_engine_args=engine_args,
+        )
+        print(json.dumps(run_summary(args.out, before, read_metadata(args.out)), sort_keys=True), file=sys.stdout)
+        return 0
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     with hub_progress_bars(not args.no_progress):
         model = load_model_for_generation(args.model, device=device, dtype=dtype)

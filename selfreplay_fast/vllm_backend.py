@@ -1,0 +1,423 @@
+"""The vLLM backend of ``generate_replay``: the same replay buffer, sampled by a serving engine.
+
+``generate_replay(path_or_llm, ..., backend="vllm")`` sends every sequence to ``vllm.LLM`` as a
+request of its own and turns the engine's sample log-probs into teacher rows. What the buffer means is
+what the native backend's means:
+
+* **The full distribution at ``temperature``.** Every request samples with ``top_k=-1, top_p=1,
+  min_p=0``, no penalties, no logit bias, and the engine must return *processed* log-probs
+  (``logprobs_mode="processed_logprobs"``: ``log_softmax(logits / temperature)``, the distribution the
+  token was drawn from; raw log-probs are accepted only at temperature 1, where the two are equal).
+  The sampling parameters are all passed explicitly, so a checkpoint's ``generation_config`` defaults
+  never apply (an engine built here also gets ``generation_config="vllm"``).
+* **Prompts, EOS and the budget as native.** BOS alone unless ``prompts`` are given (strings are
+  encoded by the tokenizer exactly as the native backend encodes them); a sequence ends at the first
+  of the EOS ids native resolves (``ignore_eos=True`` plus those ids as ``stop_token_ids``, so the
+  engine adds no EOS of its own) or after ``max_new_tokens``.
+* **Per-request seeds.** Request ``i`` of shard ``s`` samples with ``SamplingParams(seed=...)`` derived
+  from ``(seed, s, i)``, so a shard is reproducible on the same software and hardware and does not
+  depend on what else the engine batches with it. vLLM's own kernels differ from the native loop's, so
+  the two backends draw different (equally distributed) sequences from the same seed.
+* **The tail from the top-k mass.** The engine returns only the top-k log-probs (float32), so the tail
+  is ``log1p(-sum(exp(top-k)))`` computed in float64 (see :func:`tail_from_topk`). The native backend
+  sums the non-top-k probabilities directly, which is exact down to tails of ~1e-37; here each
+  float32 log-prob carries a relative rounding of ~1e-7, so a tail *mass* is known to about
+  ``1e-7 * (1 + |log p|)`` absolute: tails above ~1e-5 agree with native to < 1%, smaller ones are
+  noise (their share of a tail-mode KL is < 1e-5 nats), and a top-k mass that rounds to >= 1 gives a
+  tail of ``-inf``.
+
+Engine output is read flat (``SamplingParams(flat_logprobs=True)``: one list of ids and one of
+log-probs per request, k + 1 entries per position, the sampled token first), converted with one numpy
+call per request rather than a Python dict per token. Shards are generated one at a time (all the
+shard's requests go to the engine together), written through :class:`ShardedBufferWriter` as soon as
+they complete and resumed exactly as the native backend resumes: memory holds one shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+import os
+import time
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from ._inputs import check_temperature
+from .generation import (
+    GenerationStats, _assemble, _canonical_config, _check_positive_int, _first_id, _normalize_prompts, _shard_seed,
+    _token_id_list,
+)
+from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, LOGPROB_DTYPES, ReplayBuffer, ShardedBufferWriter
+
+__all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "request_seed"]
+
+BACKENDS = ("native", "vllm")
+# Arguments of generate_replay that only the native decode loop implements, with the value that means "unused".
+_NATIVE_ONLY = {"draft_model": None, "drafter": None, "sampled_draws": None, "check_every": None}
+
+
+def request_seed(seed: int, shard_index: int, row: int) -> int:
+    """The sampling seed of request ``row`` of shard ``shard_index`` (63 bits, from the native shard seed)."""
+    digest = hashlib.sha256(f"selfreplay-fast/vllm:{_shard_seed(seed, shard_index)}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def tail_from_topk(top_logprobs: np.ndarray, *, complete: bool = False) -> np.ndarray:
+    """Log of the mass outside the top-k, ``log1p(-sum_j exp(top_logprobs[..., j]))``, in float64.
+
+    ``complete`` (k = V) gives ``-inf`` everywhere. A top-k mass that rounding puts at or above 1 gives
+    ``-inf`` too. The result is only as precise as the log-probs: with float32 inputs a tail mass is
+    known to about 1e-7 absolute (see the module docstring).
+    """
+    lp = np.asarray(top_logprobs, dtype=np.float64)
+    if complete:
+        return np.full(lp.shape[:-1], -np.inf)
+    rest = 1.0 - np.exp(lp).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(rest > 0, np.log(np.where(rest > 0, rest, 1.0)), -np.inf)
+
+
+def build_llm(path, *, top_k: int, seed: int = 0, max_num_seqs: Optional[int] = None, engine_args: Optional[dict] = None):
+    """A ``vllm.LLM`` for ``path`` set up as the backend needs: processed log-probs, ``max_logprobs >= top_k``,
+    ``generation_config="vllm"``, no tokenizer (prompts are token ids). ``engine_args`` add or override
+    engine arguments (``tensor_parallel_size``, ``dtype``, ``quantization``, ``gpu_memory_utilization`` ...);
+    the log-prob settings are checked afterwards like those of a user-built engine."""
+    from vllm import LLM
+
+    kwargs = dict(
+        model=os.fspath(path), skip_tokenizer_init=True, generation_config="vllm", max_logprobs=top_k,
+        logprobs_mode="processed_logprobs", seed=seed,
+    )
+    if max_num_seqs is not None:
+        kwargs["max_num_seqs"] = max_num_seqs
+    kwargs.update(engine_args or {})
+    return LLM(**kwargs)
+
+
+def _is_llm(obj) -> bool:
+    return any(cls.__name__ == "LLM" and cls.__module__.startswith("vllm") for cls in type(obj).__mro__)
+
+
+def _check_engine(llm, k: int, temperature: float) -> None:
+    config = llm.model_config
+    if getattr(config, "runner_type", "generate") != "generate":
+        raise ValueError(f"model must be a generative vllm.LLM, got one with runner_type={config.runner_type!r}")
+    max_logprobs = config.max_logprobs
+    if max_logprobs != -1 and max_logprobs < k:
+        raise ValueError(
+            f"top_k = {k} exceeds the engine's max_logprobs = {max_logprobs}: build the vllm.LLM with max_logprobs={k} or more"
+        )
+    mode = config.logprobs_mode
+    if mode != "processed_logprobs" and not (mode == "raw_logprobs" and temperature == 1.0):
+        raise ValueError(
+            f"the engine returns {mode!r} but the teacher must be the log-probs of the sampling distribution at "
+            f"temperature {temperature}: build the vllm.LLM with logprobs_mode='processed_logprobs'"
+        )
+
+
+def _load_hf_configs(path):
+    """The checkpoint's transformers config and generation config (None if it has none)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the ids come from the config
+        generation_config = None
+    return config, generation_config
+
+
+def _config_hash(config) -> str:
+    # The native backend's model_config_hash, from the config alone (no torch module here).
+    return hashlib.sha256(json.dumps(_canonical_config(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resolve_special_ids(config, generation_config, tokenizer, vocab_size, *, bos_token_id, eos_token_id, need_bos):
+    """BOS and EOS ids, looked up in the order the native backend looks them up."""
+    eos_ids = _token_id_list(eos_token_id)
+    if eos_token_id is None:
+        eos_ids = (_token_id_list(getattr(generation_config, "eos_token_id", None))
+                   or _token_id_list(getattr(config, "eos_token_id", None))
+                   or _token_id_list(getattr(tokenizer, "eos_token_id", None)))
+    for t in eos_ids:
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"eos_token_id {t} is outside the vocabulary [0, {vocab_size}); pass eos_token_id= explicitly")
+    if not need_bos:
+        return None, eos_ids
+    bos = bos_token_id if bos_token_id is not None else _first_id(
+        getattr(tokenizer, "bos_token_id", None), getattr(config, "bos_token_id", None),
+        getattr(generation_config, "bos_token_id", None))
+    if bos is None:
+        raise ValueError(
+            "the model has no BOS token (config, generation_config and tokenizer define none) and prompts is None: "
+            "pass prompts= (strings or token-id lists) or bos_token_id="
+        )
+    if isinstance(bos, bool) or not isinstance(bos, numbers.Integral) or not 0 <= bos < vocab_size:
+        raise ValueError(f"bos_token_id {bos!r} is outside the vocabulary [0, {vocab_size})")
+    return int(bos), eos_ids
+
+
+def generate_with_backend(arguments: dict):
+    """``generate_replay``'s dispatch: ``arguments`` are all its arguments, by name."""
+    arguments = dict(arguments)
+    backend = arguments.pop("backend")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "native":
+        raise ValueError("vllm_engine_args only applies to backend='vllm'")
+    for name, unused in _NATIVE_ONLY.items():
+        if arguments.pop(name) is not unused:
+            raise ValueError(f"{name} is not supported by backend='vllm' (only by the native decode loop); leave it unset")
+    arguments.pop("num_draft_tokens")  # only read with a drafter
+    return generate_replay_vllm(arguments.pop("model"), **arguments)
+
+
+def generate_replay_vllm(
+    model,
+    *,
+    num_sequences: int,
+    max_new_tokens: int,
+    top_k: int = 64,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    prompts=None,
+    seed: int = 0,
+    out_dir: Optional[str] = None,
+    progress: bool = True,
+    shard_size: int = 1024,
+    tokenizer=None,
+    logprob_dtype=torch.float32,
+    bos_token_id: Optional[int] = None,
+    eos_token_id=None,
+    pad_token_id: Optional[int] = None,
+    on_shard_written: Optional[Callable[[int, str], None]] = None,
+    keep_in_memory: bool = True,
+    vllm_engine_args: Optional[dict] = None,
+) -> Optional[ReplayBuffer]:
+    """``generate_replay(..., backend="vllm")``; the arguments mean what they mean there.
+
+    ``model`` is a local model directory (an engine is built for it by :func:`build_llm`, with
+    ``max_num_seqs=batch_size`` and ``vllm_engine_args``) or a ``vllm.LLM`` you built (tensor parallel,
+    quantization, memory: your choice; it must have ``logprobs_mode="processed_logprobs"`` and
+    ``max_logprobs >= top_k``, and ``vllm_engine_args`` must then be None). ``batch_size`` only sets
+    ``max_num_seqs`` of an engine built here: vLLM schedules its own batches.
+    """
+    # ---- argument checks ----
+    num_sequences = _check_positive_int("num_sequences", num_sequences)
+    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
+    top_k = _check_positive_int("top_k", top_k)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    shard_size = _check_positive_int("shard_size", shard_size)
+    temperature = check_temperature(temperature)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    seed = int(seed)
+    if isinstance(logprob_dtype, str):
+        if logprob_dtype not in LOGPROB_DTYPES:
+            raise ValueError(f"logprob_dtype must be one of {list(LOGPROB_DTYPES)}, got {logprob_dtype!r}")
+        logprob_dtype = LOGPROB_DTYPES[logprob_dtype]
+    if logprob_dtype not in LOGPROB_DTYPES.values():
+        raise ValueError(f"logprob_dtype must be torch.float32 or torch.float16, got {logprob_dtype!r}")
+    if not keep_in_memory and out_dir is None:
+        raise ValueError("keep_in_memory=False needs out_dir: without it the generated buffer would be lost")
+    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
+    if vllm_engine_args is not None and not isinstance(vllm_engine_args, dict):
+        raise TypeError(f"vllm_engine_args must be a dict of vllm.LLM arguments or None, got {type(vllm_engine_args).__name__}")
+
+    if _is_llm(model):
+        if vllm_engine_args is not None:
+            raise ValueError("vllm_engine_args only applies when model is a path; this vllm.LLM is built already")
+        llm, path = model, model.model_config.model
+    elif isinstance(model, (str, os.PathLike)):
+        if not os.path.isdir(model):
+            raise ValueError("model must be a local model directory or a vllm.LLM for backend='vllm'; the path is not a directory")
+        llm, path = None, os.fspath(model)
+    else:
+        raise TypeError(f"model must be a local model directory or a vllm.LLM for backend='vllm', got {type(model).__name__}")
+
+    config, generation_config = _load_hf_configs(path)
+    vocab_size = int(config.get_text_config().vocab_size)
+    if top_k > vocab_size:
+        raise ValueError(f"top_k = {top_k} exceeds the model's vocabulary size {vocab_size}")
+    k = top_k
+    bos, eos_ids = _resolve_special_ids(config, generation_config, tokenizer, vocab_size, bos_token_id=bos_token_id,
+                                        eos_token_id=eos_token_id, need_bos=prompts is None)
+    if prompts is None:
+        prompt_list = [[bos]]
+        prompts_digest = hashlib.sha256(f"bos:{bos}".encode()).hexdigest()
+    else:
+        prompt_list = _normalize_prompts(prompts, tokenizer, vocab_size)
+        prompts_digest = hashlib.sha256(json.dumps(prompt_list).encode()).hexdigest()
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    max_len = max(len(p) for p in prompt_list) + max_new_tokens
+    max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(max_positions, int) and max_len > max_positions:
+        raise ValueError(
+            f"the longest prompt plus max_new_tokens is {max_len} tokens, beyond the model's "
+            f"max_position_embeddings = {max_positions}"
+        )
+    num_shards = -(-num_sequences // shard_size)
+
+    # The native backend's settings and metadata keys, so that both buffers load, train and resume alike.
+    settings = {
+        "model_name": str(path),
+        "config_hash": _config_hash(config),
+        "vocab_size": vocab_size,
+        "k": k,
+        "mode": "tail",
+        "sampled_draws": None,
+        "temperature": temperature,
+        "seed": seed,
+        "num_sequences": num_sequences,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "prompts_sha256": prompts_digest,
+        "num_prompts": len(prompt_list),
+        "eos_token_ids": eos_ids,
+        "pad_token_id": int(pad_token_id),
+        "drafter": None,
+        "num_draft_tokens": None,
+        "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
+        "backend": "vllm",
+    }
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vocab_size": vocab_size,
+        "k": k,
+        "mode": "tail",
+        "pad_token_id": int(pad_token_id),
+        "logprob_dtype": settings["logprob_dtype"],
+        "model_name": settings["model_name"],
+        "config_hash": settings["config_hash"],
+        "temperature": temperature,
+        "seed": seed,
+        "generation": settings,
+    }
+
+    # ---- resume ----
+    writer: Optional[ShardedBufferWriter] = None
+    parts: List[ReplayBuffer] = []
+    if out_dir is not None:
+        writer = ShardedBufferWriter(out_dir, "generation", settings, metadata, shard_size, num_shards,
+                                     producer="generate_replay", keep_done=keep_in_memory)
+        out_dir = writer.out_dir
+        for t in writer.done_tensors:
+            parts.append(ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
+                                      t["teacher_tail_logprob"], vocab_size=vocab_size, mode="tail",
+                                      pad_token_id=pad_token_id))
+        writer.done_tensors = []
+        if not writer.entries:
+            writer.write_progress()
+    start_shard = writer.num_done_shards if writer is not None else 0
+
+    # ---- generation ----
+    total_stats = GenerationStats()
+    if start_shard < num_shards:
+        if llm is None:
+            llm = build_llm(path, top_k=k, seed=seed, max_num_seqs=batch_size, engine_args=vllm_engine_args)
+        _check_engine(llm, k, temperature)
+        if llm.model_config.get_vocab_size() != vocab_size:
+            raise ValueError(
+                f"the engine's vocabulary ({llm.model_config.get_vocab_size()}) is not the checkpoint's ({vocab_size})"
+            )
+        if max_len > llm.model_config.max_model_len:
+            raise ValueError(
+                f"the longest prompt plus max_new_tokens is {max_len} tokens, beyond the engine's max_model_len = "
+                f"{llm.model_config.max_model_len}"
+            )
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        done = writer.num_done_sequences if writer is not None else 0
+        bar = tqdm(total=num_sequences, initial=done, unit="seq", desc="generate_replay[vllm]", dynamic_ncols=True)
+    try:
+        for shard in range(start_shard, num_shards):
+            first = shard * shard_size
+            count = min(shard_size, num_sequences - first)
+            shard_prompts = [prompt_list[(first + i) % len(prompt_list)] for i in range(count)]
+            start = time.perf_counter()
+            results = _generate_shard(llm, shard_prompts, seed, shard, k=k, vocab_size=vocab_size,
+                                      temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+            stats = GenerationStats(sequences=count, seconds=time.perf_counter() - start,
+                                    generated_tokens=sum(r[0].numel() - len(p) for r, p in zip(results, shard_prompts)))
+            part = _assemble(results, vocab_size, k, "tail", pad_token_id, logprob_dtype)
+            total_stats.add(stats)
+            if keep_in_memory:
+                parts.append(part)
+            if writer is not None:
+                writer.write_shard(part._tensors(), entry_extra={"stats": stats.as_dict()},
+                                   extra_metadata={"generation_stats": total_stats.as_dict()})
+            if bar is not None:
+                bar.update(count)
+                bar.set_postfix({"tok/s": f"{total_stats.tokens_per_second:.0f}"}, refresh=False)
+            if on_shard_written is not None:
+                on_shard_written(shard, out_dir)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not keep_in_memory:
+        return None
+    meta = dict(metadata)
+    meta.update(num_sequences=num_sequences, complete=True, generation_stats=total_stats.as_dict())
+    buffer = ReplayBuffer.concat(parts, metadata=meta)
+    buffer.generation_stats = total_stats
+    return buffer
+
+
+def _sampling_params(k, temperature, max_new_tokens, eos_ids, seed):
+    from vllm import SamplingParams
+
+    # Everything that could reshape the distribution is spelled out, so no default of the engine or the
+    # checkpoint applies; ignore_eos drops the engine's own EOS so that exactly `eos_ids` stop a sequence.
+    return SamplingParams(
+        n=1, temperature=temperature, top_k=-1, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
+        repetition_penalty=1.0, max_tokens=max_new_tokens, min_tokens=0, ignore_eos=True, stop_token_ids=list(eos_ids),
+        logprobs=k, seed=seed, detokenize=False, flat_logprobs=True,
+    )
+
+
+def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, max_new_tokens, eos_ids):
+    """One shard's sequences: a list of (tokens, teacher ids, teacher log-probs, tail) per sequence, as the
+    native engine returns them (rows ``len(prompt) - 1 .. n - 2`` hold the teacher, the others none)."""
+    from vllm.inputs import TokensPrompt
+
+    params = [_sampling_params(k, temperature, max_new_tokens, eos_ids, request_seed(seed, shard, i))
+              for i in range(len(prompts))]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    # All of the shard's positions at once: [positions, k + 1] ids and log-probs, the sampled token first.
+    gen_tokens, flat_ids, flat_lp = [], [], []
+    for out in outputs:
+        completion = out.outputs[0]
+        logprobs = completion.logprobs
+        gen_tokens.append(np.asarray(completion.token_ids, dtype=np.int64))
+        flat_ids.append(np.asarray(logprobs.token_ids, dtype=np.int64))
+        flat_lp.append(np.asarray(logprobs.logprobs, dtype=np.float32))
+    lengths = np.array([len(t) for t in gen_tokens])
+    ids = np.concatenate(flat_ids).reshape(-1, k + 1)
+    lp = np.concatenate(flat_lp).reshape(-1, k + 1)
+    if ids.shape[0] != lengths.sum() or not np.array_equal(ids[:, 0], np.concatenate(gen_tokens)):
+        raise RuntimeError("the engine's log-probs do not hold k + 1 entries per generated token, the sampled one first")
+    top_ids, top_lp = ids[:, 1:], lp[:, 1:]
+    tail = tail_from_topk(top_lp, complete=(k == vocab_size)).astype(np.float32)
+    results = []
+    offset = 0
+    for prompt, tokens, m in zip(prompts, gen_tokens, lengths):
+        p, n = len(prompt), len(prompt) + int(m)
+        rows = slice(p - 1, n - 1)
+        seq_ids = torch.full((n, k), -1, dtype=torch.int32)
+        seq_lp = torch.zeros(n, k, dtype=torch.float32)
+        seq_tail = torch.full((n,), float("-inf"), dtype=torch.float32)
+        seq_ids[rows] = torch.from_numpy(top_ids[offset:offset + m].astype(np.int32))
+        seq_lp[rows] = torch.from_numpy(top_lp[offset:offset + m])
+        seq_tail[rows] = torch.from_numpy(tail[offset:offset + m])
+        offset += m
+        results.append((torch.tensor(prompt + tokens.tolist(), dtype=torch.long), seq_ids, seq_lp, seq_tail))
+    return results
