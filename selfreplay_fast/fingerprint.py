@@ -37,7 +37,7 @@ import torch
 from .replay_buffer import ReplayBufferError, read_metadata
 
 __all__ = ["SAMPLE_SIZE", "fingerprinted_tensors", "weights_fingerprint", "weights_dtype", "weights_identity",
-           "check_resume_weights"]
+           "checkpoint_identity", "check_resume_weights"]
 
 # Elements sampled per tensor: 4096 make a missed fine-tune (which changes nearly every element of the
 # tensors it trains) impossible in practice, at a cost of ~1.2M gathered elements for an 8B model.
@@ -121,6 +121,36 @@ def weights_identity(model: torch.nn.Module) -> dict:
     """The settings entries that identify the weights of a teacher: ``weights_fingerprint`` and
     ``weights_dtype`` (the fingerprint covers the dtype too; the dtype is there to be read)."""
     return dict(zip(_WEIGHTS_KEYS, (weights_fingerprint(model), weights_dtype(model))))
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_FILE_CHUNK_BYTES = 16
+
+
+def checkpoint_identity(directory, dtype: str) -> dict:
+    """``weights_fingerprint`` and ``weights_dtype`` of a model that is only a directory to us (the vLLM
+    backend: the weights live in the engine's processes): the name and size of every weight file and
+    ``SAMPLE_SIZE`` chunks of 16 bytes at evenly spread offsets of each, read without loading the file.
+    It catches what the in-memory fingerprint catches (retrained, re-initialized or fine-tuned weights
+    rewrite nearly every byte), but it is a fingerprint of the files, not of the tensors, so the two kinds
+    are never equal: a directory resumes only with the backend that started it (the settings name it).
+    ``dtype``: the dtype the engine loads the weights in."""
+    directory = os.fspath(directory)
+    files = sorted(name for name in os.listdir(directory) if name.endswith(WEIGHT_FILE_SUFFIXES)
+                   and os.path.isfile(os.path.join(directory, name)))
+    if not files:
+        raise ReplayBufferError(f"model directory {directory} holds no weight file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
+    digest = hashlib.sha256(b"selfreplay-fast/checkpoint-files/1")
+    for name in files:
+        path = os.path.join(directory, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}:{size}".encode())
+        with open(path, "rb") as handle:
+            positions = max(1, min(SAMPLE_SIZE, size // _FILE_CHUNK_BYTES))
+            for i in range(positions):
+                handle.seek((i * size) // positions)
+                digest.update(handle.read(_FILE_CHUNK_BYTES))
+    return {"weights_fingerprint": "files:" + digest.hexdigest(), "weights_dtype": str(dtype)}
 
 
 def check_resume_weights(out_dir, settings_key: str, settings: dict, *, producer: str) -> None:

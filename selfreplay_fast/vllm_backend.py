@@ -47,9 +47,11 @@ import torch
 
 from ._inputs import check_temperature
 from .generation import (
-    GenerationStats, _assemble, _canonical_config, _check_positive_int, _first_id, _normalize_prompts, _shard_seed,
+    GenerationStats, _assemble, _check_positive_int, _first_id, _normalize_prompts, _shard_seed,
     _token_id_list,
 )
+from .fingerprint import check_resume_weights, checkpoint_identity
+from .model_info import _canonical_config
 from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, LOGPROB_DTYPES, ReplayBuffer, ShardedBufferWriter
 
 __all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "request_seed"]
@@ -128,6 +130,16 @@ def _load_hf_configs(path):
     except OSError:  # no generation_config.json: the ids come from the config
         generation_config = None
     return config, generation_config
+
+
+def _engine_dtype(llm, engine_args, config) -> str:
+    """The dtype the engine holds (or will load) the weights in, as one string for both cases."""
+    if llm is not None:
+        return str(llm.model_config.dtype).replace("torch.", "")
+    requested = (engine_args or {}).get("dtype", "auto")
+    if requested == "auto":  # vLLM's rule: the checkpoint's dtype
+        requested = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "auto"
+    return str(requested).replace("torch.", "")
 
 
 def _config_hash(config) -> str:
@@ -285,6 +297,9 @@ def generate_replay_vllm(
         "num_draft_tokens": None,
         "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
         "backend": "vllm",
+        # Resume never mixes two teachers: the weight files (a checkpoint retrained in place keeps its name
+        # and config) and the dtype the engine loads them in.
+        **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
     }
     metadata = {
         "format": FORMAT_NAME,
@@ -302,6 +317,7 @@ def generate_replay_vllm(
     }
 
     # ---- resume ----
+    check_resume_weights(out_dir, "generation", settings, producer="generate_replay")  # before any shard is read
     writer: Optional[ShardedBufferWriter] = None
     parts: List[ReplayBuffer] = []
     if out_dir is not None:

@@ -269,3 +269,26 @@ def test_meta_tensors_are_refused_by_name():
         layer = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="weight is on the meta device"):
         weights_fingerprint(layer)
+
+
+def test_checkpoint_identity_of_a_model_directory(tmp_path):
+    """The vLLM backend's fingerprint (of weight files, read in 16-byte samples): equal for the same files,
+    different for retrained weights saved in place and for another dtype."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selfreplay_fast.fingerprint import checkpoint_identity
+
+    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    first = checkpoint_identity(tmp_path, "float32")
+    assert first == checkpoint_identity(tmp_path, "float32") and first["weights_fingerprint"].startswith("files:")
+    assert checkpoint_identity(tmp_path, "bfloat16")["weights_dtype"] == "bfloat16"
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)  # same name, config and file size, other weights
+    assert checkpoint_identity(tmp_path, "float32")["weights_fingerprint"] != first["weights_fingerprint"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReplayBufferError, match="no weight file"):
+        checkpoint_identity(empty, "float32")
