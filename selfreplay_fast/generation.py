@@ -185,6 +185,64 @@ class RecentRate:
         return (self._tokens - tokens_then) / (now - start)
 
 
+def resolve_special_ids(config, generation_config, tokenizer, vocab_size, *, bos_token_id, eos_token_id, need_bos):
+    """(BOS id or None, EOS ids): the explicit arguments, else the generation config, config and tokenizer's
+    (EOS) or the tokenizer, config and generation config's (BOS); both backends resolve them here."""
+    eos_ids = _token_id_list(eos_token_id)
+    if eos_token_id is None:
+        eos_ids = (_token_id_list(getattr(generation_config, "eos_token_id", None))
+                   or _token_id_list(getattr(config, "eos_token_id", None))
+                   or _token_id_list(getattr(tokenizer, "eos_token_id", None)))
+    for t in eos_ids:
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"eos_token_id {t} is outside the vocabulary [0, {vocab_size}); pass eos_token_id= explicitly")
+    if not need_bos:
+        return None, eos_ids
+    bos = bos_token_id if bos_token_id is not None else _first_id(
+        getattr(tokenizer, "bos_token_id", None), getattr(config, "bos_token_id", None),
+        getattr(generation_config, "bos_token_id", None))
+    if bos is None:
+        raise ValueError(
+            "the model has no BOS token (config, generation_config and tokenizer define none) and prompts is None: "
+            "pass prompts= (strings or token-id lists) or bos_token_id="
+        )
+    if isinstance(bos, bool) or not isinstance(bos, numbers.Integral) or not 0 <= bos < vocab_size:
+        raise ValueError(f"bos_token_id {bos!r} is outside the vocabulary [0, {vocab_size})")
+    return int(bos), eos_ids
+
+
+def replay_prompts(prompts, tokenizer, vocab_size: int, bos: Optional[int]):
+    """(prompt token-id lists, their sha256 for the resume settings): BOS alone when ``prompts`` is None."""
+    if prompts is None:
+        return [[bos]], hashlib.sha256(f"bos:{bos}".encode()).hexdigest()
+    prompt_list = _normalize_prompts(prompts, tokenizer, vocab_size)
+    return prompt_list, hashlib.sha256(json.dumps(prompt_list).encode()).hexdigest()
+
+
+def check_max_length(prompt_list, max_new_tokens: int, config) -> int:
+    """The longest sequence a run can make, refused beyond the model's ``max_position_embeddings``."""
+    max_len = max(len(p) for p in prompt_list) + max_new_tokens
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and max_len > max_positions:
+        raise ValueError(
+            f"the longest prompt plus max_new_tokens is {max_len} tokens, beyond the model's "
+            f"max_position_embeddings = {max_positions}"
+        )
+    return max_len
+
+
+def buffer_metadata(settings: dict) -> dict:
+    """The metadata.json fields of a generated buffer (both backends): its format, the fields a reader
+    checks, and the run's ``settings`` (what a resume compares) under ``"generation"``."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **{key: settings[key] for key in ("vocab_size", "k", "mode", "pad_token_id", "logprob_dtype", "model_name",
+                                          "config_hash", "weights_fingerprint", "weights_dtype", "temperature", "seed")},
+        "generation": settings,
+    }
+
+
 def generate_replay(
     model,
     *,
@@ -314,40 +372,12 @@ def generate_replay(
         raise TypeError(f"drafter must be a Drafter instance, 'ngram' or None, got {type(drafter).__name__}")
 
     config = model.config
-    generation_config = getattr(model, "generation_config", None)
-    eos_ids = _token_id_list(eos_token_id)
-    if eos_token_id is None:
-        eos_ids = (_token_id_list(getattr(generation_config, "eos_token_id", None))
-                   or _token_id_list(getattr(config, "eos_token_id", None))
-                   or _token_id_list(getattr(tokenizer, "eos_token_id", None)))
-    for t in eos_ids:
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"eos_token_id {t} is outside the vocabulary [0, {vocab_size}); pass eos_token_id= explicitly")
-    if prompts is None:
-        bos = bos_token_id if bos_token_id is not None else _first_id(
-            getattr(tokenizer, "bos_token_id", None), getattr(config, "bos_token_id", None),
-            getattr(generation_config, "bos_token_id", None))
-        if bos is None:
-            raise ValueError(
-                "the model has no BOS token (config, generation_config and tokenizer define none) and prompts is None: "
-                "pass prompts= (strings or token-id lists) or bos_token_id="
-            )
-        if isinstance(bos, bool) or not isinstance(bos, numbers.Integral) or not 0 <= bos < vocab_size:
-            raise ValueError(f"bos_token_id {bos!r} is outside the vocabulary [0, {vocab_size})")
-        prompt_list = [[int(bos)]]
-        prompts_digest = hashlib.sha256(f"bos:{int(bos)}".encode()).hexdigest()
-    else:
-        prompt_list = _normalize_prompts(prompts, tokenizer, vocab_size)
-        prompts_digest = hashlib.sha256(json.dumps(prompt_list).encode()).hexdigest()
+    bos, eos_ids = resolve_special_ids(config, getattr(model, "generation_config", None), tokenizer, vocab_size,
+                                       bos_token_id=bos_token_id, eos_token_id=eos_token_id, need_bos=prompts is None)
+    prompt_list, prompts_digest = replay_prompts(prompts, tokenizer, vocab_size, bos)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
-    max_len = max(len(p) for p in prompt_list) + max_new_tokens
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(max_positions, int) and max_len > max_positions:
-        raise ValueError(
-            f"the longest prompt plus max_new_tokens is {max_len} tokens, beyond the model's "
-            f"max_position_embeddings = {max_positions}"
-        )
+    max_len = check_max_length(prompt_list, max_new_tokens, config)
 
     layer_types = getattr(config, "layer_types", None) or []
     window = getattr(config, "sliding_window", None)
@@ -388,22 +418,7 @@ def generate_replay(
         "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
     }
 
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "vocab_size": vocab_size,
-        "k": k,
-        "mode": settings["mode"],
-        "pad_token_id": int(pad_token_id),
-        "logprob_dtype": settings["logprob_dtype"],
-        "model_name": settings["model_name"],
-        "config_hash": settings["config_hash"],
-        "weights_fingerprint": settings["weights_fingerprint"],
-        "weights_dtype": settings["weights_dtype"],
-        "temperature": temperature,
-        "seed": seed,
-        "generation": settings,
-    }
+    metadata = buffer_metadata(settings)
     # Before the writer reads and verifies the existing shards, and before the model runs at all.
     if out_dir is not None:
         check_resume_weights(out_dir, "generation", settings, producer="generate_replay")

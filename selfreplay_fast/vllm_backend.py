@@ -47,12 +47,12 @@ import torch
 
 from ._inputs import check_temperature
 from .generation import (
-    GenerationStats, _assemble, _check_positive_int, _first_id, _normalize_prompts, _shard_seed,
-    _token_id_list,
+    GenerationStats, _assemble, _check_positive_int, _shard_seed, buffer_metadata, check_max_length,
+    replay_prompts, resolve_special_ids,
 )
 from .fingerprint import check_resume_weights, checkpoint_identity
 from .model_info import _canonical_config
-from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, LOGPROB_DTYPES, ReplayBuffer, ShardedBufferWriter
+from .replay_buffer import LOGPROB_DTYPES, ReplayBuffer, ShardedBufferWriter
 
 __all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "request_seed"]
 
@@ -147,31 +147,6 @@ def _config_hash(config) -> str:
     return hashlib.sha256(json.dumps(_canonical_config(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _resolve_special_ids(config, generation_config, tokenizer, vocab_size, *, bos_token_id, eos_token_id, need_bos):
-    """BOS and EOS ids, looked up in the order the native backend looks them up."""
-    eos_ids = _token_id_list(eos_token_id)
-    if eos_token_id is None:
-        eos_ids = (_token_id_list(getattr(generation_config, "eos_token_id", None))
-                   or _token_id_list(getattr(config, "eos_token_id", None))
-                   or _token_id_list(getattr(tokenizer, "eos_token_id", None)))
-    for t in eos_ids:
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"eos_token_id {t} is outside the vocabulary [0, {vocab_size}); pass eos_token_id= explicitly")
-    if not need_bos:
-        return None, eos_ids
-    bos = bos_token_id if bos_token_id is not None else _first_id(
-        getattr(tokenizer, "bos_token_id", None), getattr(config, "bos_token_id", None),
-        getattr(generation_config, "bos_token_id", None))
-    if bos is None:
-        raise ValueError(
-            "the model has no BOS token (config, generation_config and tokenizer define none) and prompts is None: "
-            "pass prompts= (strings or token-id lists) or bos_token_id="
-        )
-    if isinstance(bos, bool) or not isinstance(bos, numbers.Integral) or not 0 <= bos < vocab_size:
-        raise ValueError(f"bos_token_id {bos!r} is outside the vocabulary [0, {vocab_size})")
-    return int(bos), eos_ids
-
-
 def generate_with_backend(arguments: dict):
     """``generate_replay``'s dispatch: ``arguments`` are all its arguments, by name."""
     arguments = dict(arguments)
@@ -256,23 +231,12 @@ def generate_replay_vllm(
     if top_k > vocab_size:
         raise ValueError(f"top_k = {top_k} exceeds the model's vocabulary size {vocab_size}")
     k = top_k
-    bos, eos_ids = _resolve_special_ids(config, generation_config, tokenizer, vocab_size, bos_token_id=bos_token_id,
-                                        eos_token_id=eos_token_id, need_bos=prompts is None)
-    if prompts is None:
-        prompt_list = [[bos]]
-        prompts_digest = hashlib.sha256(f"bos:{bos}".encode()).hexdigest()
-    else:
-        prompt_list = _normalize_prompts(prompts, tokenizer, vocab_size)
-        prompts_digest = hashlib.sha256(json.dumps(prompt_list).encode()).hexdigest()
+    bos, eos_ids = resolve_special_ids(config, generation_config, tokenizer, vocab_size, bos_token_id=bos_token_id,
+                                       eos_token_id=eos_token_id, need_bos=prompts is None)
+    prompt_list, prompts_digest = replay_prompts(prompts, tokenizer, vocab_size, bos)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
-    max_len = max(len(p) for p in prompt_list) + max_new_tokens
-    max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(max_positions, int) and max_len > max_positions:
-        raise ValueError(
-            f"the longest prompt plus max_new_tokens is {max_len} tokens, beyond the model's "
-            f"max_position_embeddings = {max_positions}"
-        )
+    max_len = check_max_length(prompt_list, max_new_tokens, config.get_text_config())
     num_shards = -(-num_sequences // shard_size)
 
     # The native backend's settings and metadata keys, so that both buffers load, train and resume alike.
@@ -301,20 +265,7 @@ def generate_replay_vllm(
         # and config) and the dtype the engine loads them in.
         **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
     }
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "vocab_size": vocab_size,
-        "k": k,
-        "mode": "tail",
-        "pad_token_id": int(pad_token_id),
-        "logprob_dtype": settings["logprob_dtype"],
-        "model_name": settings["model_name"],
-        "config_hash": settings["config_hash"],
-        "temperature": temperature,
-        "seed": seed,
-        "generation": settings,
-    }
+    metadata = buffer_metadata(settings)
 
     # ---- resume ----
     check_resume_weights(out_dir, "generation", settings, producer="generate_replay")  # before any shard is read
