@@ -243,6 +243,29 @@ def buffer_metadata(settings: dict) -> dict:
     }
 
 
+def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_memory: bool):
+    """(writer or None, the in-memory parts of the shards already there): the resume step of both backends.
+
+    Checks the weights first (metadata.json only), then opens the buffer directory through
+    ``ShardedBufferWriter`` (which verifies the shards listed and holds the writer lock until closed) and
+    claims an empty directory with a progress ``metadata.json`` before the first shard."""
+    if out_dir is None:
+        return None, []
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
+    # Before the writer reads and verifies the existing shards, and before the model runs at all.
+    check_resume_weights(out_dir, "generation", settings, producer="generate_replay")
+    writer = ShardedBufferWriter(out_dir, "generation", settings, buffer_metadata(settings), settings["shard_size"],
+                                 num_shards, producer="generate_replay", keep_done=keep_in_memory)
+    parts = [ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
+                          t["teacher_tail_logprob"], vocab_size=settings["vocab_size"], mode=settings["mode"],
+                          pad_token_id=settings["pad_token_id"]) for t in writer.done_tensors]
+    writer.done_tensors = []  # held by parts now
+    if not writer.entries:
+        writer.write_progress()  # claim the directory before the first shard
+    return writer, parts
+
+
 def generate_replay(
     model,
     *,
@@ -418,27 +441,10 @@ def generate_replay(
         "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
     }
 
-    metadata = buffer_metadata(settings)
-    # Before the writer reads and verifies the existing shards, and before the model runs at all.
-    if out_dir is not None:
-        check_resume_weights(out_dir, "generation", settings, producer="generate_replay")
-
     # ---- resume ----
-    writer: Optional[ShardedBufferWriter] = None
-    parts: List[ReplayBuffer] = []  # the shards of the returned buffer (with keep_in_memory)
-    if out_dir is not None:
-        if not isinstance(out_dir, (str, os.PathLike)):
-            raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
-        writer = ShardedBufferWriter(out_dir, "generation", settings, metadata, shard_size, num_shards,
-                                     producer="generate_replay", keep_done=keep_in_memory)
+    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory)
+    if writer is not None:
         out_dir = writer.out_dir
-        for t in writer.done_tensors:
-            parts.append(ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                                      t["teacher_tail_logprob"], vocab_size=vocab_size, mode=settings["mode"],
-                                      pad_token_id=pad_token_id))
-        writer.done_tensors = []  # held by parts now
-        if not writer.entries:
-            writer.write_progress()  # claim the directory before the first shard
 
     # ---- generation ----
     recorder = TeacherRecorder(k, sampled_draws)
@@ -511,7 +517,7 @@ def generate_replay(
             draft_model.train(draft_was_training)
     if not keep_in_memory:
         return None
-    meta = dict(metadata)
+    meta = buffer_metadata(settings)
     meta.update(num_sequences=num_sequences, complete=True, generation_stats=total_stats.as_dict())
     buffer = ReplayBuffer.concat(parts, metadata=meta)
     buffer.generation_stats = total_stats

@@ -40,7 +40,7 @@ import json
 import numbers
 import os
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -48,11 +48,12 @@ import torch
 from ._inputs import check_temperature
 from .generation import (
     GenerationStats, _assemble, _check_positive_int, _shard_seed, buffer_metadata, check_max_length,
+    open_resumable_writer,
     replay_prompts, resolve_special_ids,
 )
-from .fingerprint import check_resume_weights, checkpoint_identity
+from .fingerprint import checkpoint_identity
 from .model_info import _canonical_config
-from .replay_buffer import LOGPROB_DTYPES, ReplayBuffer, ShardedBufferWriter
+from .replay_buffer import LOGPROB_DTYPES, ReplayBuffer
 
 __all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "request_seed"]
 
@@ -265,23 +266,10 @@ def generate_replay_vllm(
         # and config) and the dtype the engine loads them in.
         **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
     }
-    metadata = buffer_metadata(settings)
-
     # ---- resume ----
-    check_resume_weights(out_dir, "generation", settings, producer="generate_replay")  # before any shard is read
-    writer: Optional[ShardedBufferWriter] = None
-    parts: List[ReplayBuffer] = []
-    if out_dir is not None:
-        writer = ShardedBufferWriter(out_dir, "generation", settings, metadata, shard_size, num_shards,
-                                     producer="generate_replay", keep_done=keep_in_memory)
+    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory)
+    if writer is not None:
         out_dir = writer.out_dir
-        for t in writer.done_tensors:
-            parts.append(ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                                      t["teacher_tail_logprob"], vocab_size=vocab_size, mode="tail",
-                                      pad_token_id=pad_token_id))
-        writer.done_tensors = []
-        if not writer.entries:
-            writer.write_progress()
     start_shard = writer.num_done_shards if writer is not None else 0
 
     # ---- generation ----
@@ -332,7 +320,7 @@ def generate_replay_vllm(
             bar.close()
     if not keep_in_memory:
         return None
-    meta = dict(metadata)
+    meta = buffer_metadata(settings)
     meta.update(num_sequences=num_sequences, complete=True, generation_stats=total_stats.as_dict())
     buffer = ReplayBuffer.concat(parts, metadata=meta)
     buffer.generation_stats = total_stats
