@@ -28,8 +28,8 @@ def _machine_label(result) -> str:
     return m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} cores)"
 
 
-def plot_kl(device: str):
-    path = os.path.join(RESULTS_DIR, f"kl_{device}.json")
+def plot_kl(device: str, folder: str = RESULTS_DIR):
+    path = os.path.join(folder, f"kl_{device}.json")
     if not os.path.exists(path):
         return None
     result = _load(path)
@@ -59,8 +59,8 @@ def plot_kl(device: str):
     return out
 
 
-def plot_generate(device: str):
-    paths = glob.glob(os.path.join(RESULTS_DIR, f"generate_{device}_batch*.json"))
+def plot_generate(device: str, folder: str = RESULTS_DIR):
+    paths = glob.glob(os.path.join(folder, f"generate_{device}_batch*.json"))
     if not paths:
         return None
     runs = sorted((_load(p) for p in paths), key=lambda r: r["config"]["batch_size"])
@@ -79,14 +79,14 @@ def plot_generate(device: str):
     ax.set_title(f"generation, {cfg['layers']}-layer d={cfg['hidden']} V={cfg['vocab']}, {cfg['max_new_tokens']} "
                  f"new tokens — {_machine_label(runs[0])}", fontsize=8)
     fig.tight_layout()
-    out = os.path.join(RESULTS_DIR, f"generate_{device}.png")
+    out = os.path.join(folder, f"generate_{device}.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
-def plot_topk(device: str):
-    path = os.path.join(RESULTS_DIR, f"topk_{device}.json")
+def plot_topk(device: str, folder: str = RESULTS_DIR):
+    path = os.path.join(folder, f"topk_{device}.json")
     if not os.path.exists(path):
         return None
     result = _load(path)
@@ -106,6 +106,7 @@ def plot_topk(device: str):
     return out
 
 
-def render_all(device: str):
-    return [p for p in (plot_kl(device), plot_topk(device), plot_generate(device)) if p]
+def render_all(device: str, folder: str = RESULTS_DIR):
+    """Every plot whose results exist in ``folder`` (the committed results by default; a quick run's scratch/)."""
+    return [p for p in (plot_kl(device, folder), plot_topk(device, folder), plot_generate(device, folder)) if p]
 
