@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/, scratch/ with --quick)")
     parser.add_argument("--vllm-python", default=None,
                         help="interpreter with vLLM for the generation benchmark's vLLM row (see bench_generate)")
+    parser.add_argument("--no-vllm", action="store_true", help="leave the generation benchmark's vLLM row out")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         bench_topk.main(common + out(f"topk_{args.device}"))
     if "generate" in only:
         batches = GENERATE_BATCHES[args.device][:2] if args.quick else GENERATE_BATCHES[args.device]
-        vllm = ["--vllm-python", args.vllm_python] if args.vllm_python else []
+        vllm = (["--vllm-python", args.vllm_python] if args.vllm_python else []) + (["--no-vllm"] if args.no_vllm else [])
         for batch in batches:
             gen_args = common + vllm + ["--batch-size", str(batch)]
             if batch == batches[-1]:

@@ -143,6 +143,12 @@ def worker(args):
                       "time_s_median": statistics.median(times), "time_s_all": times}))
 
 
+def run_order(token_counts, impls):
+    """The (tokens, implementation) rows in the order they run: token counts as given (the defaults put the
+    headline first), every implementation at one count before the next count."""
+    return [(tokens, impl) for tokens in token_counts for impl in impls]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -186,23 +192,22 @@ def main(argv=None):
         "run": run_record(args.quick),
         "results": rows,
     }
-    for tokens in token_counts:
-        for impl in impls:
-            cmd = [sys.executable, "-m", "benchmarks.bench_kl", "--worker", "--impl", impl, "--device", args.device,
-                   "--tokens", str(tokens), "--dim", str(args.dim), "--vocab", str(args.vocab), "--k", str(args.k),
-                   "--dtype", args.dtype, "--repeats", str(args.repeats)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                print(f"{impl:>13} N={tokens}: skipped ({reason})", file=sys.stderr)
-                rows.append({"impl": impl, "tokens": tokens, "error": reason})
-                write_result(path, result)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            write_result(path, result)  # after every row: a run stopped by a time limit keeps what it measured
-            r = rows[-1]
-            print(f"{impl:>13} N={tokens:>6}: {r['time_s_median'] * 1e3:9.1f} ms   extra peak "
-                  f"{r['extra_peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+    for tokens, impl in run_order(token_counts, impls):
+        cmd = [sys.executable, "-m", "benchmarks.bench_kl", "--worker", "--impl", impl, "--device", args.device,
+               "--tokens", str(tokens), "--dim", str(args.dim), "--vocab", str(args.vocab), "--k", str(args.k),
+               "--dtype", args.dtype, "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"{impl:>13} N={tokens}: skipped ({reason})", file=sys.stderr)
+            rows.append({"impl": impl, "tokens": tokens, "error": reason})
+            write_result(path, result)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        write_result(path, result)  # after every row: a run stopped by a time limit keeps what it measured
+        r = rows[-1]
+        print(f"{impl:>13} N={tokens:>6}: {r['time_s_median'] * 1e3:9.1f} ms   extra peak "
+              f"{r['extra_peak_bytes'] / 2**20:9.1f} MiB", flush=True)
 
     print("\n| tokens | implementation | fwd+bwd ms | extra peak MiB | time vs naive | memory vs naive |")
     print("|---|---|---|---|---|---|")

@@ -50,6 +50,15 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+def machine_label(machine: dict) -> str:
+    """A result's machine in a few words: the GPU, else the CPU and its core count."""
+    if machine.get("gpu"):
+        return machine["gpu"]
+    if machine.get("cpu"):
+        return f"{machine['cpu']} ({machine.get('cpu_count', '?')} cores)"
+    return "machine not recorded"
+
+
 def results_dir(quick: bool) -> str:
     """Where a run writes by default: benchmarks/results/ for a full run, its git-ignored scratch/ for a
     quick one (quick numbers must never replace the committed ones)."""

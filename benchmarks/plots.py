@@ -6,7 +6,7 @@ import glob
 import json
 import os
 
-from benchmarks.machine import RESULTS_DIR
+from benchmarks.machine import RESULTS_DIR, machine_label
 
 
 def _pyplot():
@@ -24,8 +24,7 @@ def _load(path):
 
 
 def _machine_label(result) -> str:
-    m = result["machine"]
-    return m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} cores)"
+    return machine_label(result["machine"])
 
 
 def plot_kl(device: str, folder: str = RESULTS_DIR):
