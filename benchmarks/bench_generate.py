@@ -197,6 +197,7 @@ def main(argv=None):
                         help="interpreter with vLLM for the vLLM row (default: .venv-vllm/bin/python, else this one)")
     parser.add_argument("--vllm-engine-args", default=None, help="JSON dict of vllm.LLM arguments overriding the defaults")
     parser.add_argument("--no-vllm", action="store_true", help="leave the vLLM row out")
+    parser.add_argument("--note", default=None, help="a remark stored with the run (e.g. that the machine was shared)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on the CPU (default: leave torch's choice)")
     parser.add_argument("--speculative", action="store_true", help="also time speculative decoding")
@@ -209,6 +210,7 @@ def main(argv=None):
         args.max_new_tokens = 16
     args.repeats = args.repeats or (1 if args.quick else 5)
     device = torch.device(args.device)
+    run = run_record(args.quick, args.note)
     preset = PRESETS["cuda" if device.type == "cuda" else "cpu"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -250,7 +252,7 @@ def main(argv=None):
     report = {
         "benchmark": "bench_generate",
         "machine": {**machine_info(device.type), "transformers": transformers.__version__},
-        "run": run_record(args.quick),
+        "run": {**run, "load_average_at_end": list(os.getloadavg())},
         "config": {key: getattr(args, key) for key in
                    ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch_size", "max_new_tokens",
                     "dtype", "top_k", "repeats", "threads")},

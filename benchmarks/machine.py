@@ -72,9 +72,15 @@ def results_path(name: str, quick: bool = False, out_dir: str = None) -> str:
     return os.path.join(folder, f"{name}.json")
 
 
-def run_record(quick: bool) -> dict:
-    """What every result JSON says about its run besides the machine: quick or full, and when."""
-    return {"mode": "quick" if quick else "full", "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def run_record(quick: bool, note: str = None) -> dict:
+    """What every result JSON says about its run besides the machine: quick or full, when, the load the
+    machine was under as it started (1, 5, 15-minute load averages: on a shared machine, read the timings
+    against them) and an optional note."""
+    record = {"mode": "quick" if quick else "full", "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "load_average_at_start": list(os.getloadavg())}
+    if note:
+        record["note"] = note
+    return record
 
 
 def write_result(path: str, result: dict) -> None:

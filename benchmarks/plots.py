@@ -67,8 +67,13 @@ def plot_generate(device: str, folder: str = RESULTS_DIR):
     fig, ax = plt.subplots(figsize=(6, 4))
     batches = [r["config"]["batch_size"] for r in runs]
     for name, label in (("generate_replay", "selfreplay generate_replay (+ top-k teacher)"),
+                        ("generate_replay_vllm", "generate_replay, backend=\"vllm\""),
                         ("hf_generate", "HF generate (output_scores)")):
-        ax.plot(batches, [r["results"][name]["tokens_per_s_median"] for r in runs], marker="o", label=label)
+        # rows a run skipped or lost (no vLLM, a failure) are left out, not drawn as zero
+        points = [(b, r["results"][name]["tokens_per_s_median"]) for b, r in zip(batches, runs)
+                  if "tokens_per_s_median" in r["results"].get(name, {})]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("generated tokens / s")

@@ -144,7 +144,12 @@ def worker_main(argv=None):
     except Exception as exc:  # the parent prints it as the reason the row is missing
         _say({"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    _say({"ready": True, "vllm": vllm.__version__, "engine_startup_s": startup})
+    import torch
+    import transformers
+
+    # its own venv: its versions are not the parent's
+    _say({"ready": True, "vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+          "engine_startup_s": startup})
     for line in sys.stdin:
         if line.strip() != "run":
             continue
