@@ -1,4 +1,5 @@
-"""Replay generation throughput: ``generate_replay`` vs Hugging Face ``generate``, same model/batch/length.
+"""Replay generation throughput: ``generate_replay`` (native and vLLM backends) vs Hugging Face ``generate``,
+same model/batch/length/k.
 
     python -m benchmarks.bench_generate                  # CPU: tiny Llama (hidden 64, 2 layers, vocab 32000)
     python -m benchmarks.bench_generate --device cuda    # GPU: 1B Llama-shaped model (random weights), batch 256
@@ -7,10 +8,17 @@ Both sides sample from the full distribution (HF: ``do_sample=True, top_k=0, top
 output_scores=True``), start from BOS and generate exactly ``max_new_tokens`` tokens per sequence (the
 model has no EOS, so neither side stops early and continuous batching gains nothing: this measures
 the decode loop itself). ``generate_replay`` additionally records the top-k teacher and tail mass at
-every position; HF keeps its dense fp32 scores. Tokens/s counts generated tokens; every measurement
-is the median of ``--repeats`` runs after a warm-up. With ``--speculative`` it also times
-speculative decoding with a draft made of the target's first ``--draft-layers`` layers.
-Writes JSON with machine info to benchmarks/results/generate_<device>.json.
+every position and writes the buffer to a temporary folder (timed, and its files' bytes reported); HF keeps
+its dense fp32 scores in memory and writes nothing. Tokens/s counts generated tokens; every measurement
+is the median of ``--repeats`` interleaved rounds after a warm-up.
+
+The vLLM row (``backend="vllm"``, same model saved with ``save_pretrained``, same batch as
+``max_num_seqs``, same k) runs in the interpreter that has vLLM (``--vllm-python``; by default the
+repository's .venv-vllm, else this one if it imports vllm) through benchmarks/vllm_row.py; without one
+the row is skipped with the reason printed and recorded. The engine's start-up is not timed.
+With ``--speculative`` it also times speculative decoding with a draft made of the target's first
+``--draft-layers`` layers. Writes JSON with machine info to benchmarks/results/generate_<device>.json
+(``--quick``: 16 new tokens, one round, into the git-ignored benchmarks/results/scratch/).
 """
 
 from __future__ import annotations
@@ -18,16 +26,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
-from benchmarks.machine import machine_info, results_path, write_result
+from benchmarks.machine import machine_info, results_path, run_record, write_result, written_bytes
+from benchmarks.vllm_row import VllmWorker, find_vllm_python
 
 PRESETS = {
-    "cpu": dict(vocab=32000, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, batch_size=32,
+    # head dim 32: the smallest vLLM's CPU attention takes
+    "cpu": dict(vocab=32000, hidden=64, intermediate=128, layers=2, heads=2, kv_heads=1, batch_size=32,
                 max_new_tokens=128, dtype="float32"),
     # 1B Llama-shaped (Llama-3.2-1B dimensions), random weights
     "cuda": dict(vocab=128256, hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, batch_size=256,
@@ -79,41 +92,89 @@ def time_hf(model, batch_size, max_new_tokens, device):
     seconds = time.perf_counter() - start
     generated = (out.sequences.shape[1] - 1) * batch_size
     assert generated == batch_size * max_new_tokens, "HF stopped early"
-    return generated / seconds, {}
+    # Nothing is written; the dense fp32 scores it holds in memory instead are the comparison's point.
+    scores = sum(s.numel() * s.element_size() for s in out.scores)
+    return generated / seconds, {"bytes_written": 0, "dense_scores_bytes": scores}
 
 
-def time_ours(model, batch_size, max_new_tokens, top_k, device, draft=None, num_draft_tokens=4):
+def time_ours(model, batch_size, max_new_tokens, top_k, device, draft=None, num_draft_tokens=4, write=False):
+    """One ``generate_replay`` run; ``write``: into a fresh temporary folder (timed), whose bytes are reported."""
     from selfreplay_fast.generation import generate_replay
 
-    sync(device)
-    start = time.perf_counter()
-    buffer = generate_replay(
-        model, num_sequences=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
-        progress=False, eos_token_id=[], draft_model=draft, num_draft_tokens=num_draft_tokens, shard_size=batch_size,
-    )
-    sync(device)
-    seconds = time.perf_counter() - start
-    generated = buffer.num_tokens - len(buffer)
-    assert generated == batch_size * max_new_tokens
-    stats = buffer.generation_stats
-    extra = {"target_forwards": stats.target_forwards, "host_checks": stats.host_checks}
+    folder = tempfile.mkdtemp(prefix="bench_native_") if write else None
+    try:
+        sync(device)
+        start = time.perf_counter()
+        buffer = generate_replay(
+            model, num_sequences=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
+            progress=False, eos_token_id=[], draft_model=draft, num_draft_tokens=num_draft_tokens, shard_size=batch_size,
+            out_dir=os.path.join(folder, "replay") if write else None,
+        )
+        sync(device)
+        seconds = time.perf_counter() - start
+        generated = buffer.num_tokens - len(buffer)
+        assert generated == batch_size * max_new_tokens
+        stats = buffer.generation_stats
+        extra = {"target_forwards": stats.target_forwards, "host_checks": stats.host_checks}
+        if write:
+            size = written_bytes(folder)
+            extra.update(bytes_written=size, bytes_per_token=size / generated)
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     if draft is not None:
         extra["acceptance_rate"] = stats.acceptance_rate
     return generated / seconds, extra
 
 
-def measure_interleaved(fns, repeats):
+def measure_interleaved(fns, repeats, optional=()):
     """Run each of ``fns`` once per round, ``repeats`` rounds: on a shared machine a burst of load
-    then hits all contenders alike instead of one of them."""
+    then hits all contenders alike instead of one of them. A contender named in ``optional`` that raises
+    is recorded as ``{"error": ...}`` and leaves the later rounds; any other error propagates."""
     runs = {name: [] for name in fns}
+    errors = {}
     for _ in range(repeats):
         for name, fn in fns.items():
-            runs[name].append(fn())
+            if name in errors:
+                continue
+            try:
+                runs[name].append(fn())
+            except Exception as exc:
+                if name not in optional:
+                    raise
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                print(f"{name} failed, left out: {errors[name]}", file=sys.stderr)
     out = {}
     for name, results in runs.items():
+        if name in errors:
+            out[name] = {"error": errors[name]}
+            continue
         rates = [r[0] for r in results]
         out[name] = {"tokens_per_s_median": statistics.median(rates), "tokens_per_s_runs": rates, **results[-1][1]}
     return out
+
+
+def start_vllm_worker(args, model, device):
+    """The vLLM contender, or (None, the reason it is skipped). The model goes to disk for the engine."""
+    python, reason = find_vllm_python(args.vllm_python)
+    if python is None:
+        return None, None, f"no vLLM: {reason}"
+    model_dir = tempfile.mkdtemp(prefix="bench_vllm_model_")
+    model.save_pretrained(model_dir)
+    engine_args = {"dtype": args.dtype, "max_model_len": args.max_new_tokens + 8}
+    if device.type == "cpu":  # eager (no compile time), little memory: the CPU engine's sizes
+        engine_args.update(enforce_eager=True, gpu_memory_utilization=0.05)
+    else:  # the HF and native contenders hold the same model on the same GPU
+        engine_args.update(gpu_memory_utilization=0.5)
+    engine_args.update(json.loads(args.vllm_engine_args or "{}"))
+    print(f"vLLM row: {python}, engine {engine_args}", flush=True)
+    try:
+        worker = VllmWorker(python, model_dir, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            top_k=args.top_k, engine_args=engine_args)
+    except Exception as exc:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return None, None, f"the vLLM engine did not start: {exc}"
+    return worker, model_dir, None
 
 
 def main(argv=None):
@@ -129,7 +190,14 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (default 5, --quick 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 16 new tokens, one round, labelled quick, into benchmarks/results/scratch/")
+    parser.add_argument("--vllm-python", default=None,
+                        help="interpreter with vLLM for the vLLM row (default: .venv-vllm/bin/python, else this one)")
+    parser.add_argument("--vllm-engine-args", default=None, help="JSON dict of vllm.LLM arguments overriding the defaults")
+    parser.add_argument("--no-vllm", action="store_true", help="leave the vLLM row out")
+    parser.add_argument("--note", default=None, help="a remark stored with the run (e.g. that the machine was shared)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads on the CPU (default: leave torch's choice)")
     parser.add_argument("--speculative", action="store_true", help="also time speculative decoding")
@@ -138,7 +206,11 @@ def main(argv=None):
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--out", default=None, help="result file (default benchmarks/results/generate_<device>.json)")
     args = parser.parse_args(argv)
+    if args.quick and args.max_new_tokens is None:
+        args.max_new_tokens = 16
+    args.repeats = args.repeats or (1 if args.quick else 5)
     device = torch.device(args.device)
+    run = run_record(args.quick, args.note)
     preset = PRESETS["cuda" if device.type == "cuda" else "cpu"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -152,22 +224,41 @@ def main(argv=None):
     time_hf(model, args.batch_size, 4, device)
     time_ours(model, args.batch_size, 4, args.top_k, device)
 
-    results = measure_interleaved({
+    contenders = {
         "hf_generate": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device),
-        "generate_replay": lambda: time_ours(model, args.batch_size, args.max_new_tokens, args.top_k, device),
-    }, args.repeats)
-    results["speedup_vs_hf"] = results["generate_replay"]["tokens_per_s_median"] / results["hf_generate"]["tokens_per_s_median"]
+        "generate_replay": lambda: time_ours(model, args.batch_size, args.max_new_tokens, args.top_k, device, write=True),
+    }
+    worker, model_dir, vllm_skip = (None, None, "--no-vllm") if args.no_vllm else start_vllm_worker(args, model, device)
+    if worker is not None:
+        contenders["generate_replay_vllm"] = worker.run
+    else:
+        print(f"vLLM row skipped: {vllm_skip}", flush=True)
+    try:
+        results = measure_interleaved(contenders, args.repeats, optional=("generate_replay_vllm",))
+    finally:
+        if worker is not None:
+            worker.close()
+            shutil.rmtree(model_dir, ignore_errors=True)
+    hf_rate = results["hf_generate"]["tokens_per_s_median"]
+    results["speedup_vs_hf"] = results["generate_replay"]["tokens_per_s_median"] / hf_rate
+    if worker is None:
+        results["generate_replay_vllm"] = {"skipped": vllm_skip}
+    else:
+        results["generate_replay_vllm"].update({k: v for k, v in worker.ready.items() if k != "ready"})
+        if "error" not in results["generate_replay_vllm"]:
+            results["vllm_speedup_vs_hf"] = results["generate_replay_vllm"]["tokens_per_s_median"] / hf_rate
     import transformers
 
     report = {
         "benchmark": "bench_generate",
         "machine": {**machine_info(device.type), "transformers": transformers.__version__},
+        "run": {**run, "load_average_at_end": list(os.getloadavg())},
         "config": {key: getattr(args, key) for key in
                    ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch_size", "max_new_tokens",
                     "dtype", "top_k", "repeats", "threads")},
         "results": results,
     }
-    path = args.out or results_path(f"generate_{device.type}")
+    path = args.out or results_path(f"generate_{device.type}", quick=args.quick)
     write_result(path, report)  # before the speculative part: its failure or a time limit keeps these numbers
     if args.speculative:
         b = args.spec_batch_size

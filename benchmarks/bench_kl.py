@@ -9,7 +9,11 @@ max_memory_allocated over the allocation after the inputs exist). "Extra" memory
 the gradients that are returned (grad_hidden, grad_weight), identical for all implementations.
 On CUDA the run also times the three bare matmuls of the same shapes (the 6·N·D·V FLOP floor) and,
 when liger_kernel is installed, Liger-Kernel's fused linear JSD fed a dense teacher head.
-Prints a table and writes JSON with machine info to benchmarks/results/.
+
+The largest token count runs first, and on CUDA the goal's pair (fused_triton, bare_matmuls) first
+within it: a run cut short by a time cap loses the small rows, never the headline N=8192 row.
+Prints a table and writes JSON with machine info to benchmarks/results/ (``--quick``: small sizes,
+one repeat, into the git-ignored benchmarks/results/scratch/).
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ import time
 
 import torch
 
-from benchmarks.machine import machine_info, results_path, write_result
+from benchmarks.machine import machine_info, results_path, run_record, write_result
 
 IMPLS_CPU = ["naive", "fused_torch"]
-IMPLS_CUDA = ["naive", "fused_triton", "fused_torch", "bare_matmuls", "liger_jsd"]
+# The goal compares fused_triton with bare_matmuls: they run first at every token count.
+IMPLS_CUDA = ["fused_triton", "bare_matmuls", "naive", "fused_torch", "liger_jsd"]
+# Headline shape first (largest N): the CUDA row N=8192 at D=4096, V=128256 is the goal's; CPU's is N=4096.
+DEFAULT_TOKENS = {"cuda": [8192, 4096, 2048], "cpu": [4096, 2048, 1024]}
+QUICK = {"tokens": "512,256", "vocab": 8192, "repeats": 1}
 TEACHER_MASS = 0.9
 ID_STRIDE = 7919  # a prime: (offset + i * ID_STRIDE) % V are k distinct ids for any V it does not divide
 
@@ -135,6 +143,12 @@ def worker(args):
                       "time_s_median": statistics.median(times), "time_s_all": times}))
 
 
+def run_order(token_counts, impls):
+    """The (tokens, implementation) rows in the order they run: token counts as given (the defaults put the
+    headline first), every implementation at one count before the next count."""
+    return [(tokens, impl) for tokens in token_counts for impl in impls]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -143,12 +157,20 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: {QUICK} unless given, labelled quick, into benchmarks/results/scratch/")
     parser.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/kl_<device>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default: benchmarks/results/kl_<device>.json, scratch/ with --quick)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.repeats = args.repeats or 3
     cuda = args.device == "cuda"
     args.dim = args.dim or (4096 if cuda else 256)
     args.vocab = args.vocab or (128256 if cuda else 65536)
@@ -157,34 +179,35 @@ def main(argv=None):
         args.tokens = int(args.tokens)
         return worker(args)
 
-    token_counts = [int(t) for t in (args.tokens or ("2048,4096,8192" if cuda else "1024,2048,4096")).split(",")]
+    # In the order given (the defaults: largest first, see DEFAULT_TOKENS).
+    token_counts = [int(t) for t in args.tokens.split(",")] if args.tokens else DEFAULT_TOKENS[args.device]
     impls = args.impls.split(",") if args.impls else (IMPLS_CUDA if cuda else IMPLS_CPU)
     rows = []
-    path = args.out or results_path(f"kl_{args.device}")
+    path = args.out or results_path(f"kl_{args.device}", quick=args.quick)
     result = {
         "benchmark": "bench_kl",
         "config": {"dim": args.dim, "vocab": args.vocab, "k": args.k, "dtype": args.dtype,
                    "device": args.device, "repeats": args.repeats, "mode": "tail", "reduction": "mean"},
         "machine": machine_info(args.device),
+        "run": run_record(args.quick),
         "results": rows,
     }
-    for tokens in token_counts:
-        for impl in impls:
-            cmd = [sys.executable, "-m", "benchmarks.bench_kl", "--worker", "--impl", impl, "--device", args.device,
-                   "--tokens", str(tokens), "--dim", str(args.dim), "--vocab", str(args.vocab), "--k", str(args.k),
-                   "--dtype", args.dtype, "--repeats", str(args.repeats)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                print(f"{impl:>13} N={tokens}: skipped ({reason})", file=sys.stderr)
-                rows.append({"impl": impl, "tokens": tokens, "error": reason})
-                write_result(path, result)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            write_result(path, result)  # after every row: a run stopped by a time limit keeps what it measured
-            r = rows[-1]
-            print(f"{impl:>13} N={tokens:>6}: {r['time_s_median'] * 1e3:9.1f} ms   extra peak "
-                  f"{r['extra_peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+    for tokens, impl in run_order(token_counts, impls):
+        cmd = [sys.executable, "-m", "benchmarks.bench_kl", "--worker", "--impl", impl, "--device", args.device,
+               "--tokens", str(tokens), "--dim", str(args.dim), "--vocab", str(args.vocab), "--k", str(args.k),
+               "--dtype", args.dtype, "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"{impl:>13} N={tokens}: skipped ({reason})", file=sys.stderr)
+            rows.append({"impl": impl, "tokens": tokens, "error": reason})
+            write_result(path, result)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        write_result(path, result)  # after every row: a run stopped by a time limit keeps what it measured
+        r = rows[-1]
+        print(f"{impl:>13} N={tokens:>6}: {r['time_s_median'] * 1e3:9.1f} ms   extra peak "
+              f"{r['extra_peak_bytes'] / 2**20:9.1f} MiB", flush=True)
 
     print("\n| tokens | implementation | fwd+bwd ms | extra peak MiB | time vs naive | memory vs naive |")
     print("|---|---|---|---|---|---|")

@@ -13,22 +13,20 @@ shared machine does not fall on one implementation only:
 * ``read`` (CUDA only): x.amax(-1), one plain read of the logits: the memory-bandwidth floor.
 
 Prints a table (median and min seconds, ratio of medians to ``torch``) and writes JSON with machine info
-to benchmarks/results/topk_<device>_<hostname>.json. The goal on CPU is extension <= 0.5x torch; on a
-GPU, extension within 1.5x of ``read``.
+to benchmarks/results/topk_<device>.json (``--quick``: N=256, 2 repeats, into the git-ignored
+benchmarks/results/scratch/). The goal on CPU is extension <= 0.5x torch; on a GPU, extension within
+1.5x of ``read``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import socket
 import statistics
 import time
 
 import torch
 
-from benchmarks.machine import machine_info, results_path
+from benchmarks.machine import machine_info, results_path, run_record, write_result
 from selfreplay_fast import topk as topk_module
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,14 +75,17 @@ def _timer(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--n", type=int, default=2048, help="rows (tokens)")
+    parser.add_argument("--n", type=int, default=None, help="rows (tokens; default 2048, --quick 256)")
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=None, help="default 7, --quick 2")
+    parser.add_argument("--quick", action="store_true", help="smoke run, labelled quick, into benchmarks/results/scratch/")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/topk_<device>_<host>.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/topk_<device>.json)")
     args = parser.parse_args(argv)
+    args.n = args.n or (256 if args.quick else 2048)
+    args.repeats = args.repeats or (2 if args.quick else 7)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,8 +145,7 @@ def main(argv=None):
     if "read" in times:
         print(f"extension / read: {statistics.median(times['extension']) / statistics.median(times['read']):.2f}")
 
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or args.device
-    path = args.out or results_path(f"topk_{args.device}_{host}")
+    path = args.out or results_path(f"topk_{args.device}", quick=args.quick)
     result = {
         "benchmark": "topk_logprobs",
         "config": {
@@ -160,9 +160,9 @@ def main(argv=None):
         "check": {"max_abs_logprob_err": max_logprob_err, "max_abs_tail_err": max_tail_err},
         "results": rows,
         "machine": machine_info(args.device),
+        "run": run_record(args.quick),
     }
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(path, result)
     print(f"wrote {path}")
 
 

@@ -6,7 +6,7 @@ import glob
 import json
 import os
 
-from benchmarks.machine import RESULTS_DIR
+from benchmarks.machine import RESULTS_DIR, machine_label
 
 
 def _pyplot():
@@ -24,12 +24,11 @@ def _load(path):
 
 
 def _machine_label(result) -> str:
-    m = result["machine"]
-    return m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} cores)"
+    return machine_label(result["machine"])
 
 
-def plot_kl(device: str):
-    path = os.path.join(RESULTS_DIR, f"kl_{device}.json")
+def plot_kl(device: str, folder: str = RESULTS_DIR):
+    path = os.path.join(folder, f"kl_{device}.json")
     if not os.path.exists(path):
         return None
     result = _load(path)
@@ -59,8 +58,8 @@ def plot_kl(device: str):
     return out
 
 
-def plot_generate(device: str):
-    paths = glob.glob(os.path.join(RESULTS_DIR, f"generate_{device}_batch*.json"))
+def plot_generate(device: str, folder: str = RESULTS_DIR):
+    paths = glob.glob(os.path.join(folder, f"generate_{device}_batch*.json"))
     if not paths:
         return None
     runs = sorted((_load(p) for p in paths), key=lambda r: r["config"]["batch_size"])
@@ -68,8 +67,13 @@ def plot_generate(device: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     batches = [r["config"]["batch_size"] for r in runs]
     for name, label in (("generate_replay", "selfreplay generate_replay (+ top-k teacher)"),
+                        ("generate_replay_vllm", "generate_replay, backend=\"vllm\""),
                         ("hf_generate", "HF generate (output_scores)")):
-        ax.plot(batches, [r["results"][name]["tokens_per_s_median"] for r in runs], marker="o", label=label)
+        # rows a run skipped or lost (no vLLM, a failure) are left out, not drawn as zero
+        points = [(b, r["results"][name]["tokens_per_s_median"]) for b, r in zip(batches, runs)
+                  if "tokens_per_s_median" in r["results"].get(name, {})]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("generated tokens / s")
@@ -79,14 +83,14 @@ def plot_generate(device: str):
     ax.set_title(f"generation, {cfg['layers']}-layer d={cfg['hidden']} V={cfg['vocab']}, {cfg['max_new_tokens']} "
                  f"new tokens — {_machine_label(runs[0])}", fontsize=8)
     fig.tight_layout()
-    out = os.path.join(RESULTS_DIR, f"generate_{device}.png")
+    out = os.path.join(folder, f"generate_{device}.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
-def plot_topk(device: str):
-    path = os.path.join(RESULTS_DIR, f"topk_{device}.json")
+def plot_topk(device: str, folder: str = RESULTS_DIR):
+    path = os.path.join(folder, f"topk_{device}.json")
     if not os.path.exists(path):
         return None
     result = _load(path)
@@ -106,6 +110,7 @@ def plot_topk(device: str):
     return out
 
 
-def render_all(device: str):
-    return [p for p in (plot_kl(device), plot_topk(device), plot_generate(device)) if p]
+def render_all(device: str, folder: str = RESULTS_DIR):
+    """Every plot whose results exist in ``folder`` (the committed results by default; a quick run's scratch/)."""
+    return [p for p in (plot_kl(device, folder), plot_topk(device, folder), plot_generate(device, folder)) if p]
 

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn as nn
 
-from benchmarks.machine import machine_info, results_path, write_result
+from benchmarks.machine import machine_info, results_path, run_record, write_result
 from selfreplay_fast import fused_replay_kl
 from selfreplay_fast.planner import (
     GiB, MiB, LiveBytes, ModelSpec, PlanConfig, load_model_spec, predict,
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("validate_planner: --device cuda but torch sees no CUDA device")
     rows = []
-    out = {"machine": machine_info(args.device), "device": args.device,
+    out = {"machine": machine_info(args.device), "run": run_record(False, f"--only {args.only}" if args.only else None),
+           "device": args.device,
            "measured_by": "torch.cuda.max_memory_allocated" if args.device == "cuda" else "planner.LiveBytes + resident tensors",
            "rows": rows}
     path = results_path(f"planner_{args.device}")
