@@ -1,13 +1,13 @@
 """A tiny word-level tokenizer with a chat template, and TRL datasets of every form, for the TRL tests.
 
-Vocabulary (size VOCAB of test_training.tiny_model): pad, bos, eos, the role words user / assistant, then the
+Vocabulary (size ``vocab_size``, default VOCAB of test_training.tiny_model): pad, bos, eos, the role words user / assistant, then the
 words w5 ... w60. The chat template marks the assistant turns with {% generation %}, as TRL's
 assistant-only loss needs.
 """
 
 import torch
 
-from test_training import VOCAB
+VOCAB = 61  # test_training.VOCAB
 
 ROLES = ("user", "assistant")
 CHAT_TEMPLATE = (
@@ -18,38 +18,42 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(vocab_size=VOCAB):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"pad": 0, "bos": 1, "eos": 2, "user": 3, "assistant": 4, **{f"w{i}": i for i in range(5, VOCAB)}}
+    vocab = {"pad": 0, "bos": 1, "eos": 2, "user": 3, "assistant": 4, **{f"w{i}": i for i in range(5, vocab_size)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="pad"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="pad", bos_token="bos", eos_token="eos",
                                         unk_token="pad")
     tokenizer.chat_template = CHAT_TEMPLATE
-    assert len(tokenizer) == VOCAB
+    assert len(tokenizer) == vocab_size
     return tokenizer
 
 
-def _words(g, low, high):
+def _words(g, low, high, vocab_size):
     n = int(torch.randint(low, high, (1,), generator=g))
-    return " ".join(f"w{int(i)}" for i in torch.randint(5, VOCAB, (n,), generator=g))
+    return " ".join(f"w{int(i)}" for i in torch.randint(5, vocab_size, (n,), generator=g))
 
 
-def rows(form, n=8, seed=0):
+def rows(form, n=8, seed=0, vocab_size=VOCAB):
     """``n`` rows of a TRL dataset form: "text", "prompt_completion" or "messages"."""
     g = torch.Generator().manual_seed(seed)
+
+    def _w(low, high):
+        return _words(g, low, high, vocab_size)
+
     if form == "text":
-        return [{"text": _words(g, 4, 12)} for _ in range(n)]
+        return [{"text": _w(4, 12)} for _ in range(n)]
     if form == "prompt_completion":
         # the completion starts with a space: TRL concatenates prompt + completion as text
-        return [{"prompt": _words(g, 3, 8), "completion": " " + _words(g, 2, 6)} for _ in range(n)]
+        return [{"prompt": _w(3, 8), "completion": " " + _w(2, 6)} for _ in range(n)]
     if form == "messages":
-        return [{"messages": [{"role": "user", "content": _words(g, 2, 6)},
-                              {"role": "assistant", "content": _words(g, 2, 5)},
-                              {"role": "user", "content": _words(g, 1, 4)},
-                              {"role": "assistant", "content": _words(g, 1, 4)}]} for _ in range(n)]
+        return [{"messages": [{"role": "user", "content": _w(2, 6)},
+                              {"role": "assistant", "content": _w(2, 5)},
+                              {"role": "user", "content": _w(1, 4)},
+                              {"role": "assistant", "content": _w(1, 4)}]} for _ in range(n)]
     raise ValueError(form)
 
 
