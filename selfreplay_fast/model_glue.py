@@ -121,6 +121,19 @@ def lm_head_of(model):
     return base, head.weight, head.bias
 
 
+def _head_after_forward(model):
+    """(weight, bias) of the lm_head, read after the base model's forward (where FSDP2 has unsharded the group of
+    the final norm, which holds the lm_head when accelerate shards the model). A frozen head that is still a
+    sharded DTensor then (its FSDP2 group has no module that ran, e.g. under PEFT) is all-gathered here; a
+    trainable one is left to ``fused_replay_kl``, which refuses it (its gradient would skip FSDP2's reduction)."""
+    _, weight, bias = lm_head_of(model)
+    if hasattr(weight, "full_tensor") and not weight.requires_grad:
+        weight = weight.full_tensor()
+        if bias is not None and hasattr(bias, "full_tensor") and not bias.requires_grad:
+            bias = bias.full_tensor()
+    return weight, bias
+
+
 def last_hidden_states(model, input_ids, attention_mask=None):
     """[B, L, D] last hidden states of ``model``'s base model (final norm included), without the lm_head.
 
@@ -237,6 +250,9 @@ def task_nll(
     if value_checks_enabled():  # one host sync; the k = 1 teacher built below is valid by construction
         check_task_targets(input_ids, attention_mask, labels, weight.shape[0], ignore_index)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state[:, :-1]
+    # Read after the base model ran: FSDP2 registers the unsharded lm_head weight only once its group's forward
+    # started (before, the attribute is the sharded DTensor).
+    weight, bias = _head_after_forward(model)
     teacher_ids = (target if counted is None else torch.where(counted, target, -1))[..., None]
     logprobs = torch.zeros(teacher_ids.shape, dtype=torch.float32, device=teacher_ids.device)
     kwargs = dict(bias=bias, mask=counted, impl=impl, chunk_size=chunk_size)
@@ -289,6 +305,7 @@ class ReplayKLLoss(torch.nn.Module):
         base, weight, bias = lm_head_of(model)
         b = replay_batch
         hidden = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        weight, bias = _head_after_forward(model)  # as in task_nll (FSDP2's unsharded weight)
         tail = b["teacher_tail_logprob"] if self.mode == "tail" else None
         reduction = "sum" if num_items is not None else self.reduction
         kl = fused_replay_kl(hidden, weight, b["teacher_ids"], b["teacher_logprobs"], bias=bias, mask=b["mask"],

@@ -29,8 +29,20 @@ the gradients in backward; ``forward`` is restored afterwards. The replay stream
 rank r takes the batches r, r + N, r + 2N, ... of the one shuffled stream, so N ranks with replay batches of
 B together replay what one process with batches of N * B would (within a pass). Both terms are normalized by
 global token counts (see ``compute_loss``), so the update equals that of one process over the union of the
-ranks' batches. FSDP, DeepSpeed, tensor/context/sequence parallelism and DataParallel (several GPUs in one
-process) are refused.
+ranks' batches.
+
+FSDP2 (accelerate's ``fully_shard``: ``fsdp="full_shard"``, ``fsdp_config={"fsdp_version": 2, ...}``) runs the
+same way: the loss function is the sharded root module's forward (``call_as_forward``), so FSDP2 unshards the
+root's parameters around it, and each decoder layer's group unshards as the base model runs it. accelerate puts
+the lm_head in one group with the final norm, which the base model runs: the fused losses read the head after
+the base model's forward (model_glue ``_head_after_forward``), when it is the full, unsharded weight, and its
+gradient is reduce-scattered with the norm's. This keeps the head whole rather than using the vocab-parallel
+``process_group`` path of ``fused_replay_kl``: the ranks hold different tokens, so a vocab-split head would need
+every rank's hidden states. A frozen head in a group that never runs (PEFT: accelerate finds no final norm
+next to it) is all-gathered by the loss; a trainable one there is refused by ``fused_replay_kl``. Gradients are
+averaged over ranks as under DDP, so the normalization above holds unchanged. Evaluation and
+``eval_replay_buffer`` also run as the root's forward. FSDP version 1, DeepSpeed, tensor/context/sequence
+parallelism and DataParallel (several GPUs in one process) are refused.
 
 Evaluation: with ``prediction_loss_only`` (Trainer's choice when there is no ``compute_metrics``) the task
 loss of each evaluation batch goes through ``task_nll`` (no full logits; it equals Trainer's own
@@ -121,17 +133,7 @@ class ReplayTrainerMixin:
         if replay_loss is not None and not isinstance(replay_loss, ReplayKLLoss):
             raise TypeError(f"replay_loss must be a ReplayKLLoss or None, got {type(replay_loss).__name__}")
         super().__init__(*args, **kwargs)
-        distributed = self.accelerator.distributed_type.name
-        others = {name: getattr(self, f"get_{name}_size", lambda: 1)() for name in ("tp", "cp", "sp")}
-        if (self.args.n_gpu > 1 or getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
-                or not (distributed == "NO" or distributed.startswith("MULTI_")) or any(v > 1 for v in others.values())):
-            raise NotImplementedError(
-                f"{type(self).__name__} supports one process or DDP data parallelism (one device per process), got "
-                f"distributed_type={distributed}, n_gpu={self.args.n_gpu}, "
-                f"fsdp={getattr(self, 'is_fsdp_enabled', False)}, deepspeed={getattr(self, 'is_deepspeed_enabled', False)}, "
-                f"{', '.join(f'{k}_size={v}' for k, v in others.items())}. For FSDP2 compute the loss in the "
-                "forward of the wrapped module yourself (README, 'Data-parallel training')"
-            )
+        self._check_parallelism()
         _, weight, _ = lm_head_of(self.model)  # refuses softcapped/scaled heads and LoRA'd lm_heads up front
         vocab = weight.shape[0]
         replay_buffer = _checked_buffer("replay_buffer", replay_buffer, vocab, validate_replay)
@@ -154,6 +156,27 @@ class ReplayTrainerMixin:
         self._replay_sums = None  # [task, kl] since the last log, on the device
         self._replay_logged_step = 0
         self.add_callback(_ReplayStreamStart(self))
+
+    def _check_parallelism(self):
+        """One process, DDP, or FSDP2 (accelerate's ``fully_shard``), one device per process; anything else refused."""
+        name = type(self).__name__
+        fsdp2_hint = ("use FSDP2 through the Trainer instead: fsdp='full_shard', fsdp_config={'fsdp_version': 2, "
+                      "'transformer_layer_cls_to_wrap': [...]} (README, 'Fine-tune with the HF Trainer')")
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                f"{name} does not support DeepSpeed (ZeRO-3 shards the lm_head, which the fused loss reads outside any "
+                f"DeepSpeed-gathered forward, and it is not tested): {fsdp2_hint}")
+        fsdp = getattr(self, "is_fsdp_enabled", False)
+        if fsdp and not getattr(self.accelerator, "is_fsdp2", False):
+            raise NotImplementedError(f"{name} does not support FSDP version 1: {fsdp2_hint}")
+        distributed = self.accelerator.distributed_type.name
+        others = {n: getattr(self, f"get_{n}_size", lambda: 1)() for n in ("tp", "cp", "sp")}
+        if (self.args.n_gpu > 1 or not (distributed in ("NO", "FSDP") or distributed.startswith("MULTI_"))
+                or any(v > 1 for v in others.values())):
+            raise NotImplementedError(
+                f"{name} supports one process, DDP or FSDP2 data parallelism (one device per process), got "
+                f"distributed_type={distributed}, n_gpu={self.args.n_gpu}, "
+                f"{', '.join(f'{k}_size={v}' for k, v in others.items())}")
 
     # -- the replay stream --------------------------------------------------------------------------------
 
@@ -307,18 +330,7 @@ class ReplayTrainerMixin:
                         kl = replay_loss(unwrapped, replay) / ga_steps
             return task + weight * kl, task.detach(), kl.detach()
 
-        # Run it as the wrapped module's forward: DDP's forward (and its reducer's preparation for
-        # backward) runs around it. Without a wrapper `model` is `unwrapped` and this is a plain call.
-        absent = object()
-        saved = unwrapped.__dict__.get("forward", absent)  # e.g. accelerate's autocast wrapper
-        unwrapped.forward = replay_forward
-        try:
-            loss, task, kl = model(inputs, replay_batch)
-        finally:
-            if saved is absent:
-                del unwrapped.forward
-            else:
-                unwrapped.forward = saved
+        loss, task, kl = call_as_forward(model, unwrapped, replay_forward, inputs, replay_batch)
         sums = torch.stack([task.float(), kl.float()])
         self._replay_sums = sums if self._replay_sums is None else self._replay_sums + sums
         return loss
@@ -334,8 +346,14 @@ class ReplayTrainerMixin:
         if not prediction_loss_only or inputs.get("labels") is None or "input_ids" not in inputs:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.accelerator.autocast():
-            loss = self._task_nll(self.accelerator.unwrap_model(model), inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+
+        def eval_forward(batch):
+            with self.accelerator.autocast():
+                return self._task_nll(unwrapped, batch)
+
+        with torch.no_grad():
+            loss = call_as_forward(model, unwrapped, eval_forward, inputs)
         return loss.detach(), None, None
 
     def _task_nll(self, model, inputs, num_items_in_batch=None):
@@ -351,11 +369,17 @@ class ReplayTrainerMixin:
         output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
                                          ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self.eval_replay_buffer is not None:  # in the metrics Trainer logs and returns
-            with self.accelerator.autocast():
-                report = measure_forgetting(self.accelerator.unwrap_model(self.model), self.eval_replay_buffer,
-                                            batch_size=self.args.per_device_eval_batch_size,
-                                            temperature=self.replay_loss.temperature, device=self.args.device,
-                                            progress=False)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+
+            def measure():
+                with self.accelerator.autocast():
+                    return measure_forgetting(unwrapped, self.eval_replay_buffer,
+                                              batch_size=self.args.per_device_eval_batch_size,
+                                              temperature=self.replay_loss.temperature, device=self.args.device,
+                                              progress=False)
+
+            with torch.no_grad():
+                report = call_as_forward(self.model, unwrapped, measure)
             output.metrics.update(report.as_dict(f"{metric_key_prefix}_"))
         return output
 
@@ -373,6 +397,23 @@ class ReplayTrainerMixin:
             self._replay_sums = None
             self._replay_logged_step = self.state.global_step
         return super().log(logs, start_time)
+
+
+def call_as_forward(wrapped, unwrapped, fn, *args):
+    """``fn(*args)`` run as ``unwrapped``'s forward through ``wrapped(*args)``: the hooks of the wrapper fire around
+    it (DDP's reducer preparing backward; FSDP2's all-gather of the root group's parameters, the lm_head and
+    embeddings, so that they are full tensors while ``fn`` reads them, and their reshard and gradient
+    reduce-scatter in backward). Without a wrapper ``wrapped`` is ``unwrapped`` and this is a plain call."""
+    absent = object()
+    saved = unwrapped.__dict__.get("forward", absent)  # e.g. accelerate's autocast wrapper, TRL's fused head
+    unwrapped.forward = fn
+    try:
+        return wrapped(*args)
+    finally:
+        if saved is absent:
+            del unwrapped.forward
+        else:
+            unwrapped.forward = saved
 
 
 def _checked_buffer(name, buffer, vocab: int, validate: bool):
