@@ -221,3 +221,52 @@ def test_forgetting_callback_logs_on_a_trl_run(with_replay, tmp_path, buffer_dir
     final = sf.measure_forgetting(model, held_out, batch_size=3, progress=False)
     assert final.as_dict("eval_") == {k: logged[1][k] for k in final.as_dict("eval_")}
     assert any("replay_kl" in entry for entry in trainer.state.log_history if "loss" in entry) == with_replay
+
+
+def test_resumed_sft_training_continues_the_replay_stream(tmp_path, buffer_dir):
+    """Stopped after the checkpoint at step 2 and resumed: the parameters of 4 uninterrupted steps."""
+    from transformers import TrainerCallback
+
+    def run(out, stop_at=None, resume=False):
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop_at is not None and state.global_step == stop_at:
+                    control.should_training_stop = True
+
+        model = tiny_model(seed=4)
+        trainer = _replay_trainer(out, "messages_assistant_only", buffer_dir, model=model, replay_weight=2.0,
+                                  max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+        trainer.add_callback(Stop())
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return trainer, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight, expected = run(tmp_path / "a")
+    stopped, _ = run(tmp_path / "b", stop_at=2)
+    assert stopped.replay_position == 2 and (tmp_path / "b" / "out" / "checkpoint-2" / "replay_state.json").exists()
+    resumed, got = run(tmp_path / "b", resume=True)
+    assert resumed.state.global_step == 4 and resumed.replay_position == straight.replay_position == 4
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("form_name", ["prompt_completion", "packing_bfd"])
+def test_evaluation_loss_equals_plain_sft_trainer_without_full_logits(form_name, tmp_path, buffer_dir, monkeypatch):
+    form, form_fields = FORMS[form_name]
+    eval_data = Dataset.from_list(rows(form, 5, seed=2))
+    ours = sf.ReplaySFTTrainer(tiny_model(seed=4), sf.ReplaySFTConfig(**_fields(tmp_path / "ours", **form_fields),
+                                                                      per_device_eval_batch_size=2,
+                                                                      replay_buffer_path=buffer_dir),
+                               train_dataset=Dataset.from_list(rows(form)), eval_dataset=eval_data,
+                               processing_class=tiny_tokenizer())
+    plain = SFTTrainer(tiny_model(seed=4), SFTConfig(**_fields(tmp_path / "plain", **form_fields),
+                                                     per_device_eval_batch_size=2),
+                       train_dataset=Dataset.from_list(rows(form)), eval_dataset=eval_data,
+                       processing_class=tiny_tokenizer())
+    expected = plain.evaluate()["eval_loss"]
+    _refuse_full_logits(ours.model, monkeypatch)
+    calls = []
+    fused = ours._task_nll
+    monkeypatch.setattr(ours, "_task_nll", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    got = ours.evaluate()["eval_loss"]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert len(calls) == len(ours.get_eval_dataloader()) > 0  # every batch through the fused task loss
