@@ -129,7 +129,11 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100,<7", "numpy", "scipy", "peft", "matplotlib"],
+        "test": [
+            "pytest>=7", "hypothesis>=6.100,<7", "numpy", "scipy", "peft", "matplotlib",
+            "trl==1.16.0", "accelerate", "datasets",
+        ],
+        "trl": ["trl==1.16.0", "accelerate", "datasets"],  # ReplaySFTTrainer / ReplaySFTConfig
         "plot": ["matplotlib"],  # the demo's and the benchmarks' PNG plots
         "flash": ["flash-attn"],
     },

@@ -18,11 +18,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # ReplayTrainer and ForgettingCallback import transformers.Trainer (slow, pulls in accelerate): only on first use.
+    # ReplayTrainer, ReplaySFTTrainer and ForgettingCallback import transformers.Trainer (slow, pulls in accelerate): only on first use.
     if name == "ReplayTrainer":
         from .trainer import ReplayTrainer
 
         return ReplayTrainer
+    if name in ("ReplaySFTTrainer", "ReplaySFTConfig"):  # needs the `trl` extra
+        from . import sft_trainer
+
+        return getattr(sft_trainer, name)
     if name == "ForgettingCallback":
         from .forgetting_callback import ForgettingCallback
 

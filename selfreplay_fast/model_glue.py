@@ -121,6 +121,19 @@ def lm_head_of(model):
     return base, head.weight, head.bias
 
 
+def _head_after_forward(model):
+    """(weight, bias) of the lm_head, read after the base model's forward (where FSDP2 has unsharded the group of
+    the final norm, which holds the lm_head when accelerate shards the model). A frozen head that is still a
+    sharded DTensor then (its FSDP2 group has no module that ran, e.g. under PEFT) is all-gathered here; a
+    trainable one is left to ``fused_replay_kl``, which refuses it (its gradient would skip FSDP2's reduction)."""
+    _, weight, bias = lm_head_of(model)
+    if hasattr(weight, "full_tensor") and not weight.requires_grad:
+        weight = weight.full_tensor()
+        if bias is not None and hasattr(bias, "full_tensor") and not bias.requires_grad:
+            bias = bias.full_tensor()
+    return weight, bias
+
+
 def last_hidden_states(model, input_ids, attention_mask=None):
     """[B, L, D] last hidden states of ``model``'s base model (final norm included), without the lm_head.
 
@@ -181,6 +194,8 @@ def task_nll(
     attention_mask=None,
     labels=None,
     *,
+    position_ids=None,
+    model_kwargs: Optional[Mapping] = None,
     ignore_index: int = -100,
     num_items_in_batch=None,
     reduction: str = "mean",
@@ -198,6 +213,11 @@ def task_nll(
     counted). ``num_items_in_batch`` (Trainer's count over a whole gradient-accumulation window): the sum
     divided by it instead of the mean (by at least 1: a window without counted tokens contributes 0). Counted labels outside the vocabulary raise ValueError (one host
     sync, skipped under ``skip_value_checks()``).
+
+    position_ids ([B, L]) and model_kwargs (more keyword arguments of the base model's forward, e.g. the
+    ``cu_seq_lens_*`` of flash attention) go to the base model: packed, padding-free rows (position ids restarting
+    at 0 per sequence, no attention mask) then attend within each sequence only. The target of a sequence's last
+    token is the next sequence's first: its label must be ``ignore_index`` (TRL's padding-free collator does that).
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, L] integer tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
@@ -212,15 +232,27 @@ def task_nll(
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape):
         raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
                          f"got {getattr(attention_mask, 'shape', type(attention_mask))}")
+    if position_ids is not None and (not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != input_ids.shape[1]):
+        raise ValueError(f"position_ids must be a tensor of [B, L] = {tuple(input_ids.shape)} positions, "
+                         f"got {getattr(position_ids, 'shape', type(position_ids))}")
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict of the base model's keyword arguments or None, "
+                        f"got {type(model_kwargs).__name__}")
     num_items = _check_num_items(num_items_in_batch)
     if num_items is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch replaces the mean: use it with reduction='mean', got {reduction!r}")
+    extra = dict(model_kwargs or {})
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
 
     base, weight, bias = lm_head_of(model)
     target, counted = _next_token_targets(input_ids, attention_mask, labels, ignore_index)
     if value_checks_enabled():  # one host sync; the k = 1 teacher built below is valid by construction
         check_task_targets(input_ids, attention_mask, labels, weight.shape[0], ignore_index)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state[:, :-1]
+    # Read after the base model ran: FSDP2 registers the unsharded lm_head weight only once its group's forward
+    # started (before, the attribute is the sharded DTensor).
+    weight, bias = _head_after_forward(model)
     teacher_ids = (target if counted is None else torch.where(counted, target, -1))[..., None]
     logprobs = torch.zeros(teacher_ids.shape, dtype=torch.float32, device=teacher_ids.device)
     kwargs = dict(bias=bias, mask=counted, impl=impl, chunk_size=chunk_size)
@@ -273,6 +305,7 @@ class ReplayKLLoss(torch.nn.Module):
         base, weight, bias = lm_head_of(model)
         b = replay_batch
         hidden = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        weight, bias = _head_after_forward(model)  # as in task_nll (FSDP2's unsharded weight)
         tail = b["teacher_tail_logprob"] if self.mode == "tail" else None
         reduction = "sum" if num_items is not None else self.reduction
         kl = fused_replay_kl(hidden, weight, b["teacher_ids"], b["teacher_logprobs"], bias=bias, mask=b["mask"],

@@ -2,7 +2,7 @@
 
 Python blocks run one by one, each in a fresh namespace holding what the README's prose says the reader
 has (a causal LM ``model``, a ``task_loader``, an ``optimizer``, a ``train_dataset`` with its ``collator``, a
-replay ``batch``, an initialized ``dist``), on a tiny random Llama, in a temporary working directory (the
+replay ``batch``, an initialized ``dist``, for the TRL block a ``tokenizer`` and a conversational ``chat_dataset``), on a tiny random Llama, in a temporary working directory (the
 blocks write ``replay/`` and ``run/``). The bash blocks are the quickstart: the test command must be the one
 ``.ci/run`` runs, and the demo command installs the same way.
 """
@@ -76,6 +76,12 @@ def test_python_block_runs_as_written(line, code, workdir, request, monkeypatch)
     }
     if "dist." in code:
         namespace["dist"] = request.getfixturevalue("dist")
+    if "chat_dataset" in code:  # a word-level tokenizer with a chat template, and TRL's conversational form
+        from datasets import Dataset
+        from trl_data import rows, tiny_tokenizer
+
+        namespace["tokenizer"] = tiny_tokenizer(VOCAB)
+        namespace["chat_dataset"] = Dataset.from_list(rows("messages", 32, vocab_size=VOCAB))
     exec(compile(code, f"README.md:{line}", "exec"), namespace)
     # Each block did its work: trained, measured, or computed a loss with gradients.
     if "optimizer.step()" in code:
