@@ -45,6 +45,15 @@ def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: fl
     dense.masked_fill_((sign == 0)[:, None], 0.0)
     # The teacher's slots hold exp(-inf) = 0 after the dense formula: add their sparse values.
     dense.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, grad_teacher, 0.0))
-    if dense is not out:
-        out.copy_(dense)
+    if dense is out:
+        return out
+    if out.untyped_storage()._cdata != dense.untyped_storage()._cdata:
+        return out.copy_(dense)
+    # A narrower out in the logits' own storage (replay_kl._narrow_in_place): row n of out overlaps only
+    # the first half of row n of dense, so rounding blocks of rows in order never overwrites an
+    # unconverted value; each block goes through a small temporary.
+    rows_per_block = max(1, (1 << 22) // max(1, dense.shape[1]))
+    for start in range(0, dense.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        out[rows] = dense[rows].to(out.dtype)
     return out

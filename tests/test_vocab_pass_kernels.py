@@ -231,7 +231,9 @@ def test_softmax_grad_zero_sign_is_exact_zero_on_nonfinite_logits():
 # softmax_grad
 # --------------------------------------------------------------------------------------------------
 
-OUT_KINDS = ["fp32-inplace", "fp32", "bf16", "fp16", "fp64-inplace", "fp64-to-bf16"]
+# "bf16-in-logits": the 16-bit gradient written into the fp32 logits' own storage, row n at the start
+# of logits row n (replay_kl._narrow_in_place), as the dispatcher does for 16-bit heads.
+OUT_KINDS = ["fp32-inplace", "fp32", "bf16", "fp16", "fp64-inplace", "fp64-to-bf16", "bf16-in-logits"]
 GRAD_SHAPES = [(3, 5, "3"), (7, 37, "3"), (3, 300, "V"), (1, 300, "1"), (7, 32, "V"), (3, 1, "1")]
 
 
@@ -240,6 +242,7 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
     out_dtype = {
         "fp32-inplace": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
         "fp16": torch.float16, "fp64-inplace": torch.float64, "fp64-to-bf16": torch.bfloat16,
+        "bf16-in-logits": torch.bfloat16,
     }[out_kind]
     logits, ids = make_inputs(c, V, k, dtype=logits_dtype, seed=seed, peaked=peaked, padded=seed % 2 == 1)
     original = logits.clone()
@@ -248,6 +251,8 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
 
     if out_kind.endswith("inplace"):
         out = logits
+    elif out_kind.endswith("in-logits"):
+        out = logits.view(out_dtype)[:, :V]
     else:
         out = torch.full((c, V + 2), float("nan"), dtype=out_dtype, device=DEVICE)[:, :V]  # padded row stride
     result = softmax_grad(logits, ids, *scalars, inv_temp, out, block_v=block_v)
@@ -327,6 +332,8 @@ def test_wrappers_reject_bad_arguments():
     with pytest.raises(ValueError, match="out"):
         storage = torch.empty(3, 40, device=DEVICE)
         softmax_grad(storage[:, :37], ids, grad_teacher, *scalars, 1.0, storage[:, 1:38])
+    with pytest.raises(ValueError, match="out"):  # a narrower out in the logits' storage, not at each row's start
+        softmax_grad(logits, ids, grad_teacher, *scalars, 1.0, logits.view(torch.bfloat16)[:, 1:38])
 
 
 @pytest.mark.parametrize("c,V,k", [(3, 37, "V"), (7, 300, "3"), (3, 300, "V")])
