@@ -11,6 +11,8 @@ A chunk of ``c`` rows of raw student logits ``x`` [c, V] is visited twice, with 
   ``sign * exp((z - origin) + log_coef)`` and then the sparse gradient on the teacher slots.
 
 Both kernels run one program per row and stream the vocabulary in tiles of ``BLOCK_V`` columns.
+:func:`scale_` multiplies a 16-bit gradient by backward's fp32 ``grad_output`` in place, the product
+formed in fp32 (one launch, 4 bytes per element; torch's ``mul_`` would round the scale to 16 bits).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Elements per program of the scale kernel on a GPU (16 per thread) and under the interpreter.
+SCALE_BLOCK = 2048
+SCALE_BLOCK_INTERPRETER = 1 << 16
 # Widest vocabulary tile and warps per program on a GPU (8 fp32 columns per thread and tile).
 MAX_BLOCK_V = 1024
 NUM_WARPS = 4
@@ -214,6 +219,25 @@ def _softmax_grad_kernel(
         if OUT_IS_16BIT:
             grad_teacher = grad_teacher.to(tl.float32)
         tl.store(row_out_ptr + ids, grad_teacher.to(out_dtype), mask=used)
+
+
+@triton.jit
+def _scale_kernel(values_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """values[i] = round(values[i] * scale) for i < numel, with values 16-bit [numel] contiguous and
+    scale an fp32 scalar in device memory (no host sync): the product is formed in fp32, rounded once."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < numel
+    scale = tl.load(scale_ptr)
+    values = tl.load(values_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+    product = values * scale
+    if values_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand, as a GPU's conversion does (the interpreter would truncate): the
+        # result is an fp32 value with 16 zero low bits, which any conversion keeps exactly. NaN stays NaN.
+        bits = product.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        product = tl.where(product != product, product, bits.to(tl.float32, bitcast=True))
+    rounded = product.to(values_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(values_ptr + offsets, rounded, mask=in_range)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,3 +455,26 @@ def softmax_grad(
             num_warps=NUM_WARPS,
         )
     return out
+
+
+def scale_(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """values *= scale in place, the product in fp32 and rounded once to values' dtype.
+    values: contiguous bfloat16/float16 tensor. scale: a one-element float32 tensor on values' device.
+    Returns values."""
+    if not isinstance(values, torch.Tensor) or values.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"values must be a bfloat16/float16 tensor, got {getattr(values, 'dtype', type(values).__name__)}")
+    if not values.is_contiguous():
+        raise ValueError(f"values must be contiguous, got strides {tuple(values.stride())}")
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be a one-element float32 tensor, got {_describe(scale)}"
+                         + (f" of {scale.dtype}" if isinstance(scale, torch.Tensor) else ""))
+    if scale.device != values.device:
+        raise ValueError(f"scale is on {scale.device} but values is on {values.device}")
+    numel = values.numel()
+    if numel == 0:
+        return values
+    block = SCALE_BLOCK_INTERPRETER if values.device.type == "cpu" else SCALE_BLOCK
+    with _on_device(values.device):
+        _scale_kernel[(triton.cdiv(numel, block),)](values, scale.reshape(()), numel, BLOCK=block,
+                                                    num_warps=NUM_WARPS)
+    return values

@@ -56,8 +56,6 @@ _CHUNK_BYTES = {"cuda": 384 << 20, "cpu": 32 << 20}
 # Chunk rows are rounded down to a multiple of the matmul tile (cuBLAS' largest M tile) when a chunk
 # holds at least that many: an odd M wastes a partial tile in all three matmuls.
 _CHUNK_ROW_MULTIPLE = 256
-# Elements per block when a 16-bit gradient is scaled by an fp32 grad_output (an fp32 temporary of 64 MiB).
-_SCALE_BLOCK_ELEMENTS = 1 << 24
 
 
 def _triton_vocab_pass():
@@ -426,20 +424,16 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     return loss, grads
 
 
-def _scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+def _scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, passes) -> None:
     """grad *= grad_output, the product formed in fp32 (or wider) and rounded once to grad's dtype.
 
     ``grad.mul_(grad_output)`` would round grad_output to a 16-bit grad's dtype first (PyTorch's type
-    promotion for a 0-dim operand): a 0.2 % scale error for lambda or 1 / accumulation steps. The 16-bit
-    gradient is therefore scaled in blocks through an fp32 temporary of _SCALE_BLOCK_ELEMENTS."""
+    promotion for a 0-dim operand): up to 0.2 % scale error for lambda or 1 / accumulation steps. A 16-bit
+    gradient goes through the passes' ``scale_`` instead (one Triton launch; fp32 blocks on the CPU)."""
     if grad.element_size() >= 4:
         grad.mul_(grad_output.to(grad.dtype))
-        return
-    scale = grad_output.to(torch.float32)
-    flat = grad.view(-1)
-    for start in range(0, flat.numel(), _SCALE_BLOCK_ELEMENTS):
-        block = flat[start : start + _SCALE_BLOCK_ELEMENTS]
-        block.copy_(block.to(torch.float32).mul_(scale))
+    else:
+        passes.scale_(grad, grad_output.to(torch.float32))
 
 
 def _weighted_sum(loss_rows, weight_rows, counted):
@@ -482,6 +476,7 @@ class _FusedReplayKL(torch.autograd.Function):
         counted = inp.mask
 
         ctx.grads = ctx.recompute = None
+        ctx.passes = passes
         if inp.reduction == "none":
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
             ctx.recompute = (inp, head, passes, vocab, chunk_rows, None)
@@ -544,7 +539,7 @@ class _FusedReplayKL(torch.autograd.Function):
             ctx.grads = None
             for g in (grads.hidden, grads.weight, grads.bias):
                 if g is not None:
-                    _scale_in_place(g, grad_output)
+                    _scale_in_place(g, grad_output, ctx.passes)
         return (
             None, None, None, None, None,
             grads.hidden,

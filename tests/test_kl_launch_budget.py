@@ -140,9 +140,11 @@ CASES = {
 MATMULS_PER_CHUNK = 3
 TRITON_PER_CHUNK = 2
 OTHER_KERNELS_PER_CHUNK = {"bf16_head": 98, "fp32_master_autocast": 98, "bf16_head_with_bias": 100}
-# Per call at the headline (input reshapes, row weights, the fp32 scaling of 16-bit gradients by
-# grad_output in blocks of 2^24 elements: 3 kernels per block of the 1 GiB bf16 weight gradient).
-OTHER_KERNELS_PER_CALL = {"bf16_head": 113, "fp32_master_autocast": 19, "bf16_head_with_bias": 117}
+# Per call: PyTorch kernels (reshapes, row weights, the loss sum; before issue #11 also 96 for
+# scaling the bf16 gradients by grad_output), and one Triton scale_ per 16-bit gradient (grad_output
+# applied in fp32).
+OTHER_KERNELS_PER_CALL = {"bf16_head": 11, "fp32_master_autocast": 13, "bf16_head_with_bias": 15}
+SCALE_LAUNCHES = {"bf16_head": 2, "fp32_master_autocast": 1, "bf16_head_with_bias": 2}
 # Extra bytes beyond the returned gradients: goal 512 MB. Under autocast over fp32 master weights the
 # tensor-core matmuls need a 16-bit copy of the weight, V D 2 bytes = 1051 MB at the headline, on top:
 # that case misses the goal by the copy (docs/design.md, section 4).
@@ -171,7 +173,8 @@ def test_launches_and_memory_at_the_headline_shape(case, monkeypatch):
     assert rows % 256 == 0, f"{rows} rows per chunk: not a multiple of the 256-row matmul tile"
     total = _counts(headline)
     assert total["sync"] == 0  # no host sync anywhere (value checks skipped)
-    assert total["matmul"] == chunks * per_chunk["matmul"] and total["triton"] == chunks * per_chunk["triton"]
+    assert total["matmul"] == chunks * per_chunk["matmul"]
+    assert total["triton"] == chunks * per_chunk["triton"] + SCALE_LAUNCHES[case]
     assert per_chunk["matmul"] == MATMULS_PER_CHUNK
     assert per_chunk["triton"] == TRITON_PER_CHUNK
     assert per_chunk["kernel"] <= OTHER_KERNELS_PER_CHUNK[case]

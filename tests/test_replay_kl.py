@@ -516,7 +516,8 @@ def test_fp32_hidden_with_16bit_cuda_weight_warns_of_the_weight_copy():
         rk._warn_if_weight_upcast(h32.bfloat16(), _Cuda(), torch.bfloat16)  # 16-bit matmuls: no copy
 
 
-def test_grad_output_scales_16bit_gradients_in_fp32():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_output_scales_16bit_gradients_in_fp32(impl):
     """The 16-bit gradients formed in forward are scaled by backward's grad_output with the product in
     fp32, rounded once to bf16. Rounding grad_output (here 1/3, e.g. a replay weight or 1 / accumulation
     steps) to bf16 first was a scale error of up to 2^-9 on every element."""
@@ -525,7 +526,7 @@ def test_grad_output_scales_16bit_gradients_in_fp32():
     def grads(scale):
         h, w, b = case.leaves(torch.bfloat16)
         ids, lp, kw = case.teacher()
-        loss = rk._apply(prepare_replay_kl_inputs(h, w, ids, lp, bias=b, **kw), "torch", 16, low_precision=True)
+        loss = rk._apply(prepare_replay_kl_inputs(h, w, ids, lp, bias=b, **kw), impl, 16, low_precision=True)
         (loss * scale if scale != 1 else loss).backward()
         assert h.grad.dtype == w.grad.dtype == torch.bfloat16
         return h.grad, w.grad

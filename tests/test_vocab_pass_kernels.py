@@ -12,7 +12,8 @@ import pytest
 import torch
 import triton  # noqa: F401  (a hard test dependency: imported here so that a missing triton fails loudly)
 
-from selfreplay_fast.kernels.vocab_pass import masked_lse, softmax_grad
+from selfreplay_fast.kernels import vocab_pass
+from selfreplay_fast.kernels.vocab_pass import masked_lse, scale_, softmax_grad
 
 # tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU; with one, the kernels run on it.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -359,3 +360,36 @@ def test_block_k_must_be_a_power_of_two():
     logits, ids = make_inputs(3, 37, 3)
     with pytest.raises(ValueError, match="block_k"):
         masked_lse(logits, ids, 1.0, block_k=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# scale_
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_forms_the_product_in_fp32(dtype, monkeypatch):
+    """values * scale rounded once from fp32 (torch's mul_ would round the scale 1/3 to 16 bits first),
+    over several programs with a partial last one."""
+    monkeypatch.setattr(vocab_pass, "SCALE_BLOCK_INTERPRETER", 64)
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(1000, generator=g) * 4).to(dtype).to(DEVICE)
+    scale = torch.tensor(1 / 3, dtype=torch.float32, device=DEVICE)
+    expected = (values.float() * scale).to(dtype)
+    rounded_scale = (values.float() * scale.to(dtype).float()).to(dtype)  # as CUDA's values.mul_(scale) does
+    assert not torch.equal(expected, rounded_scale)  # the test can fail
+    assert scale_(values, scale) is values
+    assert torch.equal(values, expected)
+
+
+def test_scale_rejects_bad_arguments():
+    values = torch.zeros(8, dtype=torch.bfloat16, device=DEVICE)
+    one = torch.ones((), device=DEVICE)
+    with pytest.raises(ValueError, match="values"):
+        scale_(values.float(), one)
+    with pytest.raises(ValueError, match="contiguous"):
+        scale_(torch.zeros(4, 4, dtype=torch.bfloat16, device=DEVICE).t(), one)
+    with pytest.raises(ValueError, match="scale"):
+        scale_(values, one.double())
+    with pytest.raises(ValueError, match="scale"):
+        scale_(values, torch.ones(2, device=DEVICE))
