@@ -11,6 +11,8 @@ A chunk of ``c`` rows of raw student logits ``x`` [c, V] is visited twice, with 
   ``sign * exp((z - origin) + log_coef)`` and then the sparse gradient on the teacher slots.
 
 Both kernels run one program per row and stream the vocabulary in tiles of ``BLOCK_V`` columns.
+:func:`scale_` multiplies a 16-bit gradient by backward's fp32 ``grad_output`` in place, the product
+formed in fp32 (one launch, 4 bytes per element; torch's ``mul_`` would round the scale to 16 bits).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Elements per program of the scale kernel on a GPU (16 per thread) and under the interpreter.
+SCALE_BLOCK = 2048
+SCALE_BLOCK_INTERPRETER = 1 << 16
 # Widest vocabulary tile and warps per program on a GPU (8 fp32 columns per thread and tile).
 MAX_BLOCK_V = 1024
 NUM_WARPS = 4
@@ -147,6 +152,7 @@ def _softmax_grad_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     OUT_IS_16BIT: tl.constexpr,
+    NARROW_IN_PLACE: tl.constexpr,
 ):
     """One program per row n.
 
@@ -155,7 +161,8 @@ def _softmax_grad_kernel(
     ids_ptr: teacher token ids [c, K]; -1 marks an unused slot.
     grad_teacher_ptr: [c, K] gradient w.r.t. z on the slots (0 on unused slots).
     sign_ptr, origin_ptr, log_coef_ptr: [c] per-row scalars of the dense gradient (sign in {-1, 0, 1}).
-    out_ptr: output [c, V], may alias logits_ptr (same strides):
+    out_ptr: output [c, V]: the logits themselves (same strides), a narrower dtype in their storage
+        (NARROW_IN_PLACE), or a separate buffer:
         out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]),  z = x * inv_temp,
         then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot i.
     inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
@@ -163,6 +170,9 @@ def _softmax_grad_kernel(
     BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: slot tile width (power of 2, <= MAX_BLOCK_K).
     OUT_IS_16BIT: out is bf16/fp16; values are rounded through fp32 (the interpreter cannot cast fp64
         to bf16 directly).
+    NARROW_IN_PLACE: out is narrower than the logits and in their storage, row n at the start of the
+        logits' row n: storing tile t overwrites logits columns [t B / 2, (t + 1) B / 2), all read by
+        tile t or earlier, so a barrier after each tile's load (every lane has read it) is enough.
     """
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
@@ -187,6 +197,8 @@ def _softmax_grad_kernel(
         cols = start + col
         in_row = cols < V
         z = tl.load(row_logits_ptr + cols, mask=in_row, other=neg_inf) * scale
+        if NARROW_IN_PLACE:
+            tl.debug_barrier()
         # (z - origin) first: both are ~1/T in size and nearly cancel; log_coef is O(log 1/T).
         grad = sign * tl.exp((z - origin) + log_coef)
         grad = tl.where(sign == 0, 0.0, grad)  # exact 0 for a row that does not count, even where z is inf/NaN
@@ -207,6 +219,25 @@ def _softmax_grad_kernel(
         if OUT_IS_16BIT:
             grad_teacher = grad_teacher.to(tl.float32)
         tl.store(row_out_ptr + ids, grad_teacher.to(out_dtype), mask=used)
+
+
+@triton.jit
+def _scale_kernel(values_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """values[i] = round(values[i] * scale) for i < numel, with values 16-bit [numel] contiguous and
+    scale an fp32 scalar in device memory (no host sync): the product is formed in fp32, rounded once."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < numel
+    scale = tl.load(scale_ptr)
+    values = tl.load(values_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+    product = values * scale
+    if values_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand, as a GPU's conversion does (the interpreter would truncate): the
+        # result is an fp32 value with 16 zero low bits, which any conversion keeps exactly. NaN stays NaN.
+        bits = product.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        product = tl.where(product != product, product, bits.to(tl.float32, bitcast=True))
+    rounded = product.to(values_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+    tl.store(values_ptr + offsets, rounded, mask=in_range)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,9 +312,13 @@ def _describe(t) -> str:
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory spans of two non-empty tensors intersect."""
+    """Whether two non-empty tensors may share memory: the same storage and intersecting byte spans
+    (from strides and storage offsets, so meta tensors, whose data pointers are all 0, work too)."""
+    if a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+        return False
+
     def span(t):
-        start = t.data_ptr()
+        start = t.storage_offset() * t.element_size()
         last = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) * t.element_size()
         return start, last + t.element_size()
 
@@ -352,7 +387,9 @@ def softmax_grad(
     """logits: [c, V] as left by masked_lse (used-slot positions hold -inf).
     ids: [c, k] int64/int32, -1 = unused. grad_teacher: [c, k] (logits.dtype), 0 on unused slots.
     sign, origin, log_coef: [c] (logits.dtype), sign in {-1, 0, 1}; origin is max_complement (-inf allowed).
-    out: [c, V] float32/float64/bfloat16/float16, last dim contiguous; may be the same tensor as logits.
+    out: [c, V] float32/float64/bfloat16/float16, last dim contiguous; may be the same tensor as logits,
+        or a narrower dtype in the logits' storage with each row at the start of the logits' row (the
+        same byte offset and row stride: replay_kl._narrow_in_place), and must not overlap it otherwise.
     Writes, with z = logits * inv_temp computed in logits.dtype:
       out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]) for every v (the subtraction first),
       then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot.
@@ -377,10 +414,19 @@ def softmax_grad(
     if c == 0 or V == 0:
         return out
     same_tensor = (
-        out.data_ptr() == logits.data_ptr() and out.dtype == logits.dtype and out.stride() == logits.stride()
+        _overlaps(out, logits) and out.storage_offset() == logits.storage_offset()
+        and out.dtype == logits.dtype and out.stride() == logits.stride()
     )
-    if not same_tensor and _overlaps(out, logits):
-        raise ValueError("out must be either the logits tensor itself or not overlap it")
+    narrow_in_place = (
+        _overlaps(out, logits) and out.element_size() < logits.element_size()
+        and out.storage_offset() * out.element_size() == logits.storage_offset() * logits.element_size()
+        and (c == 1 or out.stride(0) * out.element_size() == logits.stride(0) * logits.element_size())
+    )
+    if not (same_tensor or narrow_in_place) and _overlaps(out, logits):
+        raise ValueError(
+            "out must be the logits tensor itself, a narrower dtype with each row at the start of the "
+            "logits' row (the same storage offset and row stride in bytes), or not overlap it"
+        )
     with _on_device(logits.device):
         _softmax_grad_kernel[(c,)](
             logits,
@@ -405,6 +451,30 @@ def softmax_grad(
             BLOCK_V=_block_v(V, logits.device, block_v),
             BLOCK_K=_block_k(k, block_k),
             OUT_IS_16BIT=out.dtype in (torch.bfloat16, torch.float16),
+            NARROW_IN_PLACE=narrow_in_place,
             num_warps=NUM_WARPS,
         )
     return out
+
+
+def scale_(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """values *= scale in place, the product in fp32 and rounded once to values' dtype.
+    values: contiguous bfloat16/float16 tensor. scale: a one-element float32 tensor on values' device.
+    Returns values."""
+    if not isinstance(values, torch.Tensor) or values.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"values must be a bfloat16/float16 tensor, got {getattr(values, 'dtype', type(values).__name__)}")
+    if not values.is_contiguous():
+        raise ValueError(f"values must be contiguous, got strides {tuple(values.stride())}")
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be a one-element float32 tensor, got {_describe(scale)}"
+                         + (f" of {scale.dtype}" if isinstance(scale, torch.Tensor) else ""))
+    if scale.device != values.device:
+        raise ValueError(f"scale is on {scale.device} but values is on {values.device}")
+    numel = values.numel()
+    if numel == 0:
+        return values
+    block = SCALE_BLOCK_INTERPRETER if values.device.type == "cpu" else SCALE_BLOCK
+    with _on_device(values.device):
+        _scale_kernel[(triton.cdiv(numel, block),)](values, scale.reshape(()), numel, BLOCK=block,
+                                                    num_warps=NUM_WARPS)
+    return values

@@ -6,7 +6,8 @@ teacher logits, masks the teacher's slots with -inf and reduces the rest to a lo
 and log-sum);
 ``softmax_grad`` writes dL/dx with per-row scalars. One difference from the Triton contract:
 ``masked_lse`` leaves the chunk scaled (z = x * inv_temp, teacher slots -inf), and ``softmax_grad``
-reads it as such. No [c, V] temporaries beyond torch.logsumexp's own.
+reads it as such. No [c, V] temporaries beyond torch.logsumexp's own. ``scale_`` is the Triton
+module's too: a 16-bit gradient times an fp32 scale, the product in fp32.
 """
 
 from __future__ import annotations
@@ -45,6 +46,30 @@ def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: fl
     dense.masked_fill_((sign == 0)[:, None], 0.0)
     # The teacher's slots hold exp(-inf) = 0 after the dense formula: add their sparse values.
     dense.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, grad_teacher, 0.0))
-    if dense is not out:
-        out.copy_(dense)
+    if dense is out:
+        return out
+    if out.untyped_storage()._cdata != dense.untyped_storage()._cdata:
+        return out.copy_(dense)
+    # A narrower out in the logits' own storage (replay_kl._narrow_in_place): row n of out overlaps only
+    # the first half of row n of dense, so rounding blocks of rows in order never overwrites an
+    # unconverted value; each block goes through a small temporary.
+    rows_per_block = max(1, (1 << 22) // max(1, dense.shape[1]))
+    for start in range(0, dense.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        out[rows] = dense[rows].to(out.dtype)
     return out
+
+
+# Elements per block of scale_'s fp32 temporary (64 MiB).
+SCALE_BLOCK = 1 << 24
+
+
+def scale_(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """values *= scale in place (values 16-bit and contiguous, scale a one-element fp32 tensor), the
+    product formed in fp32 and rounded once: ``values.mul_(scale)`` would round scale to 16 bits first
+    (PyTorch's type promotion for a 0-dim operand). In blocks through an fp32 temporary."""
+    flat = values.view(-1)
+    for start in range(0, flat.numel(), SCALE_BLOCK):
+        block = flat[start : start + SCALE_BLOCK]
+        block.copy_(block.to(torch.float32).mul_(scale))
+    return values

@@ -16,6 +16,7 @@ the hidden-gradient partials. Without a process group ``_WHOLE_VOCAB`` makes tho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -39,12 +40,22 @@ from ._row_terms import compute_row_terms
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS accumulates and writes fp32).
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
+def _has_fp32_out_matmul(device: torch.device) -> bool:
+    """Whether torch.mm / torch.addmm take 16-bit operands with out_dtype=torch.float32 on this device:
+    CUDA (cuBLAS) and meta (shapes only: tests/test_kl_launch_budget.py), not the CPU."""
+    return _MM_HAS_OUT_DTYPE and device.type in ("cuda", "meta")
+
+
 # Vocabulary rows per 16-bit product added into an fp32 weight-gradient accumulator (16 MiB at D = 4096).
 _GRAD_WEIGHT_BLOCK_ROWS = 2048
 
-# Bytes of one fp32 [chunk, V] logits buffer when chunk_size is None. A chunk needs about two of
-# them alive (logits and their gradient, plus PyTorch temporaries on the CPU path).
-_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+# Bytes of one fp32 [chunk, V] logits buffer when chunk_size is None. On a GPU it is the chunk's only
+# [c, V] buffer (the 16-bit gradient is written into its own storage), 384 MiB: 768 rows at V = 128256.
+# The CPU path's PyTorch passes add temporaries of about the same size.
+_CHUNK_BYTES = {"cuda": 384 << 20, "cpu": 32 << 20}
+# Chunk rows are rounded down to a multiple of the matmul tile (cuBLAS' largest M tile) when a chunk
+# holds at least that many: an odd M wastes a partial tile in all three matmuls.
+_CHUNK_ROW_MULTIPLE = 256
 
 
 def _triton_vocab_pass():
@@ -97,7 +108,7 @@ class _HeadMatmuls:
         # Without a 16-bit x 16-bit -> fp32 matmul (CPU; torch builds before aten::mm.dtype) the
         # logits use an upcast copy of the weight, made once per call.
         self._weight_for_logits = self.weight
-        if self.low_precision and (weight.device.type != "cuda" or not _MM_HAS_OUT_DTYPE):
+        if self.low_precision and not _has_fp32_out_matmul(weight.device):
             self._weight_for_logits = self.weight.to(self.acc_dtype)
         self.bias = bias.detach().to(self.acc_dtype) if bias is not None else None
         # The weight gradient accumulates across chunks in the parameter's own precision: 16-bit for a
@@ -105,14 +116,15 @@ class _HeadMatmuls:
         self.grad_weight_dtype = torch.promote_types(self.operand_dtype, weight.dtype)
 
     def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
+        """x = h W^T + b in the accumulation dtype; the bias is the matmul's addend (no separate pass)."""
         h = hidden_chunk.to(self.operand_dtype)
         if self._weight_for_logits.dtype == self.acc_dtype:
-            out = torch.mm(h.to(self.acc_dtype), self._weight_for_logits.T)
+            h, fp32_out = h.to(self.acc_dtype), {}
         else:
-            out = torch.mm(h, self.weight.T, out_dtype=self.acc_dtype)
-        if self.bias is not None:
-            out += self.bias
-        return out
+            fp32_out = {"out_dtype": self.acc_dtype}
+        if self.bias is None:
+            return torch.mm(h, self._weight_for_logits.T, **fp32_out)
+        return torch.addmm(self.bias, h, self._weight_for_logits.T, **fp32_out)
 
     def grad_hidden(self, grad_logits: torch.Tensor) -> torch.Tensor:
         return torch.mm(grad_logits, self.weight)
@@ -122,7 +134,12 @@ class _HeadMatmuls:
         if acc.dtype == grad_logits.dtype:
             acc.addmm_(grad_logits.T, h)
             return
-        # A wider accumulator than the operands (fp32 master weights, 16-bit matmuls): add each block of
+        if acc.dtype == torch.float32 and _has_fp32_out_matmul(acc.device):
+            # fp32 master weights, 16-bit operands: one matmul accumulating into the fp32 sum (cuBLAS'
+            # C = A B + C with an fp32 C), never rounded to 16 bits, no temporary.
+            torch.addmm(acc, grad_logits.T, h, out_dtype=torch.float32, out=acc)
+            return
+        # Without such a matmul (CPU): a wider accumulator than the operands (fp32 master weights, 16-bit matmuls): add each block of
         # vocabulary rows' 16-bit product in the wide dtype, so the running sum is never rounded to
         # 16 bits; the blocks bound the temporary to _GRAD_WEIGHT_BLOCK_ROWS x D.
         for start in range(0, acc.shape[0], _GRAD_WEIGHT_BLOCK_ROWS):
@@ -130,16 +147,44 @@ class _HeadMatmuls:
             acc[rows] += torch.mm(grad_logits[:, rows].T, h)
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast gives matmuls on this device type, or None when autocast is off (or the
+    device type has none, e.g. meta tensors)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _warn_if_weight_upcast(hidden, weight, matmul_dtype) -> None:
-    """fp32 hidden with a 16-bit lm_head, without autocast, promotes as torch does: fp32 matmuls on an fp32
-    copy of the weight (2 GiB at an 8B head), made on every call. On a GPU that is almost always a
-    forgotten autocast or a final norm that upcasts, so say so (once per call site, Python's default)."""
-    if weight.device.type == "cuda" and matmul_dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16):
+    """The two fp32-matmul cliffs of mixed dtypes without autocast on a GPU, where torch's promotion runs
+    the three head matmuls in fp32 (CUDA cores or TF32, a fraction of the 16-bit tensor-core rate):
+    fp32 hidden with a 16-bit lm_head (also an fp32 copy of the weight, 2 GiB at an 8B head, per call),
+    and 16-bit hidden with an fp32 lm_head (fp32 master weights used without autocast). Either is almost
+    always a forgotten autocast or a final norm that upcasts, so say so (once per call site, Python's
+    default)."""
+    if weight.device.type != "cuda" or matmul_dtype != torch.float32:
+        return
+    sixteen = (torch.float16, torch.bfloat16)
+    if weight.dtype in sixteen:
         warnings.warn(
             f"fused_replay_kl: hidden is {hidden.dtype} but weight is {weight.dtype}, without autocast: the head "
             f"runs in fp32 on an fp32 copy of the weight ({weight.numel() * 4 / 2**20:.0f} MiB per call). Pass "
             f"hidden in {weight.dtype} or run under torch.autocast('cuda', dtype={weight.dtype}) for 16-bit "
             "tensor-core matmuls (the logits are accumulated in fp32 either way).",
+            stacklevel=4,
+        )
+    elif hidden.dtype in sixteen:
+        warnings.warn(
+            f"fused_replay_kl: hidden is {hidden.dtype} but weight is {weight.dtype}, without autocast: the head's "
+            f"three matmuls run as fp32 matmuls, far below the {hidden.dtype} tensor-core rate. Run under "
+            f"torch.autocast('cuda', dtype={hidden.dtype}) (the fp32 weight keeps an fp32 gradient) or keep "
+            f"the lm_head in {hidden.dtype}.",
             stacklevel=4,
         )
 
@@ -268,7 +313,7 @@ def _add_rows(acc: torch.Tensor, row_ids: torch.Tensor, values: torch.Tensor) ->
 
 
 def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
-    budget = _CHUNK_BYTES["cuda" if inp.hidden.is_cuda else "cpu"]
+    budget = _CHUNK_BYTES["cpu" if inp.hidden.device.type == "cpu" else "cuda"]
     if inp.mode == "topk":
         # [c, k, D] alive per row: the gathered lm_head rows and, for the weight gradient, their outer
         # product with h (accumulation dtype); a narrower weight gradient adds the per-id sums and their
@@ -280,7 +325,18 @@ def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVo
         per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * per_element
     else:
         per_row = vocab.max_local_rows(inp) * torch.finfo(head.acc_dtype).bits // 8
-    return max(1, min(inp.num_rows, budget // per_row))
+    rows = max(1, budget // per_row)
+    if rows >= _CHUNK_ROW_MULTIPLE:
+        rows -= rows % _CHUNK_ROW_MULTIPLE
+    return min(inp.num_rows, rows)
+
+
+def _narrow_in_place(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [c, V] tensor of a narrower ``dtype`` in ``logits``' own storage: row n occupies the first bytes
+    of logits' row n (row stride unchanged in bytes). The vocabulary passes write the gradient there in
+    increasing column order, after reading the logits it overwrites (kernels/vocab_pass.py), so the
+    chunk needs no second [c, V] buffer."""
+    return logits.view(dtype)[:, : logits.shape[1]]
 
 
 def _store_hidden_grad(grad_hidden, rows, partial, counted) -> None:
@@ -352,9 +408,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
         loss[rows] = terms.loss
         if not want_any:
             continue
-        out = logits if head.operand_dtype == logits.dtype else torch.empty(
-            logits.shape, dtype=head.operand_dtype, device=dev
-        )
+        out = logits if head.operand_dtype == logits.dtype else _narrow_in_place(logits, head.operand_dtype)
         # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
         sign, origin, log_coef, grad_teacher = (t.to(logits.dtype) for t in terms.scaled(row_scale[rows]))
         grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp, out)
@@ -368,6 +422,18 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             grads.bias += grad_logits.sum(dim=0, dtype=head.acc_dtype)
         del grad_logits, out  # free this chunk's buffers before the next chunk allocates its own
     return loss, grads
+
+
+def _scale_in_place(grad: torch.Tensor, grad_output: torch.Tensor, passes) -> None:
+    """grad *= grad_output, the product formed in fp32 (or wider) and rounded once to grad's dtype.
+
+    ``grad.mul_(grad_output)`` would round grad_output to a 16-bit grad's dtype first (PyTorch's type
+    promotion for a 0-dim operand): up to 0.2 % scale error for lambda or 1 / accumulation steps. A 16-bit
+    gradient goes through the passes' ``scale_`` instead (one Triton launch; fp32 blocks on the CPU)."""
+    if grad.element_size() >= 4:
+        grad.mul_(grad_output.to(grad.dtype))
+    else:
+        passes.scale_(grad, grad_output.to(torch.float32))
 
 
 def _weighted_sum(loss_rows, weight_rows, counted):
@@ -390,12 +456,11 @@ class _FusedReplayKL(torch.autograd.Function):
         device_type = hidden.device.type
         # Under autocast the head matmuls run in the autocast dtype, as an nn.Linear would; everything
         # else here chooses its precision explicitly, so autocast is off inside.
-        if torch.is_autocast_enabled(device_type):
-            matmul_dtype = torch.get_autocast_dtype(device_type)
-        else:
+        matmul_dtype = _autocast_dtype(device_type)
+        if matmul_dtype is None:
             matmul_dtype = torch.promote_types(hidden.dtype, weight.dtype)
             _warn_if_weight_upcast(hidden, weight, matmul_dtype)
-        with torch.autocast(device_type, enabled=False):
+        with _autocast_off(device_type):
             return _FusedReplayKL._forward(
                 ctx, inp, impl, chunk_size, low_precision, vocab, matmul_dtype, hidden, weight, bias
             )
@@ -411,6 +476,7 @@ class _FusedReplayKL(torch.autograd.Function):
         counted = inp.mask
 
         ctx.grads = ctx.recompute = None
+        ctx.passes = passes
         if inp.reduction == "none":
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
             ctx.recompute = (inp, head, passes, vocab, chunk_rows, None)
@@ -461,7 +527,7 @@ class _FusedReplayKL(torch.autograd.Function):
                     row_scale = torch.where(inp.mask, row_scale, 0.0)
             else:
                 row_scale = grad_output.to(inp.row_dtype) * weight_rows / inp.temperature
-            with torch.autocast(inp.hidden.device.type, enabled=False):
+            with _autocast_off(inp.hidden.device.type):
                 _, grads = _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b)
         else:
             grads = ctx.grads
@@ -473,7 +539,7 @@ class _FusedReplayKL(torch.autograd.Function):
             ctx.grads = None
             for g in (grads.hidden, grads.weight, grads.bias):
                 if g is not None:
-                    g.mul_(grad_output.to(g.dtype))
+                    _scale_in_place(g, grad_output, ctx.passes)
         return (
             None, None, None, None, None,
             grads.hidden,

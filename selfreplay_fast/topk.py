@@ -232,6 +232,26 @@ def _check_linear_inputs(hidden, weight, bias) -> None:
             raise ValueError(f"bias ({bias.device}) must be on the device of weight ({weight.device})")
 
 
+def _matmul_operand_dtype(hidden, weight, compute_dtype) -> torch.dtype:
+    """Operand dtype of the logits matmuls. A 16-bit hidden and weight of one dtype on a GPU stay 16-bit,
+    with fp32 output (tensor cores, fp32 accumulation: no fp32 copy of the weight, no fp32 matmul);
+    elsewhere (CPU: no 16-bit x 16-bit -> fp32 matmul) both are upcast. Mixed 16-bit / fp32 operands on
+    a GPU run fp32 matmuls, as torch's promotion would: warned, since it is a large slowdown."""
+    sixteen = (torch.float16, torch.bfloat16)
+    on_gpu = hidden.device.type in ("cuda", "meta")  # meta: shapes only, as CUDA
+    if on_gpu and hidden.dtype == weight.dtype and hidden.dtype in sixteen and "dtype" in torch.ops.aten.mm.overloads():
+        return hidden.dtype
+    if on_gpu and hidden.device.type == "cuda" and compute_dtype == torch.float32 and (
+            hidden.dtype in sixteen or weight.dtype in sixteen):
+        warnings.warn(
+            f"linear_topk_logprobs: hidden is {hidden.dtype} and weight is {weight.dtype}: the logits run as "
+            "fp32 matmuls (an fp32 copy of the 16-bit operand), far below the 16-bit tensor-core rate. Pass "
+            "both in the same 16-bit dtype (logits are accumulated in fp32 either way).",
+            stacklevel=3,
+        )
+    return compute_dtype
+
+
 def linear_topk_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -244,8 +264,10 @@ def linear_topk_logprobs(
     hidden: [N, D]; weight: [V, D] (an LM head); bias: optional [V]. Tokens are processed in chunks of
     ``chunk_size`` rows (default: about DEFAULT_CHUNK_LOGITS / V), so at most ``chunk_size x V`` fp32
     logits are alive. Logits are computed in float32 (float64 if an input is float64, then rounded):
+    on a GPU, 16-bit hidden and weight of one dtype are multiplied as they are with fp32 output; otherwise
     16-bit inputs are upcast, ``hidden`` per chunk and ``weight`` once per call (a V x D float32 copy,
-    the same peak as upcasting it per chunk, without repeating the conversion). Returns ``(ids [N, k]
+    the same peak as upcasting it per chunk, without repeating the conversion; mixed 16-bit / fp32 inputs
+    on a GPU warn). Returns ``(ids [N, k]
     int32, logprobs [N, k] float32, tail [N] float32)`` as topk_logprobs does.
     """
     _check_linear_inputs(hidden, weight, bias)
@@ -261,12 +283,15 @@ def linear_topk_logprobs(
     ids = torch.empty((n, k), dtype=torch.int32, device=device)
     logprobs = torch.empty((n, k), dtype=torch.float32, device=device)
     tail = torch.empty((n,), dtype=torch.float32, device=device)
+    operand_dtype = _matmul_operand_dtype(hidden, weight, compute_dtype)
+    fp32_out = {} if operand_dtype == compute_dtype else {"out_dtype": compute_dtype}
     with torch.no_grad():
-        weight_t = weight.to(compute_dtype).t()
+        weight_t = weight.to(operand_dtype).t()
         bias_c = None if bias is None else bias.to(compute_dtype)
         for start in range(0, n, chunk_size):
-            h = hidden[start : start + chunk_size].to(compute_dtype)
-            logits = h @ weight_t if bias_c is None else torch.addmm(bias_c, h, weight_t)
+            h = hidden[start : start + chunk_size].to(operand_dtype)
+            logits = (torch.mm(h, weight_t, **fp32_out) if bias_c is None
+                      else torch.addmm(bias_c, h, weight_t, **fp32_out))
             chunk_ids, chunk_logprobs, chunk_tail = topk_logprobs(logits.float().contiguous(), k)
             del logits  # free this chunk's logits before the next matmul allocates its own
             rows = slice(start, start + h.shape[0])

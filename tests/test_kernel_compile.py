@@ -7,7 +7,7 @@ is wrapped by a recorder. Each distinct launch is then specialized exactly as Tr
 (its binder: argument types, 16-byte alignment and constant-1 specializations, constexprs, options) and
 compiled for an NVIDIA target with the ptxas that Triton ships, whose ``-v`` report gives registers,
 spills and shared memory. The two CPU-specific choices of the dispatcher are set to the GPU's while
-recording: the wider vocabulary tile the interpreter prefers (``MAX_BLOCK_V_INTERPRETER``), and the fp32
+recording: the wider tiles the interpreter prefers (``MAX_BLOCK_V_INTERPRETER``, ``SCALE_BLOCK_INTERPRETER``), and the fp32
 gradient matmuls of 16-bit operands (``low_precision``, which CUDA tensors switch on). The hidden size
 never reaches a kernel (the matmuls are cuBLAS's), so the headline case (Llama-3-8B head) uses its
 vocabulary, k and dtypes with a small D.
@@ -106,21 +106,22 @@ def launches():
     """(kernel name, args, kwargs) of every launch of every case, recorded from the dispatcher."""
     recorded = []
     saved = {name: obj for name, obj in _kernels(vocab_pass).items()}
-    cap, apply = vocab_pass.MAX_BLOCK_V_INTERPRETER, replay_kl._apply
+    cap, scale_cap, apply = vocab_pass.MAX_BLOCK_V_INTERPRETER, vocab_pass.SCALE_BLOCK_INTERPRETER, replay_kl._apply
     assert saved, "no Triton kernels found in selfreplay_fast.kernels.vocab_pass"
 
     def apply_as_on_cuda(inp, impl, chunk_size, low_precision, vocab=replay_kl._WHOLE_VOCAB):
         return apply(inp, impl, chunk_size, True, vocab)  # fused_replay_kl passes hidden.is_cuda
 
     try:
-        vocab_pass.MAX_BLOCK_V_INTERPRETER = vocab_pass.MAX_BLOCK_V  # the tile the wrappers pick on a GPU
+        vocab_pass.MAX_BLOCK_V_INTERPRETER = vocab_pass.MAX_BLOCK_V  # the tiles the wrappers pick on a GPU
+        vocab_pass.SCALE_BLOCK_INTERPRETER = vocab_pass.SCALE_BLOCK
         replay_kl._apply = apply_as_on_cuda
         for name, kernel in saved.items():
             setattr(vocab_pass, name, _Recorder(name, kernel, recorded))
         for case in CASES:
             _run_case(case)
     finally:
-        vocab_pass.MAX_BLOCK_V_INTERPRETER, replay_kl._apply = cap, apply
+        vocab_pass.MAX_BLOCK_V_INTERPRETER, vocab_pass.SCALE_BLOCK_INTERPRETER, replay_kl._apply = cap, scale_cap, apply
         for name, kernel in saved.items():
             setattr(vocab_pass, name, kernel)
     return recorded, saved

@@ -514,3 +514,44 @@ def test_fp32_hidden_with_16bit_cuda_weight_warns_of_the_weight_copy():
         warnings.simplefilter("error")
         rk._warn_if_weight_upcast(h32, w16, torch.float32)  # CPU: the fp32 copy is the CPU path's design
         rk._warn_if_weight_upcast(h32.bfloat16(), _Cuda(), torch.bfloat16)  # 16-bit matmuls: no copy
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_output_scales_16bit_gradients_in_fp32(impl):
+    """The 16-bit gradients formed in forward are scaled by backward's grad_output with the product in
+    fp32, rounded once to bf16. Rounding grad_output (here 1/3, e.g. a replay weight or 1 / accumulation
+    steps) to bf16 first was a scale error of up to 2^-9 on every element."""
+    case = make_case((40,), 32, 97, 8, "tail", seed=24)
+
+    def grads(scale):
+        h, w, b = case.leaves(torch.bfloat16)
+        ids, lp, kw = case.teacher()
+        loss = rk._apply(prepare_replay_kl_inputs(h, w, ids, lp, bias=b, **kw), impl, 16, low_precision=True)
+        (loss * scale if scale != 1 else loss).backward()
+        assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+        return h.grad, w.grad
+
+    unscaled, scaled = grads(1), grads(1 / 3)
+    third = torch.tensor(1 / 3, dtype=torch.float32)
+    for got, once in zip(scaled, unscaled):
+        assert torch.equal(got, (once.float() * third).to(torch.bfloat16))
+
+
+def test_16bit_hidden_with_fp32_cuda_weight_warns_of_fp32_matmuls():
+    """bf16 hidden, an fp32 lm_head on CUDA, no autocast: torch's promotion runs the three head matmuls in
+    fp32, far below the 16-bit tensor-core rate; say so, with the fix (autocast or a 16-bit head)."""
+    h16 = torch.empty(2, 4, dtype=torch.bfloat16)
+
+    class _Cuda:
+        device = torch.device("cuda")
+        dtype = torch.float32
+
+        def numel(self):
+            return 256 * 2**20 // 4
+
+    with pytest.warns(UserWarning, match=r"fp32 matmuls.*autocast"):
+        rk._warn_if_weight_upcast(h16, _Cuda(), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rk._warn_if_weight_upcast(h16, torch.empty(8, 4), torch.float32)  # CPU: fp32 is the CPU path's design
+        rk._warn_if_weight_upcast(h16, _Cuda(), torch.bfloat16)  # under autocast: 16-bit matmuls

@@ -502,3 +502,27 @@ def test_environment_switch_disables_the_extension():
     env = dict(os.environ, SELFREPLAY_FAST_DISABLE_EXTENSION="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_linear_topk_logprobs_keeps_16bit_gpu_operands_and_warns_on_mixed():
+    """On a GPU a 16-bit head is multiplied as it is, with fp32 output (no fp32 copy of the weight, no
+    fp32 matmul); mixed 16-bit / fp32 operands warn of the fp32 matmuls. The CPU upcasts (no
+    16-bit x 16-bit -> fp32 matmul there). meta tensors stand for CUDA's choice; a stand-in for the
+    CUDA warning (only device and dtype are read)."""
+    import warnings
+
+    from selfreplay_fast.topk import _matmul_operand_dtype
+
+    class _Cuda:
+        def __init__(self, dtype):
+            self.device, self.dtype = torch.device("cuda"), dtype
+
+    bf16_meta = torch.empty(4, 4, dtype=torch.bfloat16, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _matmul_operand_dtype(bf16_meta, bf16_meta, torch.float32) == torch.bfloat16
+        assert _matmul_operand_dtype(_Cuda(torch.float16), _Cuda(torch.float16), torch.float32) == torch.float16
+        cpu = torch.empty(4, 4, dtype=torch.bfloat16)
+        assert _matmul_operand_dtype(cpu, cpu, torch.float32) == torch.float32
+    with pytest.warns(UserWarning, match="fp32 matmuls"):
+        assert _matmul_operand_dtype(_Cuda(torch.bfloat16), _Cuda(torch.float32), torch.float32) == torch.float32

@@ -12,7 +12,8 @@ import pytest
 import torch
 import triton  # noqa: F401  (a hard test dependency: imported here so that a missing triton fails loudly)
 
-from selfreplay_fast.kernels.vocab_pass import masked_lse, softmax_grad
+from selfreplay_fast.kernels import vocab_pass
+from selfreplay_fast.kernels.vocab_pass import masked_lse, scale_, softmax_grad
 
 # tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU; with one, the kernels run on it.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,7 +232,9 @@ def test_softmax_grad_zero_sign_is_exact_zero_on_nonfinite_logits():
 # softmax_grad
 # --------------------------------------------------------------------------------------------------
 
-OUT_KINDS = ["fp32-inplace", "fp32", "bf16", "fp16", "fp64-inplace", "fp64-to-bf16"]
+# "bf16-in-logits": the 16-bit gradient written into the fp32 logits' own storage, row n at the start
+# of logits row n (replay_kl._narrow_in_place), as the dispatcher does for 16-bit heads.
+OUT_KINDS = ["fp32-inplace", "fp32", "bf16", "fp16", "fp64-inplace", "fp64-to-bf16", "bf16-in-logits"]
 GRAD_SHAPES = [(3, 5, "3"), (7, 37, "3"), (3, 300, "V"), (1, 300, "1"), (7, 32, "V"), (3, 1, "1")]
 
 
@@ -240,6 +243,7 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
     out_dtype = {
         "fp32-inplace": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
         "fp16": torch.float16, "fp64-inplace": torch.float64, "fp64-to-bf16": torch.bfloat16,
+        "bf16-in-logits": torch.bfloat16,
     }[out_kind]
     logits, ids = make_inputs(c, V, k, dtype=logits_dtype, seed=seed, peaked=peaked, padded=seed % 2 == 1)
     original = logits.clone()
@@ -248,6 +252,8 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
 
     if out_kind.endswith("inplace"):
         out = logits
+    elif out_kind.endswith("in-logits"):
+        out = logits.view(out_dtype)[:, :V]
     else:
         out = torch.full((c, V + 2), float("nan"), dtype=out_dtype, device=DEVICE)[:, :V]  # padded row stride
     result = softmax_grad(logits, ids, *scalars, inv_temp, out, block_v=block_v)
@@ -327,6 +333,8 @@ def test_wrappers_reject_bad_arguments():
     with pytest.raises(ValueError, match="out"):
         storage = torch.empty(3, 40, device=DEVICE)
         softmax_grad(storage[:, :37], ids, grad_teacher, *scalars, 1.0, storage[:, 1:38])
+    with pytest.raises(ValueError, match="out"):  # a narrower out in the logits' storage, not at each row's start
+        softmax_grad(logits, ids, grad_teacher, *scalars, 1.0, logits.view(torch.bfloat16)[:, 1:38])
 
 
 @pytest.mark.parametrize("c,V,k", [(3, 37, "V"), (7, 300, "3"), (3, 300, "V")])
@@ -352,3 +360,36 @@ def test_block_k_must_be_a_power_of_two():
     logits, ids = make_inputs(3, 37, 3)
     with pytest.raises(ValueError, match="block_k"):
         masked_lse(logits, ids, 1.0, block_k=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# scale_
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_forms_the_product_in_fp32(dtype, monkeypatch):
+    """values * scale rounded once from fp32 (torch's mul_ would round the scale 1/3 to 16 bits first),
+    over several programs with a partial last one."""
+    monkeypatch.setattr(vocab_pass, "SCALE_BLOCK_INTERPRETER", 64)
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(1000, generator=g) * 4).to(dtype).to(DEVICE)
+    scale = torch.tensor(1 / 3, dtype=torch.float32, device=DEVICE)
+    expected = (values.float() * scale).to(dtype)
+    rounded_scale = (values.float() * scale.to(dtype).float()).to(dtype)  # as CUDA's values.mul_(scale) does
+    assert not torch.equal(expected, rounded_scale)  # the test can fail
+    assert scale_(values, scale) is values
+    assert torch.equal(values, expected)
+
+
+def test_scale_rejects_bad_arguments():
+    values = torch.zeros(8, dtype=torch.bfloat16, device=DEVICE)
+    one = torch.ones((), device=DEVICE)
+    with pytest.raises(ValueError, match="values"):
+        scale_(values.float(), one)
+    with pytest.raises(ValueError, match="contiguous"):
+        scale_(torch.zeros(4, 4, dtype=torch.bfloat16, device=DEVICE).t(), one)
+    with pytest.raises(ValueError, match="scale"):
+        scale_(values, one.double())
+    with pytest.raises(ValueError, match="scale"):
+        scale_(values, torch.ones(2, device=DEVICE))
