@@ -239,6 +239,10 @@ def buffer_metadata(settings: dict) -> dict:
         "format_version": FORMAT_VERSION,
         **{key: settings[key] for key in ("vocab_size", "k", "mode", "pad_token_id", "logprob_dtype", "model_name",
                                           "config_hash", "weights_fingerprint", "weights_dtype", "temperature", "seed")},
+        # Every sequence was sampled from the teacher at `temperature`, its tokens' log-probs recorded: what
+        # the sequence-level KL estimate needs (forgetting.py).
+        "sampled_logprobs": True,
+        "sampled_from_teacher": True,
         "generation": settings,
     }
 
@@ -257,9 +261,8 @@ def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_m
     check_resume_weights(out_dir, "generation", settings, producer="generate_replay")
     writer = ShardedBufferWriter(out_dir, "generation", settings, buffer_metadata(settings), settings["shard_size"],
                                  num_shards, producer="generate_replay", keep_done=keep_in_memory)
-    parts = [ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                          t["teacher_tail_logprob"], vocab_size=settings["vocab_size"], mode=settings["mode"],
-                          pad_token_id=settings["pad_token_id"]) for t in writer.done_tensors]
+    parts = [ReplayBuffer.from_tensors(t, vocab_size=settings["vocab_size"], mode=settings["mode"],
+                                       pad_token_id=settings["pad_token_id"]) for t in writer.done_tensors]
     writer.done_tensors = []  # held by parts now
     if not writer.entries:
         writer.write_progress()  # claim the directory before the first shard
@@ -525,7 +528,8 @@ def generate_replay(
 
 
 def _assemble(results, vocab_size, k, mode, pad_token_id, logprob_dtype) -> ReplayBuffer:
-    """Pad one shard's per-sequence results into a ReplayBuffer."""
+    """Pad one shard's per-sequence results (tokens, teacher ids, log-probs, tail, sampled log-probs) into a
+    ReplayBuffer."""
     lengths = torch.tensor([r[0].numel() for r in results], dtype=torch.long)
     width = int(lengths.max())
     S = len(results)
@@ -533,11 +537,13 @@ def _assemble(results, vocab_size, k, mode, pad_token_id, logprob_dtype) -> Repl
     teacher_ids = torch.full((S, width, k), -1, dtype=torch.int32)
     teacher_lp = torch.zeros(S, width, k, dtype=torch.float32)
     tail = torch.full((S, width), float("-inf"), dtype=torch.float32)
-    for i, (tok, ids, lp, tl) in enumerate(results):
+    sampled = torch.zeros(S, width, dtype=torch.float32)
+    for i, (tok, ids, lp, tl, slp) in enumerate(results):
         n = tok.numel()
         input_ids[i, :n] = tok
         teacher_ids[i, :n] = ids
         teacher_lp[i, :n] = lp
         tail[i, :n] = tl
+        sampled[i, :n] = slp
     return ReplayBuffer(input_ids, lengths, teacher_ids, teacher_lp.to(logprob_dtype), tail.to(logprob_dtype),
-                        vocab_size=vocab_size, mode=mode, pad_token_id=pad_token_id)
+                        vocab_size=vocab_size, mode=mode, pad_token_id=pad_token_id, sampled_logprobs=sampled)

@@ -237,6 +237,10 @@ def assert_teacher_matches_full_forward(model, buffer, k, prompts_len=None, temp
         torch.testing.assert_close(buffer.teacher_tail_logprob[i, rows].double(), tail, atol=2e-5, rtol=1e-5)
         # every sampled token must have had positive probability under the recorded distribution
         assert torch.isfinite(logp[rows, torch.tensor(seq)[rows + 1]]).all()
+        # the sampled token's log-prob (cache v2) is the target's at every emitted position, 0 elsewhere
+        torch.testing.assert_close(buffer.sampled_logprobs[i, rows].double(), logp[rows, torch.tensor(seq)[rows + 1]],
+                                   atol=2e-5, rtol=1e-6)
+        assert (buffer.sampled_logprobs[i, :n][~expected_rows] == 0).all() and (buffer.sampled_logprobs[i, n:] == 0).all()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
