@@ -49,6 +49,7 @@ from ._inputs import check_temperature
 from .decode_engine import GenerationStats, ShardEngine
 from .drafting import DecodeState, Drafter, ModelDrafter, NGramDrafter  # noqa: F401  (DecodeState: for drafters)
 from .fingerprint import check_resume_weights, weights_identity
+from .provenance import provenance
 from .model_info import model_config_hash, model_device_dtype, model_name, output_vocab_size
 from .sampling import TeacherRecorder, sample_categorical  # noqa: F401  (sample_categorical: re-exported)
 from .slot_cache import check_slot_attention
@@ -231,9 +232,10 @@ def check_max_length(prompt_list, max_new_tokens: int, config) -> int:
     return max_len
 
 
-def buffer_metadata(settings: dict) -> dict:
+def buffer_metadata(settings: dict, tokenizer=None) -> dict:
     """The metadata.json fields of a generated buffer (both backends): its format, the fields a reader
-    checks, and the run's ``settings`` (what a resume compares) under ``"generation"``."""
+    checks, its provenance (software versions, backend, tokenizer; not compared on resume) and the run's
+    ``settings`` (what a resume compares) under ``"generation"``."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -243,11 +245,12 @@ def buffer_metadata(settings: dict) -> dict:
         # the sequence-level KL estimate needs (forgetting.py).
         "sampled_logprobs": True,
         "sampled_from_teacher": True,
+        "provenance": provenance(settings.get("backend", "native"), tokenizer),
         "generation": settings,
     }
 
 
-def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_memory: bool):
+def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_memory: bool, tokenizer=None):
     """(writer or None, the in-memory parts of the shards already there): the resume step of both backends.
 
     Checks the weights first (metadata.json only), then opens the buffer directory through
@@ -259,7 +262,7 @@ def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_m
         raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
     # Before the writer reads and verifies the existing shards, and before the model runs at all.
     check_resume_weights(out_dir, "generation", settings, producer="generate_replay")
-    writer = ShardedBufferWriter(out_dir, "generation", settings, buffer_metadata(settings), settings["shard_size"],
+    writer = ShardedBufferWriter(out_dir, "generation", settings, buffer_metadata(settings, tokenizer), settings["shard_size"],
                                  num_shards, producer="generate_replay", keep_done=keep_in_memory)
     parts = [ReplayBuffer.from_tensors(t, vocab_size=settings["vocab_size"], mode=settings["mode"],
                                        pad_token_id=settings["pad_token_id"]) for t in writer.done_tensors]
@@ -445,7 +448,8 @@ def generate_replay(
     }
 
     # ---- resume ----
-    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory)
+    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
+                                          tokenizer=tokenizer)
     if writer is not None:
         out_dir = writer.out_dir
 
@@ -520,7 +524,7 @@ def generate_replay(
             draft_model.train(draft_was_training)
     if not keep_in_memory:
         return None
-    meta = buffer_metadata(settings)
+    meta = buffer_metadata(settings, tokenizer)
     meta.update(num_sequences=num_sequences, complete=True, generation_stats=total_stats.as_dict())
     buffer = ReplayBuffer.concat(parts, metadata=meta)
     buffer.generation_stats = total_stats

@@ -21,6 +21,7 @@ from ._inputs import check_temperature
 from .fingerprint import check_resume_weights, weights_identity
 from .model_info import model_config_hash, model_name
 from .model_glue import lm_head_of
+from .provenance import provenance
 from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, ReplayBuffer, ShardedBufferWriter
 from .topk import linear_topk_logprobs
 
@@ -63,6 +64,7 @@ def _teacher_rows(base, weight, bias, sequences, k, temperature, batch_size, chu
     teacher_ids = torch.full((num, length, k), -1, dtype=torch.int32)
     teacher_logprobs = torch.zeros((num, length, k), dtype=torch.float32)
     tail = torch.full((num, length), -math.inf, dtype=torch.float32)
+    next_logprob = torch.zeros((num, length), dtype=torch.float32)
     head_bias = bias / temperature if bias is not None else None
     for start in range(0, num, batch_size):
         rows = slice(start, min(start + batch_size, num))
@@ -73,15 +75,26 @@ def _teacher_rows(base, weight, bias, sequences, k, temperature, batch_size, chu
         predicts = (torch.arange(length)[None, :] < (lengths[rows, None] - 1)).to(device)
         h = hidden[predicts]
         if h.shape[0]:
-            top_ids, top_lp, top_tail = linear_topk_logprobs(h / temperature, weight, k, bias=head_bias,
-                                                             chunk_size=chunk_size)
+            h = h / temperature
+            top_ids, top_lp, top_tail = linear_topk_logprobs(h, weight, k, bias=head_bias, chunk_size=chunk_size)
             where = predicts.cpu()
             teacher_ids[rows][where] = top_ids.cpu()
             teacher_logprobs[rows][where] = top_lp.cpu()
             tail[rows][where] = top_tail.cpu()
+            # The actual next token's log-prob, from two logits only (no [N, V]): its logit minus the
+            # log-normalizer, which the best slot gives as its logit minus its log-prob.
+            following = ids[:, 1:][predicts[:, :-1]]
+            lse = _logits_at(h, weight, head_bias, top_ids[:, 0].long()) - top_lp[:, 0]
+            next_logprob[rows][where] = (_logits_at(h, weight, head_bias, following) - lse).cpu()
         bar.update(rows.stop - rows.start)
     return {"input_ids": input_ids, "lengths": lengths, "teacher_ids": teacher_ids,
-            "teacher_logprobs": teacher_logprobs, "teacher_tail_logprob": tail}
+            "teacher_logprobs": teacher_logprobs, "teacher_tail_logprob": tail, "sampled_logprobs": next_logprob}
+
+
+def _logits_at(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ids: torch.Tensor):
+    """Logits ``hidden[i] . weight[ids[i]] (+ bias[ids[i]])`` in float32, one vocabulary row per position."""
+    logits = (hidden.float() * weight[ids].float()).sum(-1)
+    return logits + bias[ids].float() if bias is not None else logits
 
 
 def build_teacher_cache(
@@ -145,6 +158,9 @@ def build_teacher_cache(
         "pad_token_id": pad_token_id, "logprob_dtype": "float32", "model_name": settings["model_name"],
         "config_hash": settings["config_hash"], "weights_fingerprint": settings["weights_fingerprint"],
         "weights_dtype": settings["weights_dtype"], "temperature": temperature, "source": "corpus",
+        # The next token's log-prob at every row (the field generated buffers have), but the text is a corpus,
+        # not a sample of the model: no unbiased sequence-level KL estimate from it.
+        "sampled_logprobs": True, "sampled_from_teacher": False, "provenance": provenance("corpus"),
         SETTINGS_KEY: settings,
     }
     check_resume_weights(out_dir, SETTINGS_KEY, settings, producer="build_teacher_cache")  # before any shard is read

@@ -267,7 +267,8 @@ def generate_replay_vllm(
         **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
     }
     # ---- resume ----
-    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory)
+    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
+                                          tokenizer=tokenizer)
     if writer is not None:
         out_dir = writer.out_dir
     start_shard = writer.num_done_shards if writer is not None else 0
@@ -320,7 +321,7 @@ def generate_replay_vllm(
             bar.close()
     if not keep_in_memory:
         return None
-    meta = buffer_metadata(settings)
+    meta = buffer_metadata(settings, tokenizer)
     meta.update(num_sequences=num_sequences, complete=True, generation_stats=total_stats.as_dict())
     buffer = ReplayBuffer.concat(parts, metadata=meta)
     buffer.generation_stats = total_stats

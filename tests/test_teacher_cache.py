@@ -68,6 +68,14 @@ def test_cache_equals_the_models_own_log_softmax(tmp_path, kind, temperature):
         # the last token predicts nothing within the sequence, and padding has no teacher
         assert (buf.teacher_ids[i, n - 1 :] == -1).all()
         assert torch.isinf(buf.teacher_tail_logprob[i, n - 1 :]).all()
+        # cache v2: row j also holds the log-prob of the actual token j + 1 (0 where no row predicts)
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double() / temperature, -1)
+        torch.testing.assert_close(buf.sampled_logprobs[i, : n - 1].double(),
+                                   log_p[torch.arange(n - 1), torch.tensor(seq[1:], dtype=torch.long)], rtol=1e-5, atol=1e-5)
+        assert (buf.sampled_logprobs[i, n - 1 :] == 0).all()
+    assert buf.metadata["sampled_logprobs"] is True and buf.metadata["sampled_from_teacher"] is False
+    assert buf.metadata["provenance"]["backend"] == "corpus" and buf.metadata["provenance"]["torch"] == torch.__version__
 
 
 def test_a_model_against_its_own_cache_has_zero_kl(tmp_path):

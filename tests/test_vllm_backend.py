@@ -120,6 +120,11 @@ def teacher_errors(model, buffer, prompt_lens, temperature):
         if resolved.any():
             worst["log_tail"] = max(worst["log_tail"], float((cached_tail[resolved] - tail[resolved]).abs().max()))
         assert torch.isfinite(logp[rows, torch.tensor(seq)[rows + 1]]).all()  # every sampled token was possible
+        # cache v2: the sampled token's log-prob, as vLLM returned it with the top-k, is the model's own
+        sampled = logp[rows, torch.tensor(seq)[rows + 1]]
+        worst["sampled_logprob"] = max(worst.get("sampled_logprob", 0.0),
+                                       float((buffer.sampled_logprobs[i, rows].double() - sampled).abs().max()))
+        assert (buffer.sampled_logprobs[i, :n][~expected_rows] == 0).all()
     return worst
 
 
@@ -143,6 +148,9 @@ def test_recorded_teacher_equals_the_models(engine, temperature):
     # (measured 2e-6), so within 2e-5; the tail mass is 1 - sum of k float32 probabilities, absolute error
     # ~1e-7 (measured 1.3e-7), so within 2e-6, and resolved (> 1e-3) log-tails within 1e-3 (measured 1.2e-5).
     assert worst["logprob"] < 2e-5 and worst["tail_mass"] < 2e-6 and worst["log_tail"] < 1e-3
+    assert worst["sampled_logprob"] < 2e-5  # the sampled token's log-prob: the same float32 log_softmax
+    assert buffer.metadata["sampled_from_teacher"] and buffer.metadata["provenance"]["backend"] == "vllm"
+    assert buffer.metadata["provenance"]["vllm"] is not None
 
 
 def test_full_vocabulary_teacher_has_no_tail(engine):
