@@ -312,11 +312,11 @@ def read_shard(directory: str, entry: dict, metadata: Optional[dict] = None, *,
         names = TENSOR_NAMES
     else:
         names = shard_tensor_names(metadata)
+        check_shard_header(path, _header_of_bytes(data), metadata)  # first: a header names another format
     missing = [name for name in names if name not in tensors]
     if missing:
         raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
     if metadata is not None:
-        check_shard_header(path, _header_of_bytes(data), metadata)
         check_shard_shapes(path, {name: list(t.shape) for name, t in tensors.items()}, entry, metadata,
                            dtypes={name: t.dtype for name, t in tensors.items()})
         if metadata["format_version"] >= 2:

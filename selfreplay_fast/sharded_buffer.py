@@ -121,10 +121,10 @@ class ShardedReplayBuffer(TrainingBatches):
         try:
             with safe_open(path, framework="pt") as handle:
                 present = set(handle.keys())
+                check_shard_header(path, handle.metadata(), metadata)  # first: a header names another format
                 missing = [name for name in names if name not in present]
                 if missing:
                     raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
-                check_shard_header(path, handle.metadata(), metadata)
                 slices = {name: handle.get_slice(name) for name in present}
                 shapes = {name: list(sl.get_shape()) for name, sl in slices.items()}
                 dtypes = {name: _DTYPES.get(sl.get_dtype()) for name, sl in slices.items()}
