@@ -129,8 +129,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100,<7", "numpy", "scipy", "peft", "matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6.100,<7", "numpy", "scipy", "peft", "matplotlib", "datasets==5.2.0"],
         "plot": ["matplotlib"],  # the demo's and the benchmarks' PNG plots
+        "datasets": ["datasets>=4.0"],  # ReplayBuffer.to_dataset / from_dataset (datasets.List features)
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["selfreplay=selfreplay_fast.cli:main"]},

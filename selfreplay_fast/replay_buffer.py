@@ -145,6 +145,10 @@ class ShardedBufferWriter:
                 f"{out_dir}/{METADATA_FILE} lists {len(existing['shards'])} shards, but these settings make "
                 f"{self.num_shards}: it was changed; use a fresh directory")
         self._generation = shard_generation(existing) or 0
+        if existing["format_version"] != self.metadata.get("format_version", FORMAT_VERSION):
+            # A run begun by an older selfreplay-fast finishes in its format: shards of one buffer share a layout.
+            self.metadata.update(format_version=existing["format_version"],
+                                 **{SAMPLED_FIELD: bool(existing.get(SAMPLED_FIELD, False))})
         for entry in existing["shards"]:  # a resumed run builds on these: verify them now
             tensors = read_shard(out_dir, entry, existing, verify=True)
             if keep_done:
@@ -616,6 +620,25 @@ class ReplayBuffer(TrainingBatches):
         if validate:
             buffer.validate()
         return buffer
+
+    def to_dataset(self):
+        """This buffer as a Hugging Face ``datasets.Dataset``: one row per sequence, unpadded, its metadata
+        (with a digest of the content) in ``dataset.info.description`` (see ``buffer_dataset.py``; needs the
+        ``datasets`` extra). ``ReplayBuffer.from_dataset`` turns it back into this buffer exactly."""
+        from .buffer_dataset import to_dataset
+
+        return to_dataset(self)
+
+    @classmethod
+    def from_dataset(cls, dataset, *, metadata: Optional[dict] = None, expected_vocab_size: Optional[int] = None,
+                     verify_checksum: bool = True, validate: bool = True) -> "ReplayBuffer":
+        """The buffer a ``datasets.Dataset`` of :meth:`to_dataset` holds, with the checks of :meth:`open`: its
+        metadata (from ``dataset.info.description``, or ``metadata=``), the vocabulary, completeness, the
+        content digest (``verify_checksum``), every column's type and shape, and :meth:`validate`."""
+        from .buffer_dataset import from_dataset
+
+        return from_dataset(cls, dataset, metadata=metadata, expected_vocab_size=expected_vocab_size,
+                            verify_checksum=verify_checksum, validate=validate)
 
     @classmethod
     def open(

@@ -109,6 +109,7 @@ def build_teacher_cache(
     chunk_size: Optional[int] = None,
     pad_token_id: Optional[int] = None,
     progress: bool = True,
+    logprob_dtype=torch.float16,
 ) -> ReplayBuffer:
     """Record ``model``'s top-k teacher at every position of ``token_sequences`` into ``out_dir``.
 
@@ -123,6 +124,8 @@ def build_teacher_cache(
         temperature: the teacher is softmax(logits / temperature).
         chunk_size: positions per logits chunk of ``linear_topk_logprobs`` (default: its own).
         pad_token_id: padding id in ``input_ids`` (default: the model's, else 0).
+        logprob_dtype: torch.float16 (default; see docs/design.md for its effect on the loss) or torch.float32,
+            for the stored teacher log-probs.
     Returns the complete ReplayBuffer (mode "tail"), as ``ReplayBuffer.load(out_dir)`` would.
     """
     base, weight, bias = lm_head_of(model)
@@ -137,6 +140,9 @@ def build_teacher_cache(
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     out_dir = os.fspath(out_dir)
     sequences = _check_sequences(token_sequences, vocab)
+    if logprob_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype!r}")
+    dtype_name = str(logprob_dtype).replace("torch.", "")
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
@@ -152,10 +158,11 @@ def build_teacher_cache(
         "sequences_sha256": _digest(sequences),
         "shard_size": shard_size,
         "pad_token_id": pad_token_id,
+        "logprob_dtype": dtype_name,
     }
     metadata = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": vocab, "k": k, "mode": "tail",
-        "pad_token_id": pad_token_id, "logprob_dtype": "float32", "model_name": settings["model_name"],
+        "pad_token_id": pad_token_id, "logprob_dtype": dtype_name, "model_name": settings["model_name"],
         "config_hash": settings["config_hash"], "weights_fingerprint": settings["weights_fingerprint"],
         "weights_dtype": settings["weights_dtype"], "temperature": temperature, "source": "corpus",
         # The next token's log-prob at every row (the field generated buffers have), but the text is a corpus,
@@ -173,5 +180,7 @@ def build_teacher_cache(
             shard = sequences[index * shard_size : (index + 1) * shard_size]
             tensors = _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size,
                                     pad_token_id, bar)
+            for name in ("teacher_logprobs", "teacher_tail_logprob"):
+                tensors[name] = tensors[name].to(logprob_dtype)
             writer.write_shard(tensors)  # the shard, then metadata.json listing it
     return ReplayBuffer.load(out_dir, expected_vocab_size=vocab)

@@ -177,7 +177,7 @@ def generate_replay_vllm(
     progress: bool = True,
     shard_size: int = 1024,
     tokenizer=None,
-    logprob_dtype=torch.float32,
+    logprob_dtype=torch.float16,
     bos_token_id: Optional[int] = None,
     eos_token_id=None,
     pad_token_id: Optional[int] = None,

@@ -248,3 +248,36 @@ def test_float16_cache_changes_the_replay_loss_by_less_than_1e_3_relative():
             loss = float(sf.fused_replay_kl(student.float()[None], weight.float(), ids, top.values.to(dtype)[None],
                                             teacher_tail_logprob=tail.to(dtype)[None]))
             assert abs(loss - exact) / exact < 1e-3, (drift, dtype, abs(loss - exact) / exact)
+
+
+def test_a_generation_begun_by_the_v1_code_finishes_in_v1(tmp_path):
+    """A directory that an older selfreplay-fast began (format v1, one shard written) is resumed in its own
+    format, so that one buffer never mixes two shard layouts; the result equals an uninterrupted run."""
+    from test_generation import build_model
+
+    model = build_model("llama", 0)
+    kwargs = dict(num_sequences=10, max_new_tokens=5, top_k=3, batch_size=2, shard_size=4, seed=1, progress=False)
+    straight = sf.generate_replay(model, **kwargs)
+    out = str(tmp_path / "resumed")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_shard_0(shard, out_dir):
+        raise Stop
+
+    with pytest.raises(Stop):
+        sf.generate_replay(model, out_dir=out, on_shard_written=stop_after_shard_0, **kwargs)
+    meta = rb.read_metadata(out)  # rewrite it as the v1 code wrote it: v1 shard, v1 metadata
+    tensors = rb.read_shard(out, meta["shards"][0], meta)
+    del tensors["sampled_logprobs"]
+    meta.update(format_version=1, sampled_logprobs=False)
+    meta["shards"][0].update(rb.write_shard(out, 0, tensors, metadata=meta))
+    rb.write_metadata(out, meta)
+    resumed = sf.generate_replay(model, out_dir=out, **kwargs)
+    assert rb.read_metadata(out)["format_version"] == 1 and len(resumed) == 10
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+        assert set(load_file(os.path.join(out, name))) == set(rb.TENSOR_NAMES)
+    for how, load in LOADERS.items():
+        loaded = load(out)
+        assert_same(ReplayBuffer.concat(list(loaded.shards())) if how == "open" else loaded, straight)

@@ -51,7 +51,7 @@ def test_cache_equals_the_models_own_log_softmax(tmp_path, kind, temperature):
     seqs = corpus()
     k = 5
     buf = sf.build_teacher_cache(model, seqs, k, tmp_path / "c", batch_size=3, shard_size=4,
-                                 temperature=temperature, progress=False)
+                                 temperature=temperature, progress=False, logprob_dtype=torch.float32)
     assert len(buf) == len(seqs) and buf.k == k and buf.vocab_size == VOCAB
     assert buf.lengths.tolist() == [len(s) for s in seqs]
     for i, seq in enumerate(seqs):
@@ -80,7 +80,7 @@ def test_cache_equals_the_models_own_log_softmax(tmp_path, kind, temperature):
 
 def test_a_model_against_its_own_cache_has_zero_kl(tmp_path):
     model = tiny_model()
-    buf = sf.build_teacher_cache(model, corpus(), 4, tmp_path / "c", progress=False)
+    buf = sf.build_teacher_cache(model, corpus(), 4, tmp_path / "c", progress=False, logprob_dtype=torch.float32)
     batch = next(buf.batches(7, shuffle=False))
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
