@@ -131,10 +131,11 @@ setup(
     extras_require={
         "test": [
             "pytest>=7", "hypothesis>=6.100,<7", "numpy", "scipy", "peft", "matplotlib",
-            "trl==1.16.0", "accelerate", "datasets",
+            "trl==1.16.0", "accelerate", "datasets==5.2.0",
         ],
         "trl": ["trl==1.16.0", "accelerate", "datasets"],  # ReplaySFTTrainer / ReplaySFTConfig
         "plot": ["matplotlib"],  # the demo's and the benchmarks' PNG plots
+        "datasets": ["datasets>=4.0"],  # ReplayBuffer.to_dataset / from_dataset (datasets.List features)
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["selfreplay=selfreplay_fast.cli:main"]},

@@ -16,8 +16,11 @@
   own canonical content, so an edited file is detected (metadata written before this field existed
   still loads). This catches damage and careless edits; it is not a signature against someone who
   recomputes the digest.
-* Each shard's safetensors header records the buffer's ``mode`` and ``vocab_size``; a metadata file that
-  disagrees with its shards is refused.
+* Each shard's safetensors header records the buffer's ``mode`` and ``vocab_size`` (and, from format v2,
+  the format version); a metadata file that disagrees with its shards is refused.
+* The tensors of a shard are laid out as ``buffer_layout.py`` describes: ragged with narrow ids in format
+  v2 (what is written), padded in format v1 (still read, and written on request). :func:`read_shard` returns
+  the padded in-memory tensors for both.
 """
 
 from __future__ import annotations
@@ -35,15 +38,19 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from .buffer_layout import pack_v1, pack_v2, token_dtype, unpack_v2, v2_tensor_names
+
 FORMAT_NAME = "selfreplay-fast/replay-buffer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what is written; READABLE_VERSIONS load
+READABLE_VERSIONS = (1, 2)
 METADATA_FILE = "metadata.json"
 MODES = ("tail", "sampled")
 LOGPROB_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Teacher mass may differ from 1 by this much (rounding of cached log-probs) before validate() calls it an
 # error; the same tolerance fused_replay_kl applies.
 MASS_TOLERANCE = 1e-3
-TENSOR_NAMES = ("input_ids", "lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")
+TENSOR_NAMES = ("input_ids", "lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")  # format v1
+SAMPLED_FIELD = "sampled_logprobs"  # metadata: true when the shards hold the sampled tokens' log-probs (v2)
 DIGEST_FIELD = "metadata_sha256"
 
 _SHARD_NAME = re.compile(r"shard-(\d{5,})(?:-g(\d+))?\.safetensors")
@@ -223,6 +230,8 @@ def shard_header(buffer_metadata: dict) -> Dict[str, str]:
     # One key holding sorted JSON: safetensors writes a header map in no fixed order, and shards must be
     # byte-identical from run to run (a resumed generation equals an uninterrupted one byte for byte).
     fields = {"mode": buffer_metadata["mode"], "vocab_size": buffer_metadata["vocab_size"]}
+    if buffer_metadata.get("format_version", FORMAT_VERSION) >= 2:
+        fields["format_version"] = buffer_metadata.get("format_version", FORMAT_VERSION)
     return {_HEADER_KEY: json.dumps(fields, sort_keys=True)}
 
 
@@ -235,7 +244,7 @@ def check_shard_header(path: str, header: Optional[dict], metadata: dict) -> Non
         raise ReplayBufferError(f"shard {path} has a damaged header") from None
     if not isinstance(fields, dict):
         raise ReplayBufferError(f"shard {path} has a damaged header")
-    for field in ("mode", "vocab_size"):
+    for field in ("mode", "vocab_size", "format_version"):
         if field in fields and fields[field] != metadata.get(field):
             raise ReplayBufferError(
                 f"shard {path} was written with {field}={fields[field]}, but {METADATA_FILE} says "
@@ -252,9 +261,25 @@ def _header_of_bytes(data: bytes) -> Optional[dict]:
 
 
 def write_shard(directory: str, index: int, tensors: Dict[str, torch.Tensor], *, generation: int = 0,
-                header: Optional[Dict[str, str]] = None) -> dict:
-    """Serialize one shard atomically; returns its metadata entry (file name, counts, sha256)."""
-    data = safetensors_save({name: t.contiguous().cpu() for name, t in tensors.items()}, metadata=header)
+                header: Optional[Dict[str, str]] = None, metadata: Optional[dict] = None) -> dict:
+    """Serialize one shard atomically; returns its metadata entry (file name, counts, sha256).
+
+    ``tensors`` are the padded in-memory tensors of the shard's sequences; they are written in the layout of
+    ``metadata["format_version"]`` (``metadata`` None: as given, the v1 layout). ``header`` defaults to
+    :func:`shard_header` of ``metadata``."""
+    tensors = {name: t.cpu() for name, t in tensors.items() if t is not None}
+    if metadata is not None:
+        if header is None:
+            header = shard_header(metadata)
+        if metadata.get("format_version") == 1:
+            tensors = pack_v1(tensors)
+        else:
+            if not metadata.get(SAMPLED_FIELD):
+                tensors.pop(SAMPLED_FIELD, None)
+            elif SAMPLED_FIELD not in tensors:
+                raise ValueError(f"{SAMPLED_FIELD}: {METADATA_FILE} says the shards hold it, but this shard has none")
+            tensors = pack_v2(tensors, metadata["vocab_size"])
+    data = safetensors_save({name: t.contiguous() for name, t in tensors.items()}, metadata=header)
     name = shard_file_name(index, generation)
     atomic_write_bytes(os.path.join(directory, name), data)
     lengths = tensors["lengths"]
@@ -262,7 +287,7 @@ def write_shard(directory: str, index: int, tensors: Dict[str, torch.Tensor], *,
         "file": name,
         "num_sequences": int(lengths.numel()),
         "num_tokens": int(lengths.sum()),
-        "seq_len": int(tensors["input_ids"].shape[1]),
+        "seq_len": int(tensors["input_ids"].shape[1]) if "input_ids" in tensors else int(lengths.max()),
         "sha256": sha256_bytes(data),
     }
 
@@ -281,18 +306,48 @@ def read_shard(directory: str, entry: dict, metadata: Optional[dict] = None, *,
         tensors = safetensors_load(data)
     except Exception as exc:  # safetensors raises its own error types
         raise ReplayBufferError(f"shard {path} is not a valid safetensors file: {exc}") from exc
-    missing = [name for name in TENSOR_NAMES if name not in tensors]
+    if metadata is None:
+        if "tokens" in tensors:
+            raise ReplayBufferError(f"shard {path} is of format v2: reading it needs its buffer's metadata")
+        names = TENSOR_NAMES
+    else:
+        names = shard_tensor_names(metadata)
+        check_shard_header(path, _header_of_bytes(data), metadata)  # first: a header names another format
+    missing = [name for name in names if name not in tensors]
     if missing:
         raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
     if metadata is not None:
-        check_shard_header(path, _header_of_bytes(data), metadata)
         check_shard_shapes(path, {name: list(t.shape) for name, t in tensors.items()}, entry, metadata,
-                           logprob_dtype=tensors["teacher_logprobs"].dtype)
+                           dtypes={name: t.dtype for name, t in tensors.items()})
+        if metadata["format_version"] >= 2:
+            check_ragged_lengths(path, tensors["lengths"], entry)
+            return unpack_v2(tensors, metadata["vocab_size"], metadata["k"], metadata["pad_token_id"])
     return tensors
 
 
-def check_shard_shapes(path: str, shapes: dict, entry: dict, metadata: dict, *, logprob_dtype) -> None:
-    """Refuse a shard whose tensor shapes, k or log-prob dtype contradict its entry or the metadata."""
+def shard_tensor_names(metadata: dict) -> tuple:
+    """The tensors every shard of a buffer with (checked) ``metadata`` holds."""
+    if metadata["format_version"] == 1:
+        return TENSOR_NAMES
+    return v2_tensor_names(metadata["vocab_size"], bool(metadata.get(SAMPLED_FIELD, False)))
+
+
+def check_ragged_lengths(path: str, lengths: torch.Tensor, entry: dict) -> None:
+    """A v2 shard's lengths must be positive, sum to its token count and reach its entry's width."""
+    lengths = lengths.to(torch.int64)
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.sum()) != entry["num_tokens"]
+                            or int(lengths.max()) != entry["seq_len"]):
+        raise ReplayBufferError(
+            f"shard {path}: its lengths do not add up to the {entry['num_tokens']} tokens of width "
+            f"{entry['seq_len']} that {METADATA_FILE} records (the metadata or the shard was changed)")
+
+
+def check_shard_shapes(path: str, shapes: dict, entry: dict, metadata: dict, *, dtypes: dict) -> None:
+    """Refuse a shard whose tensor shapes, k or dtypes contradict its entry or the metadata (``shapes`` and
+    ``dtypes`` by tensor name, in the layout of the metadata's format version)."""
+    if metadata["format_version"] >= 2:
+        _check_ragged_shapes(path, shapes, entry, metadata, dtypes)
+        return
     k = metadata["k"]
     if len(shapes["input_ids"]) != 2:
         raise ReplayBufferError(f"shard {path}: input_ids of shape {shapes['input_ids']}, expected [S, L]")
@@ -308,11 +363,43 @@ def check_shard_shapes(path: str, shapes: dict, entry: dict, metadata: dict, *, 
         raise ReplayBufferError(
             f"shard {entry['file']} holds {num} sequences of width {width}, {METADATA_FILE} says "
             f"{entry['num_sequences']} of width {entry['seq_len']}")
-    if logprob_dtype != LOGPROB_DTYPES[metadata["logprob_dtype"]]:
+    _check_logprob_dtype(path, dtypes["teacher_logprobs"], metadata)
+
+
+def _check_logprob_dtype(path, dtype, metadata) -> None:
+    if dtype != LOGPROB_DTYPES[metadata["logprob_dtype"]]:
         raise ReplayBufferError(
-            f"shard {path} stores log-probs as {logprob_dtype}, but {METADATA_FILE} says logprob_dtype="
+            f"shard {path} stores log-probs as {dtype}, but {METADATA_FILE} says logprob_dtype="
             f"{metadata['logprob_dtype']!r} (the metadata or the shard was changed)"
         )
+
+
+def _check_ragged_shapes(path, shapes, entry, metadata, dtypes) -> None:
+    k, vocab = metadata["k"], metadata["vocab_size"]
+    num, tokens = entry["num_sequences"], entry["num_tokens"]
+    lp_dtype = LOGPROB_DTYPES[metadata["logprob_dtype"]]
+    expected = {"lengths": ([num], torch.int64), "tokens": ([tokens], token_dtype(vocab)),
+                "teacher_ids": ([tokens, k], torch.uint16), "teacher_logprobs": ([tokens, k], lp_dtype),
+                "teacher_tail_logprob": ([tokens], lp_dtype), "teacher_ids_high": (None, torch.uint8),
+                SAMPLED_FIELD: ([tokens], torch.float32)}
+    names = shard_tensor_names(metadata)
+    extra = sorted(set(shapes) - set(names))
+    if extra:
+        raise ReplayBufferError(f"shard {path} holds tensors {extra} that {METADATA_FILE} does not describe "
+                                "(the metadata or the shard was changed)")
+    for name in names:
+        shape, dtype = expected[name]
+        if name == "teacher_ids_high":
+            shape = [tokens, (int(vocab).bit_length() - 16) * (-(-k // 8))]
+        if shapes[name] != shape:
+            raise ReplayBufferError(
+                f"shard {path}: {name} of shape {shapes[name]}, but {METADATA_FILE} says {shape} (S={num} "
+                f"sequences, T={tokens} tokens, k={k}; the metadata or the shard was changed)")
+        if dtypes[name] != dtype:
+            if name in ("teacher_logprobs", "teacher_tail_logprob"):
+                _check_logprob_dtype(path, dtypes[name], metadata)
+            raise ReplayBufferError(f"shard {path}: {name} stored as {dtypes[name]}, expected {dtype} for this "
+                                    f"buffer (the metadata or the shard was changed)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,6 +444,9 @@ def check_metadata(metadata: dict, where: str) -> None:
         fail("pad_token_id", "an int", metadata.get("pad_token_id", _MISSING))
     if not isinstance(metadata.get("complete", _MISSING), bool):
         fail("complete", "true or false", metadata.get("complete", _MISSING))
+    if not isinstance(metadata.get(SAMPLED_FIELD, False), bool) or (
+            metadata.get(SAMPLED_FIELD) and metadata.get("format_version") == 1):
+        fail(SAMPLED_FIELD, "true or false (true only from format v2)", metadata.get(SAMPLED_FIELD))
     shards = metadata.get("shards", _MISSING)
     if not isinstance(shards, list):
         fail("shards", "a list of shard entries", shards)
@@ -416,10 +506,10 @@ def read_metadata(directory: str) -> Optional[dict]:
         shown = metadata.get("format") if isinstance(metadata.get("format"), str) else type(metadata.get("format")).__name__
         raise ReplayBufferError(f"{path} does not describe a selfreplay-fast replay buffer (format {shown[:60]!r})")
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ReplayBufferError(
-            f"{path} has replay-buffer format version {str(version)[:20]}; this selfreplay-fast reads version "
-            f"{FORMAT_VERSION}"
+            f"{path} has replay-buffer format version {str(version)[:20]}; this selfreplay-fast reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     if DIGEST_FIELD in metadata and metadata[DIGEST_FIELD] != _canonical_digest(metadata):
         raise ReplayBufferError(

@@ -81,6 +81,7 @@ class ShardEngine:
         self.t_ids = torch.full((B, L + 1, k), -1, dtype=torch.int32, device=dev)
         self.t_lp = torch.zeros(B, L + 1, k, dtype=torch.float32, device=dev)
         self.t_tail = torch.full((B, L + 1), float("-inf"), dtype=torch.float32, device=dev)
+        self.t_sampled = torch.zeros(B, L + 1, dtype=torch.float32, device=dev)  # log p(emitted token), row-aligned
         self.lengths = torch.ones(B, dtype=torch.long, device=dev)
         self.generated = torch.zeros(B, dtype=torch.long, device=dev)
         self.live = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -155,6 +156,7 @@ class ShardEngine:
         self.t_ids[slot_index] = -1
         self.t_lp[slot_index] = 0.0
         self.t_tail[slot_index] = float("-inf")
+        self.t_sampled[slot_index] = 0.0
         self.lengths[slot_index] = torch.tensor(prompt_lengths, device=self.device)
         self.generated[slot_index] = 0
         self.live[slot_index] = True
@@ -173,11 +175,13 @@ class ShardEngine:
         ids = self.t_ids[index].cpu()
         lp = self.t_lp[index].cpu()
         tail = self.t_tail[index].cpu()
+        sampled = self.t_sampled[index].cpu()
         new_tokens = 0
         for i, b in enumerate(finished):
             n = int(lengths[i])
             seq = self.slot_seq[b]
-            self.results[seq] = (tokens[i, :n].clone(), ids[i, :n].clone(), lp[i, :n].clone(), tail[i, :n].clone())
+            self.results[seq] = (tokens[i, :n].clone(), ids[i, :n].clone(), lp[i, :n].clone(), tail[i, :n].clone(),
+                                 sampled[i, :n].clone())
             new_tokens += n - len(self.prompts[seq])
             self.slot_seq[b] = -1
         self.stats.sequences += len(finished)
@@ -188,10 +192,15 @@ class ShardEngine:
 
     # -- one decode step --------------------------------------------------------------------------
 
-    def _record(self, row_index: torch.Tensor, rows: SamplingRows):
-        """Write teacher rows: ``row_index`` [B] or [B, C] (scratch for rows not to keep)."""
-        ids, values, tail = self.recorder(rows, self.generator)
+    def _record(self, row_index: torch.Tensor, rows: SamplingRows, emitted: torch.Tensor):
+        """Write teacher rows and the log-prob of the token each row's distribution emitted (``emitted``
+        [B] or [B, C], drawn from ``rows``): ``row_index`` [B] or [B, C] (scratch for rows not to keep)."""
         slot_ids = self.slot_ids if row_index.dim() == 1 else self.slot_ids[:, None].expand_as(row_index)
+        # Before the recorder, which consumes rows.weights: log(w / total) of the emitted token, i.e. its
+        # log-prob under softmax(logits / temperature) (an emitted token has w > 0, so this is finite).
+        chosen = rows.weights.gather(-1, emitted[..., None])[..., 0]
+        self.t_sampled[slot_ids, row_index] = chosen.log() - rows.total.log()
+        ids, values, tail = self.recorder(rows, self.generator)
         self.t_ids[slot_ids, row_index] = ids
         self.t_lp[slot_ids, row_index] = values
         self.t_tail[slot_ids, row_index] = tail
@@ -201,7 +210,7 @@ class ShardEngine:
         logits = self.target.feed(self.tokens, self.lengths, live, width, keep=1)[:, -1]
         rows = SamplingRows(logits, self.temperature, self.recorder.top)
         token = sample_categorical(rows.weights, self.generator)[:, 0]
-        self._record(torch.where(live, self.lengths - 1, self.scratch), rows)
+        self._record(torch.where(live, self.lengths - 1, self.scratch), rows, token)
         self.tokens[self.slot_ids, torch.where(live, self.lengths, self.scratch)] = token
         step = live.long()
         self.lengths += step
@@ -245,7 +254,8 @@ class ShardEngine:
         num_keep = torch.minimum(torch.minimum(num_emit, first_eos), budget)
         num_keep = torch.where(live, num_keep, 0)
         keep = cols < num_keep[:, None]
-        self._record(torch.where(keep, self.lengths[:, None] - 1 + cols, self.scratch), rows)
+        # Column j's emitted token was drawn from (or accepted under) the target's p_j: its log-prob is of p_j.
+        self._record(torch.where(keep, self.lengths[:, None] - 1 + cols, self.scratch), rows, emitted)
         self.tokens[self.slot_ids[:, None].expand(B, K + 1), torch.where(keep, self.lengths[:, None] + cols, self.scratch)] = emitted
         hit_eos = is_eos.any(1) & (first_eos <= num_keep)
         finished = live & (hit_eos | (self.generated + num_keep >= self.max_new_tokens))

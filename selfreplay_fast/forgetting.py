@@ -8,7 +8,13 @@ held-out replay sequences and reports, each with a standard error over sequences
   (k+1)-bucket lower bound, exact when k = V; ``"sampled"``: the unbiased sampled estimate), the quantity
   the replay loss trains on;
 * ``replay_nll``: the model's per-token negative log-likelihood of the replay text (the tokens the
-  original model sampled), which rises as the model forgets what it generated.
+  original model sampled), which rises as the model forgets what it generated;
+* ``sequence_kl``: the sequence-level Monte Carlo estimate of KL(original || model) in nats per sequence
+  (Bansal & Sanghavi): over sequences x sampled from the original, the mean of
+  ``log p_orig(x) - log p_model(x)``, the sum over the sampled tokens of the cached log-prob (cache format v2's
+  ``sampled_logprobs``) minus the model's. Unbiased, with the standard error of a mean over sequences; only
+  for a buffer that records the sampled log-probs *and* whose text was sampled from the original
+  (``metadata["sampled_from_teacher"]``): otherwise None, with ``sequence_kl_unavailable`` saying why.
 
 Both go through ``fused_replay_kl`` from the base model's hidden states: no [tokens x vocab] logits. The
 math (ratio estimates over sequences and their delta-method standard errors) is in docs/design.md.
@@ -45,10 +51,17 @@ class ForgettingReport:
     num_sequences: int
     num_tokens: int  # positions with a teacher: the tokens the original model sampled
     mode: str
+    sequence_kl: Optional[Estimate] = None  # nats per sequence; None when the buffer cannot give it
+    sequence_kl_unavailable: Optional[str] = None  # why sequence_kl is None
 
     def as_dict(self, prefix: str = "") -> dict:
-        return {f"{prefix}replay_kl": self.replay_kl.value, f"{prefix}replay_kl_stderr": self.replay_kl.stderr,
-                f"{prefix}replay_nll": self.replay_nll.value, f"{prefix}replay_nll_stderr": self.replay_nll.stderr}
+        """Flat numbers to log; ``sequence_kl`` only when available (never a stand-in zero)."""
+        values = {f"{prefix}replay_kl": self.replay_kl.value, f"{prefix}replay_kl_stderr": self.replay_kl.stderr,
+                  f"{prefix}replay_nll": self.replay_nll.value, f"{prefix}replay_nll_stderr": self.replay_nll.stderr}
+        if self.sequence_kl is not None:
+            values.update({f"{prefix}sequence_kl": self.sequence_kl.value,
+                           f"{prefix}sequence_kl_stderr": self.sequence_kl.stderr})
+        return values
 
 
 def ratio_estimate(sums: torch.Tensor, counts: torch.Tensor) -> Estimate:
@@ -64,6 +77,28 @@ def ratio_estimate(sums: torch.Tensor, counts: torch.Tensor) -> Estimate:
         return Estimate(ratio, float("nan"))
     residual = sums - ratio * counts
     return Estimate(ratio, math.sqrt(m / (m - 1) * float((residual * residual).sum())) / total)
+
+
+def mean_estimate(values: torch.Tensor) -> Estimate:
+    """The mean of per-sequence values and its standard error sqrt(sample variance / m) (NaN when m < 2)."""
+    values = values.double()
+    m = values.numel()
+    if m == 0:
+        return Estimate(float("nan"), float("nan"))
+    mean = float(values.mean())
+    return Estimate(mean, float(values.std(correction=1)) / math.sqrt(m) if m >= 2 else float("nan"))
+
+
+def sequence_kl_unavailable(replay) -> Optional[str]:
+    """Why ``replay`` cannot give the sequence-level estimate, or None when it can."""
+    has_field = getattr(replay, "sampled_logprobs", None) is not None or getattr(replay, "has_sampled_logprobs", False)
+    if not has_field:
+        return ("the buffer does not record the sampled tokens' log-probs (cache format v1, or a buffer built "
+                "without them): regenerate it with this version")
+    if replay.metadata.get("sampled_from_teacher") is not True:
+        return ("the buffer's text was not sampled from the original model (a corpus cache, or unknown): "
+                "log p_orig(x) - log p_model(x) over it does not estimate the KL")
+    return None
 
 
 def _check_batch_size(batch_size) -> int:
@@ -96,9 +131,10 @@ def measure_forgetting(model, replay, *, batch_size: int = 8, temperature: float
         device = weight.device
     from tqdm.auto import tqdm
 
+    unavailable = sequence_kl_unavailable(replay)
     was_training = model.training
     model.eval()
-    kl_sums, nll_sums, counts = [], [], []
+    kl_sums, nll_sums, counts, sequence_kls = [], [], [], []
     try:
         batches = replay.batches(batch_size, shuffle=False, device=device)
         bar = tqdm(batches, total=replay.num_batches(batch_size), desc="measuring drift", unit="batch",
@@ -118,8 +154,13 @@ def measure_forgetting(model, replay, *, batch_size: int = 8, temperature: float
             kl_sums.append(kl.double().sum(-1).cpu())
             nll_sums.append(nll.double().sum(-1).cpu())
             counts.append(mask.sum(-1).cpu())
+            if unavailable is None:  # log p_orig(x) - log p_model(x): cached log-prob + the model's NLL
+                sampled = torch.where(mask, b["sampled_logprobs"].double(), 0.0)
+                sequence_kls.append((sampled + torch.where(mask, nll.double(), 0.0)).sum(-1).cpu())
     finally:
         model.train(was_training)
     kl_sums, nll_sums, counts = (torch.cat(t) if t else torch.zeros(0) for t in (kl_sums, nll_sums, counts))
+    sequence_kl = mean_estimate(torch.cat(sequence_kls) if sequence_kls else torch.zeros(0)) if unavailable is None else None
     return ForgettingReport(replay_kl=ratio_estimate(kl_sums, counts), replay_nll=ratio_estimate(nll_sums, counts),
-                            num_sequences=int(counts.numel()), num_tokens=int(counts.sum()), mode=replay.mode)
+                            num_sequences=int(counts.numel()), num_tokens=int(counts.sum()), mode=replay.mode,
+                            sequence_kl=sequence_kl, sequence_kl_unavailable=unavailable)

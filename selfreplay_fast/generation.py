@@ -49,6 +49,7 @@ from ._inputs import check_temperature
 from .decode_engine import GenerationStats, ShardEngine
 from .drafting import DecodeState, Drafter, ModelDrafter, NGramDrafter  # noqa: F401  (DecodeState: for drafters)
 from .fingerprint import check_resume_weights, weights_identity
+from .provenance import provenance
 from .model_info import model_config_hash, model_device_dtype, model_name, output_vocab_size
 from .sampling import TeacherRecorder, sample_categorical  # noqa: F401  (sample_categorical: re-exported)
 from .slot_cache import check_slot_attention
@@ -231,19 +232,25 @@ def check_max_length(prompt_list, max_new_tokens: int, config) -> int:
     return max_len
 
 
-def buffer_metadata(settings: dict) -> dict:
+def buffer_metadata(settings: dict, tokenizer=None) -> dict:
     """The metadata.json fields of a generated buffer (both backends): its format, the fields a reader
-    checks, and the run's ``settings`` (what a resume compares) under ``"generation"``."""
+    checks, its provenance (software versions, backend, tokenizer; not compared on resume) and the run's
+    ``settings`` (what a resume compares) under ``"generation"``."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **{key: settings[key] for key in ("vocab_size", "k", "mode", "pad_token_id", "logprob_dtype", "model_name",
                                           "config_hash", "weights_fingerprint", "weights_dtype", "temperature", "seed")},
+        # Every sequence was sampled from the teacher at `temperature`, its tokens' log-probs recorded: what
+        # the sequence-level KL estimate needs (forgetting.py).
+        "sampled_logprobs": True,
+        "sampled_from_teacher": True,
+        "provenance": provenance(settings.get("backend", "native"), tokenizer),
         "generation": settings,
     }
 
 
-def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_memory: bool):
+def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_memory: bool, tokenizer=None):
     """(writer or None, the in-memory parts of the shards already there): the resume step of both backends.
 
     Checks the weights first (metadata.json only), then opens the buffer directory through
@@ -255,11 +262,10 @@ def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_m
         raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
     # Before the writer reads and verifies the existing shards, and before the model runs at all.
     check_resume_weights(out_dir, "generation", settings, producer="generate_replay")
-    writer = ShardedBufferWriter(out_dir, "generation", settings, buffer_metadata(settings), settings["shard_size"],
+    writer = ShardedBufferWriter(out_dir, "generation", settings, buffer_metadata(settings, tokenizer), settings["shard_size"],
                                  num_shards, producer="generate_replay", keep_done=keep_in_memory)
-    parts = [ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                          t["teacher_tail_logprob"], vocab_size=settings["vocab_size"], mode=settings["mode"],
-                          pad_token_id=settings["pad_token_id"]) for t in writer.done_tensors]
+    parts = [ReplayBuffer.from_tensors(t, vocab_size=settings["vocab_size"], mode=settings["mode"],
+                                       pad_token_id=settings["pad_token_id"]) for t in writer.done_tensors]
     writer.done_tensors = []  # held by parts now
     if not writer.entries:
         writer.write_progress()  # claim the directory before the first shard
@@ -284,7 +290,7 @@ def generate_replay(
     tokenizer=None,
     sampled_draws: Optional[int] = None,
     drafter: Union[Drafter, str, None] = None,
-    logprob_dtype=torch.float32,
+    logprob_dtype=torch.float16,
     bos_token_id: Optional[int] = None,
     eos_token_id=None,
     pad_token_id: Optional[int] = None,
@@ -318,7 +324,9 @@ def generate_replay(
             distribution, stored as unique ids and log frequencies (the ``min(top_k, N)`` most frequent).
         drafter: a :class:`Drafter` (e.g. ``NGramDrafter()``) or ``"ngram"``, for speculative decoding
             without a second model. Mutually exclusive with ``draft_model``.
-        logprob_dtype: torch.float32 (default) or torch.float16 for the stored log-probs.
+        logprob_dtype: torch.float16 (default: half the bytes; its effect on the replay loss is < 1e-3
+            relative, docs/design.md) or torch.float32 for the stored teacher log-probs (the sampled
+            tokens' log-probs are always float32).
         bos_token_id / eos_token_id / pad_token_id: override the ids found in the config/tokenizer;
             ``eos_token_id`` may be a list. Padding defaults to EOS (or 0).
         on_shard_written: called as ``fn(shard_index, out_dir)`` after each shard is durably written.
@@ -442,7 +450,8 @@ def generate_replay(
     }
 
     # ---- resume ----
-    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory)
+    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
+                                          tokenizer=tokenizer)
     if writer is not None:
         out_dir = writer.out_dir
 
@@ -517,7 +526,7 @@ def generate_replay(
             draft_model.train(draft_was_training)
     if not keep_in_memory:
         return None
-    meta = buffer_metadata(settings)
+    meta = buffer_metadata(settings, tokenizer)
     meta.update(num_sequences=num_sequences, complete=True, generation_stats=total_stats.as_dict())
     buffer = ReplayBuffer.concat(parts, metadata=meta)
     buffer.generation_stats = total_stats
@@ -525,7 +534,8 @@ def generate_replay(
 
 
 def _assemble(results, vocab_size, k, mode, pad_token_id, logprob_dtype) -> ReplayBuffer:
-    """Pad one shard's per-sequence results into a ReplayBuffer."""
+    """Pad one shard's per-sequence results (tokens, teacher ids, log-probs, tail, sampled log-probs) into a
+    ReplayBuffer."""
     lengths = torch.tensor([r[0].numel() for r in results], dtype=torch.long)
     width = int(lengths.max())
     S = len(results)
@@ -533,11 +543,13 @@ def _assemble(results, vocab_size, k, mode, pad_token_id, logprob_dtype) -> Repl
     teacher_ids = torch.full((S, width, k), -1, dtype=torch.int32)
     teacher_lp = torch.zeros(S, width, k, dtype=torch.float32)
     tail = torch.full((S, width), float("-inf"), dtype=torch.float32)
-    for i, (tok, ids, lp, tl) in enumerate(results):
+    sampled = torch.zeros(S, width, dtype=torch.float32)
+    for i, (tok, ids, lp, tl, slp) in enumerate(results):
         n = tok.numel()
         input_ids[i, :n] = tok
         teacher_ids[i, :n] = ids
         teacher_lp[i, :n] = lp
         tail[i, :n] = tl
+        sampled[i, :n] = slp
     return ReplayBuffer(input_ids, lengths, teacher_ids, teacher_lp.to(logprob_dtype), tail.to(logprob_dtype),
-                        vocab_size=vocab_size, mode=mode, pad_token_id=pad_token_id)
+                        vocab_size=vocab_size, mode=mode, pad_token_id=pad_token_id, sampled_logprobs=sampled)

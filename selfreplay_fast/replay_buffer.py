@@ -11,10 +11,15 @@ Layout (S sequences, padded to length L, k teacher slots):
   vocabulary (mode ``"tail"``), or log sample frequencies (mode ``"sampled"``); 0 on unused slots.
 * ``teacher_tail_logprob`` [S, L] (dtype of ``teacher_logprobs``): log of the teacher mass outside the
   recorded slots (``-inf`` where there is none, or no prediction).
+* ``sampled_logprobs`` [S, L] float32, or None when not recorded: at row ``j`` the log-prob of token
+  ``j + 1`` under the teacher's distribution (the one the teacher rows describe), 0 on rows without a
+  teacher. For sampled text (``metadata["sampled_from_teacher"]``) it is what the sequence-level estimate
+  of KL(original || model) needs (forgetting.py).
 
 On disk a buffer is a directory of safetensors shards plus ``metadata.json`` (format version, model
-name and config hash, vocabulary size, k, temperature, seed, counts and one sha256 per shard); the
-format, its checks and its atomic writes are in ``buffer_files.py``. Writers (:class:`ShardedBufferWriter`,
+name and config hash, vocabulary size, k, temperature, seed, provenance, counts and one sha256 per shard);
+the format, its checks and its atomic writes are in ``buffer_files.py``, the shards' ragged tensors
+(format v2; v1, padded, still loads) in ``buffer_layout.py``. Writers (:class:`ShardedBufferWriter`,
 :meth:`ReplayBuffer.save`) hold the directory's writer lock (``dir_lock.py``) while they write. The lazy
 reader is in ``sharded_buffer.py``, the training batches of both in ``buffer_batches.py``.
 """
@@ -34,6 +39,8 @@ from .buffer_files import (  # noqa: F401  (re-exported: the public names of the
     FORMAT_VERSION,
     LOGPROB_DTYPES,
     MASS_TOLERANCE,
+    READABLE_VERSIONS,
+    SAMPLED_FIELD,
     METADATA_FILE,
     MODES,
     TENSOR_NAMES,
@@ -52,6 +59,7 @@ from .buffer_files import (  # noqa: F401  (re-exported: the public names of the
     write_metadata,
     write_shard,
 )
+from .buffer_layout import bytes_per_token
 from .dir_lock import DirectoryLock, DirectoryLockedError  # noqa: F401  (re-exported)
 
 
@@ -137,6 +145,10 @@ class ShardedBufferWriter:
                 f"{out_dir}/{METADATA_FILE} lists {len(existing['shards'])} shards, but these settings make "
                 f"{self.num_shards}: it was changed; use a fresh directory")
         self._generation = shard_generation(existing) or 0
+        if existing["format_version"] != self.metadata.get("format_version", FORMAT_VERSION):
+            # A run begun by an older selfreplay-fast finishes in its format: shards of one buffer share a layout.
+            self.metadata.update(format_version=existing["format_version"],
+                                 **{SAMPLED_FIELD: bool(existing.get(SAMPLED_FIELD, False))})
         for entry in existing["shards"]:  # a resumed run builds on these: verify them now
             tensors = read_shard(out_dir, entry, existing, verify=True)
             if keep_done:
@@ -196,7 +208,7 @@ class ShardedBufferWriter:
         if self.complete:
             raise ValueError(f"all {self.num_shards} shards of {self.out_dir} are written already")
         entry = write_shard(self.out_dir, len(self.entries), tensors, generation=self._generation,
-                            header=shard_header(self.metadata))
+                            metadata=self.metadata)
         if entry_extra:
             entry.update(entry_extra)
         self.entries.append(entry)
@@ -228,6 +240,7 @@ class ReplayBuffer(TrainingBatches):
         mode: str = "tail",
         pad_token_id: int = 0,
         metadata: Optional[dict] = None,
+        sampled_logprobs: Optional[torch.Tensor] = None,
     ):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
@@ -259,6 +272,15 @@ class ReplayBuffer(TrainingBatches):
             raise TypeError(f"teacher_tail_logprob must have the dtype of teacher_logprobs ({teacher_logprobs.dtype}), got {teacher_tail_logprob.dtype}")
         if num_seq and (int(lengths.min()) < 1 or int(lengths.max()) > seq_len):
             raise ValueError(f"lengths must lie in [1, L] = [1, {seq_len}]")
+        if sampled_logprobs is not None:
+            if not isinstance(sampled_logprobs, torch.Tensor) or not sampled_logprobs.is_floating_point():
+                raise TypeError(f"sampled_logprobs must be a floating torch.Tensor or None, got "
+                                f"{getattr(sampled_logprobs, 'dtype', type(sampled_logprobs).__name__)}")
+            if tuple(sampled_logprobs.shape) != (num_seq, seq_len):
+                raise ValueError(f"sampled_logprobs must have shape [S, L] = [{num_seq}, {seq_len}], got "
+                                 f"{tuple(sampled_logprobs.shape)}")
+            sampled_logprobs = sampled_logprobs.to(torch.float32).cpu()
+        self.sampled_logprobs = sampled_logprobs
         self.input_ids = input_ids.to(torch.int64).cpu()
         self.lengths = lengths.to(torch.int64).cpu()
         self.teacher_ids = teacher_ids.to(torch.int32).cpu()
@@ -313,11 +335,27 @@ class ReplayBuffer(TrainingBatches):
             idx = idx.to(torch.int64).reshape(-1)
         lengths = self.lengths[idx]
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
+        sampled = self.sampled_logprobs[idx, :width] if self.sampled_logprobs is not None else None
         return ReplayBuffer(
             self.input_ids[idx, :width], lengths, self.teacher_ids[idx, :width], self.teacher_logprobs[idx, :width],
             self.teacher_tail_logprob[idx, :width], vocab_size=self.vocab_size, mode=self.mode,
-            pad_token_id=self.pad_token_id, metadata=self.metadata,
+            pad_token_id=self.pad_token_id, metadata=self.metadata, sampled_logprobs=sampled,
         )
+
+    def filter(self, predicate) -> "ReplayBuffer":
+        """A buffer of the sequences for which ``predicate(token_ids)`` is true, in order: ``token_ids`` is
+        the sequence's list of token ids, without padding (e.g. drop what must not be preserved:
+        ``buffer.filter(lambda ids: banned not in ids)``). Raises TypeError if ``predicate`` is not callable
+        or returns something other than a bool."""
+        if not callable(predicate):
+            raise TypeError(f"predicate must be callable (token-id list -> bool), got {type(predicate).__name__}")
+        keep = []
+        for i, ids in enumerate(self.sequences()):
+            verdict = predicate(ids)
+            if not isinstance(verdict, (bool, torch.Tensor)) or (isinstance(verdict, torch.Tensor) and verdict.numel() != 1):
+                raise TypeError(f"predicate must return a bool, got {type(verdict).__name__} for sequence {i}")
+            keep.append(bool(verdict))
+        return self.select(torch.tensor(keep, dtype=torch.bool))
 
     def split(self, holdout, *, seed: int = 0) -> "tuple[ReplayBuffer, ReplayBuffer]":
         """(train, held_out): a reproducible random split of the sequences, ``holdout`` of them held out (an
@@ -373,6 +411,10 @@ class ReplayBuffer(TrainingBatches):
             shape[1] = width - t.shape[1]
             return torch.cat([t, torch.full(shape, value, dtype=t.dtype)], dim=1)
 
+        # The sampled log-probs survive only if every part has them: a partial field would read as zeros.
+        sampled = None
+        if all(b.sampled_logprobs is not None for b in buffers):
+            sampled = torch.cat([pad(b.sampled_logprobs, 0.0) for b in buffers])
         return cls(
             torch.cat([pad(b.input_ids, first.pad_token_id) for b in buffers]),
             torch.cat([b.lengths for b in buffers]),
@@ -380,7 +422,7 @@ class ReplayBuffer(TrainingBatches):
             torch.cat([pad(b.teacher_logprobs, 0.0) for b in buffers]),
             torch.cat([pad(b.teacher_tail_logprob, float("-inf")) for b in buffers]),
             vocab_size=first.vocab_size, mode=first.mode, pad_token_id=first.pad_token_id,
-            metadata=metadata if metadata is not None else first.metadata,
+            metadata=metadata if metadata is not None else first.metadata, sampled_logprobs=sampled,
         )
 
     # -- validation -------------------------------------------------------------------------------
@@ -430,40 +472,71 @@ class ReplayBuffer(TrainingBatches):
                 raise ValueError(f"{names}: expected the mass of a row to be at most 1 + {MASS_TOLERANCE} {where}")
             if (torch.isnan(tail) | (tail > limit)).any():
                 raise ValueError(f"teacher_tail_logprob: expected a log-probability <= 0 (or -inf), never NaN {where}")
+            if self.sampled_logprobs is not None:
+                sampled = self.sampled_logprobs[sl]
+                has_row = used.any(dim=-1)
+                if (has_row & ~(torch.isfinite(sampled) & (sampled <= limit))).any() or (~has_row & (sampled != 0)).any():
+                    raise ValueError(f"sampled_logprobs: expected a finite log-probability <= 0 on every row with a "
+                                     f"teacher and 0 elsewhere {where}")
         return self
 
     def _rows(self, idx, width):
-        return {name: getattr(self, name)[idx, :width] for name in ROW_TENSORS}
+        rows = {name: getattr(self, name)[idx, :width] for name in ROW_TENSORS}
+        if self.sampled_logprobs is not None:
+            rows[SAMPLED_FIELD] = self.sampled_logprobs[idx, :width]
+        return rows
 
     # -- persistence ------------------------------------------------------------------------------
 
     def _tensors(self, sl=slice(None)) -> Dict[str, torch.Tensor]:
         lengths = self.lengths[sl]
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
-        return {
+        tensors = {
             "input_ids": self.input_ids[sl, :width],
             "lengths": lengths,
             "teacher_ids": self.teacher_ids[sl, :width],
             "teacher_logprobs": self.teacher_logprobs[sl, :width],
             "teacher_tail_logprob": self.teacher_tail_logprob[sl, :width],
         }
+        if self.sampled_logprobs is not None:
+            tensors[SAMPLED_FIELD] = self.sampled_logprobs[sl, :width]
+        return tensors
 
-    def describe(self) -> dict:
-        """The metadata fields that describe this buffer's content (merged over ``self.metadata``)."""
+    @classmethod
+    def from_tensors(cls, tensors: Dict[str, torch.Tensor], *, vocab_size: int, mode: str, pad_token_id: int,
+                     metadata: Optional[dict] = None) -> "ReplayBuffer":
+        """A buffer of padded tensors by name (what ``read_shard`` returns; ``sampled_logprobs`` optional)."""
+        return cls(tensors["input_ids"], tensors["lengths"], tensors["teacher_ids"], tensors["teacher_logprobs"],
+                   tensors["teacher_tail_logprob"], vocab_size=vocab_size, mode=mode, pad_token_id=pad_token_id,
+                   metadata=metadata, sampled_logprobs=tensors.get(SAMPLED_FIELD))
+
+    def describe(self, *, format_version: int = FORMAT_VERSION) -> dict:
+        """The metadata fields that describe this buffer's content (merged over ``self.metadata``), as
+        saved in ``format_version``: with ``bytes_per_token``, the shard bytes of tensor data per token
+        (format v2; v1 pads every sequence to its shard's longest, so it has no fixed figure)."""
         meta = dict(self.metadata)
         meta.update(
             format=FORMAT_NAME,
-            format_version=FORMAT_VERSION,
+            format_version=format_version,
             vocab_size=self.vocab_size,
             k=self.k,
             mode=self.mode,
             pad_token_id=self.pad_token_id,
             logprob_dtype=str(self.teacher_logprobs.dtype).replace("torch.", ""),
         )
+        meta[SAMPLED_FIELD] = self.sampled_logprobs is not None and format_version >= 2
+        meta.pop("bytes_per_token", None)
+        if format_version >= 2:
+            meta["bytes_per_token"] = bytes_per_token(self.vocab_size, self.k, self.teacher_logprobs.dtype,
+                                                      sampled_logprobs=meta[SAMPLED_FIELD])
         return meta
 
-    def save(self, directory: str, *, shard_size: int = 4096, overwrite: bool = False) -> None:
+    def save(self, directory: str, *, shard_size: int = 4096, overwrite: bool = False,
+             format_version: int = FORMAT_VERSION) -> None:
         """Write the buffer to ``directory`` as safetensors shards of ``shard_size`` sequences.
+
+        ``format_version`` 2 (default) stores the sequences ragged with narrow ids (``buffer_layout.py``); 1
+        writes the older padded layout, which any selfreplay-fast reads (without ``sampled_logprobs``).
 
         Shards are written first (atomically), ``metadata.json`` last, so an interrupted save never
         looks like a complete buffer. Refuses a directory that already holds a buffer unless ``overwrite``.
@@ -481,6 +554,8 @@ class ReplayBuffer(TrainingBatches):
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a path, got {type(directory).__name__}")
         directory = os.fspath(directory)
+        if isinstance(format_version, bool) or format_version not in READABLE_VERSIONS:
+            raise ValueError(f"format_version must be one of {READABLE_VERSIONS}, got {format_version!r}")
         os.makedirs(directory, exist_ok=True)
         with DirectoryLock(directory, purpose="ReplayBuffer.save"):
             old = read_metadata(directory)
@@ -492,10 +567,10 @@ class ReplayBuffer(TrainingBatches):
                 # The new shards must not overwrite the old ones, which stay the buffer until the metadata switch.
                 generation = 1 if shard_generation(old) == 0 else 0
                 _remove_unlisted_shards(directory, old)
-            meta = self.describe()
+            meta = self.describe(format_version=format_version)
             shards = [
                 write_shard(directory, index, self._tensors(slice(start, start + shard_size)), generation=generation,
-                            header=shard_header(meta))
+                            metadata=meta)
                 for index, start in enumerate(range(0, len(self), shard_size))
             ]
             meta.update(
@@ -531,10 +606,7 @@ class ReplayBuffer(TrainingBatches):
         parts = []
         for entry in meta["shards"]:
             t = read_shard(directory, entry, meta, verify=verify_checksums)
-            parts.append(
-                cls(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"], t["teacher_tail_logprob"],
-                    vocab_size=vocab, mode=mode, pad_token_id=pad_token_id)
-            )
+            parts.append(cls.from_tensors(t, vocab_size=vocab, mode=mode, pad_token_id=pad_token_id))
         meta_only = {key: value for key, value in meta.items() if key != "shards"}
         if parts:
             buffer = cls.concat(parts, metadata=meta_only)
@@ -543,10 +615,30 @@ class ReplayBuffer(TrainingBatches):
             buffer = cls(torch.zeros(0, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
                          torch.zeros(0, 1, k, dtype=torch.int32), torch.zeros(0, 1, k, dtype=dtype),
                          torch.zeros(0, 1, dtype=dtype), vocab_size=vocab, mode=mode, pad_token_id=pad_token_id,
-                         metadata=meta_only)
+                         metadata=meta_only,
+                         sampled_logprobs=torch.zeros(0, 1) if meta.get(SAMPLED_FIELD) else None)
         if validate:
             buffer.validate()
         return buffer
+
+    def to_dataset(self):
+        """This buffer as a Hugging Face ``datasets.Dataset``: one row per sequence, unpadded, its metadata
+        (with a digest of the content) in ``dataset.info.description`` (see ``buffer_dataset.py``; needs the
+        ``datasets`` extra). ``ReplayBuffer.from_dataset`` turns it back into this buffer exactly."""
+        from .buffer_dataset import to_dataset
+
+        return to_dataset(self)
+
+    @classmethod
+    def from_dataset(cls, dataset, *, metadata: Optional[dict] = None, expected_vocab_size: Optional[int] = None,
+                     verify_checksum: bool = True, validate: bool = True) -> "ReplayBuffer":
+        """The buffer a ``datasets.Dataset`` of :meth:`to_dataset` holds, with the checks of :meth:`open`: its
+        metadata (from ``dataset.info.description``, or ``metadata=``), the vocabulary, completeness, the
+        content digest (``verify_checksum``), every column's type and shape, and :meth:`validate`."""
+        from .buffer_dataset import from_dataset
+
+        return from_dataset(cls, dataset, metadata=metadata, expected_vocab_size=expected_vocab_size,
+                            verify_checksum=verify_checksum, validate=validate)
 
     @classmethod
     def open(

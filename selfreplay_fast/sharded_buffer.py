@@ -12,8 +12,9 @@ from safetensors import safe_open
 from .buffer_batches import TrainingBatches
 from .buffer_files import (
     LOGPROB_DTYPES,
-    TENSOR_NAMES,
+    SAMPLED_FIELD,
     ReplayBufferError,
+    check_ragged_lengths,
     check_shard_digest,
     check_shard_header,
     check_shard_shapes,
@@ -21,7 +22,9 @@ from .buffer_files import (
     sha256_shard,
     shard_path,
     shard_stat,
+    shard_tensor_names,
 )
+from .buffer_layout import scatter_ragged, unpack_ids, unpack_v2
 
 if TYPE_CHECKING:
     from .replay_buffer import ReplayBuffer
@@ -58,6 +61,10 @@ class ShardedReplayBuffer(TrainingBatches):
         self._stats = shard_stats
         self._k = k
         self.logprob_dtype = logprob_dtype
+        self.format_version = metadata["format_version"]
+        self.has_sampled_logprobs = bool(metadata.get(SAMPLED_FIELD, False))
+        # Where each sequence starts in its shard's flat (format v2) tensors.
+        self._offsets = [torch.cumsum(t.to(torch.int64), 0) - t.to(torch.int64) for t in shard_lengths]
         self.validated = validated
         self.lengths = torch.cat(shard_lengths) if shard_lengths else torch.zeros(0, dtype=torch.int64)
         counts = [t.numel() for t in shard_lengths]
@@ -93,44 +100,46 @@ class ShardedReplayBuffer(TrainingBatches):
             stat = shard_stat(directory, entry)
             if verify_checksums:
                 check_shard_digest(directory, entry, sha256_shard(directory, entry))
-            shard = cls._load_shard(directory, entry, meta, names=TENSOR_NAMES if validate else ("lengths",))
-            shapes = shard.pop("_shapes")
+            shard = cls._load_shard(directory, entry, meta, whole=validate)
             if validate:
                 try:
-                    ReplayBuffer(shard["input_ids"], shard["lengths"], shard["teacher_ids"], shard["teacher_logprobs"],
-                                 shard["teacher_tail_logprob"], vocab_size=vocab, mode=mode,
-                                 pad_token_id=pad).validate()
+                    ReplayBuffer.from_tensors(shard, vocab_size=vocab, mode=mode, pad_token_id=pad).validate()
                 except (TypeError, ValueError) as exc:
                     raise ReplayBufferError(f"shard {path}: {exc}") from exc
             lengths.append(shard["lengths"].to(torch.int64).clone())
-            widths.append(int(shapes["input_ids"][1]))
+            widths.append(entry["seq_len"])
             stats.append(stat)
             del shard  # one shard in memory at a time
         return cls(directory, meta, entries, lengths, widths, stats, k=k, logprob_dtype=dtype, validated=validate)
 
     @staticmethod
-    def _load_shard(directory: str, entry: dict, metadata: dict, names=TENSOR_NAMES) -> Dict[str, object]:
-        """Read the tensors ``names`` of one shard whole (and every tensor's shape, under ``"_shapes"``),
-        checking its header, shapes, k and dtype against ``metadata``."""
+    def _load_shard(directory: str, entry: dict, metadata: dict, whole: bool = True) -> Dict[str, torch.Tensor]:
+        """One shard's padded tensors (``whole``) or only its ``lengths``, its header, shapes, k and dtypes
+        checked against ``metadata``."""
         path = shard_path(directory, entry)
+        names = shard_tensor_names(metadata)
         try:
             with safe_open(path, framework="pt") as handle:
                 present = set(handle.keys())
-                missing = [name for name in TENSOR_NAMES if name not in present]
+                check_shard_header(path, handle.metadata(), metadata)  # first: a header names another format
+                missing = [name for name in names if name not in present]
                 if missing:
                     raise ReplayBufferError(f"shard {path} lacks tensors {missing}")
-                check_shard_header(path, handle.metadata(), metadata)
-                shapes = {name: list(handle.get_slice(name).get_shape()) for name in TENSOR_NAMES}
-                lp_dtype = {"F32": torch.float32, "F16": torch.float16}.get(handle.get_slice("teacher_logprobs").get_dtype())
-                check_shard_shapes(path, shapes, entry, metadata, logprob_dtype=lp_dtype)
-                out: Dict[str, object] = {name: handle.get_tensor(name) for name in names}
+                slices = {name: handle.get_slice(name) for name in present}
+                shapes = {name: list(sl.get_shape()) for name, sl in slices.items()}
+                dtypes = {name: _DTYPES.get(sl.get_dtype()) for name, sl in slices.items()}
+                check_shard_shapes(path, shapes, entry, metadata, dtypes=dtypes)
+                out = {name: handle.get_tensor(name) for name in (names if whole else ("lengths",))}
         except ReplayBufferError:
             raise
         except OSError as exc:
             raise ReplayBufferError(f"cannot read shard {path}: {exc.strerror or exc}") from exc
         except Exception as exc:  # safetensors raises its own error types
             raise ReplayBufferError(f"shard {path} is not a valid safetensors file: {exc}") from exc
-        out["_shapes"] = shapes
+        if metadata["format_version"] >= 2:
+            check_ragged_lengths(path, out["lengths"], entry)
+            if whole:
+                out = unpack_v2(out, metadata["vocab_size"], metadata["k"], metadata["pad_token_id"])
         return out
 
     # -- basic properties -------------------------------------------------------------------------
@@ -169,9 +178,8 @@ class ShardedReplayBuffer(TrainingBatches):
 
         self._check_unchanged(index)
         t = self._load_shard(self.directory, self._entries[index], self._metadata_with_shards)
-        return ReplayBuffer(t["input_ids"], t["lengths"], t["teacher_ids"], t["teacher_logprobs"],
-                            t["teacher_tail_logprob"], vocab_size=self.vocab_size, mode=self.mode,
-                            pad_token_id=self.pad_token_id, metadata=self.metadata)
+        return ReplayBuffer.from_tensors(t, vocab_size=self.vocab_size, mode=self.mode,
+                                         pad_token_id=self.pad_token_id, metadata=self.metadata)
 
     def shards(self) -> Iterator[ReplayBuffer]:
         """Yield each shard as an in-memory :class:`ReplayBuffer`, one at a time (drop each before
@@ -209,6 +217,8 @@ class ShardedReplayBuffer(TrainingBatches):
             "teacher_logprobs": torch.zeros((num, width, self.k), dtype=self.logprob_dtype),
             "teacher_tail_logprob": torch.full((num, width), float("-inf"), dtype=self.logprob_dtype),
         }
+        if self.has_sampled_logprobs:
+            out[SAMPLED_FIELD] = torch.zeros((num, width), dtype=torch.float32)
         shard_of, row_of = self._shard_of[idx], self._row_of[idx]
         for shard in shard_of.unique().tolist():
             self._check_unchanged(shard)
@@ -223,6 +233,9 @@ class ShardedReplayBuffer(TrainingBatches):
             path = os.path.join(self.directory, self._entries[shard]["file"])
             try:
                 with safe_open(path, framework="pt") as handle:
+                    if self.format_version >= 2:
+                        self._read_ragged(handle, shard, rows, positions, bounds, out)
+                        continue
                     for name, target in out.items():
                         sl = handle.get_slice(name)
                         for a, b in zip(bounds[:-1], bounds[1:]):
@@ -233,3 +246,24 @@ class ShardedReplayBuffer(TrainingBatches):
             except Exception as exc:
                 raise ReplayBufferError(f"cannot read rows of shard {path}: {exc}") from exc
         return out
+
+    def _read_ragged(self, handle, shard: int, rows, positions, bounds, out) -> None:
+        """Format v2: each run of consecutive rows is one slice of the shard's flat tensors."""
+        offsets, lengths = self._offsets[shard], self.lengths[self._shard_of == shard]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            first, last = int(rows[a]), int(rows[b - 1])
+            start, stop = int(offsets[first]), int(offsets[last] + lengths[last])
+            run_lengths = lengths[first : last + 1]
+            flat = {name: handle.get_slice(name)[start:stop] for name in handle.keys() if name != "lengths"}
+            flat["teacher_ids"] = unpack_ids(flat["teacher_ids"], flat.get("teacher_ids_high"), self.vocab_size, self.k)
+            flat["input_ids"] = flat.pop("tokens").to(torch.int64)
+            width = out["input_ids"].shape[1]
+            for name, target in out.items():
+                fill = self.pad_token_id if name == "input_ids" else _FILL[name]
+                target[positions[a:b]] = scatter_ragged(flat[name].to(target.dtype), run_lengths, width, fill)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "U16": torch.uint16, "U8": torch.uint8}
+_FILL = {"teacher_ids": -1, "teacher_logprobs": 0.0, "teacher_tail_logprob": float("-inf"),
+         SAMPLED_FIELD: 0.0}

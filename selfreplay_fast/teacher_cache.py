@@ -21,6 +21,7 @@ from ._inputs import check_temperature
 from .fingerprint import check_resume_weights, weights_identity
 from .model_info import model_config_hash, model_name
 from .model_glue import lm_head_of
+from .provenance import provenance
 from .replay_buffer import FORMAT_NAME, FORMAT_VERSION, ReplayBuffer, ShardedBufferWriter
 from .topk import linear_topk_logprobs
 
@@ -63,6 +64,7 @@ def _teacher_rows(base, weight, bias, sequences, k, temperature, batch_size, chu
     teacher_ids = torch.full((num, length, k), -1, dtype=torch.int32)
     teacher_logprobs = torch.zeros((num, length, k), dtype=torch.float32)
     tail = torch.full((num, length), -math.inf, dtype=torch.float32)
+    next_logprob = torch.zeros((num, length), dtype=torch.float32)
     head_bias = bias / temperature if bias is not None else None
     for start in range(0, num, batch_size):
         rows = slice(start, min(start + batch_size, num))
@@ -73,15 +75,26 @@ def _teacher_rows(base, weight, bias, sequences, k, temperature, batch_size, chu
         predicts = (torch.arange(length)[None, :] < (lengths[rows, None] - 1)).to(device)
         h = hidden[predicts]
         if h.shape[0]:
-            top_ids, top_lp, top_tail = linear_topk_logprobs(h / temperature, weight, k, bias=head_bias,
-                                                             chunk_size=chunk_size)
+            h = h / temperature
+            top_ids, top_lp, top_tail = linear_topk_logprobs(h, weight, k, bias=head_bias, chunk_size=chunk_size)
             where = predicts.cpu()
             teacher_ids[rows][where] = top_ids.cpu()
             teacher_logprobs[rows][where] = top_lp.cpu()
             tail[rows][where] = top_tail.cpu()
+            # The actual next token's log-prob, from two logits only (no [N, V]): its logit minus the
+            # log-normalizer, which the best slot gives as its logit minus its log-prob.
+            following = ids[:, 1:][predicts[:, :-1]]
+            lse = _logits_at(h, weight, head_bias, top_ids[:, 0].long()) - top_lp[:, 0]
+            next_logprob[rows][where] = (_logits_at(h, weight, head_bias, following) - lse).cpu()
         bar.update(rows.stop - rows.start)
     return {"input_ids": input_ids, "lengths": lengths, "teacher_ids": teacher_ids,
-            "teacher_logprobs": teacher_logprobs, "teacher_tail_logprob": tail}
+            "teacher_logprobs": teacher_logprobs, "teacher_tail_logprob": tail, "sampled_logprobs": next_logprob}
+
+
+def _logits_at(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ids: torch.Tensor):
+    """Logits ``hidden[i] . weight[ids[i]] (+ bias[ids[i]])`` in float32, one vocabulary row per position."""
+    logits = (hidden.float() * weight[ids].float()).sum(-1)
+    return logits + bias[ids].float() if bias is not None else logits
 
 
 def build_teacher_cache(
@@ -96,6 +109,7 @@ def build_teacher_cache(
     chunk_size: Optional[int] = None,
     pad_token_id: Optional[int] = None,
     progress: bool = True,
+    logprob_dtype=torch.float16,
 ) -> ReplayBuffer:
     """Record ``model``'s top-k teacher at every position of ``token_sequences`` into ``out_dir``.
 
@@ -110,6 +124,8 @@ def build_teacher_cache(
         temperature: the teacher is softmax(logits / temperature).
         chunk_size: positions per logits chunk of ``linear_topk_logprobs`` (default: its own).
         pad_token_id: padding id in ``input_ids`` (default: the model's, else 0).
+        logprob_dtype: torch.float16 (default; see docs/design.md for its effect on the loss) or torch.float32,
+            for the stored teacher log-probs.
     Returns the complete ReplayBuffer (mode "tail"), as ``ReplayBuffer.load(out_dir)`` would.
     """
     base, weight, bias = lm_head_of(model)
@@ -124,6 +140,9 @@ def build_teacher_cache(
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     out_dir = os.fspath(out_dir)
     sequences = _check_sequences(token_sequences, vocab)
+    if logprob_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype!r}")
+    dtype_name = str(logprob_dtype).replace("torch.", "")
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
@@ -139,12 +158,16 @@ def build_teacher_cache(
         "sequences_sha256": _digest(sequences),
         "shard_size": shard_size,
         "pad_token_id": pad_token_id,
+        "logprob_dtype": dtype_name,
     }
     metadata = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": vocab, "k": k, "mode": "tail",
-        "pad_token_id": pad_token_id, "logprob_dtype": "float32", "model_name": settings["model_name"],
+        "pad_token_id": pad_token_id, "logprob_dtype": dtype_name, "model_name": settings["model_name"],
         "config_hash": settings["config_hash"], "weights_fingerprint": settings["weights_fingerprint"],
         "weights_dtype": settings["weights_dtype"], "temperature": temperature, "source": "corpus",
+        # The next token's log-prob at every row (the field generated buffers have), but the text is a corpus,
+        # not a sample of the model: no unbiased sequence-level KL estimate from it.
+        "sampled_logprobs": True, "sampled_from_teacher": False, "provenance": provenance("corpus"),
         SETTINGS_KEY: settings,
     }
     check_resume_weights(out_dir, SETTINGS_KEY, settings, producer="build_teacher_cache")  # before any shard is read
@@ -157,5 +180,7 @@ def build_teacher_cache(
             shard = sequences[index * shard_size : (index + 1) * shard_size]
             tensors = _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size,
                                     pad_token_id, bar)
+            for name in ("teacher_logprobs", "teacher_tail_logprob"):
+                tensors[name] = tensors[name].to(logprob_dtype)
             writer.write_shard(tensors)  # the shard, then metadata.json listing it
     return ReplayBuffer.load(out_dir, expected_vocab_size=vocab)

@@ -177,7 +177,7 @@ def generate_replay_vllm(
     progress: bool = True,
     shard_size: int = 1024,
     tokenizer=None,
-    logprob_dtype=torch.float32,
+    logprob_dtype=torch.float16,
     bos_token_id: Optional[int] = None,
     eos_token_id=None,
     pad_token_id: Optional[int] = None,
@@ -267,7 +267,8 @@ def generate_replay_vllm(
         **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
     }
     # ---- resume ----
-    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory)
+    writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
+                                          tokenizer=tokenizer)
     if writer is not None:
         out_dir = writer.out_dir
     start_shard = writer.num_done_shards if writer is not None else 0
@@ -320,7 +321,7 @@ def generate_replay_vllm(
             bar.close()
     if not keep_in_memory:
         return None
-    meta = buffer_metadata(settings)
+    meta = buffer_metadata(settings, tokenizer)
     meta.update(num_sequences=num_sequences, complete=True, generation_stats=total_stats.as_dict())
     buffer = ReplayBuffer.concat(parts, metadata=meta)
     buffer.generation_stats = total_stats
@@ -340,8 +341,8 @@ def _sampling_params(k, temperature, max_new_tokens, eos_ids, seed):
 
 
 def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, max_new_tokens, eos_ids):
-    """One shard's sequences: a list of (tokens, teacher ids, teacher log-probs, tail) per sequence, as the
-    native engine returns them (rows ``len(prompt) - 1 .. n - 2`` hold the teacher, the others none)."""
+    """One shard's sequences: a list of (tokens, teacher ids, teacher log-probs, tail, sampled token's log-prob)
+    per sequence, as the native engine returns them (rows ``len(prompt) - 1 .. n - 2`` hold the teacher, the others none)."""
     from vllm.inputs import TokensPrompt
 
     params = [_sampling_params(k, temperature, max_new_tokens, eos_ids, request_seed(seed, shard, i))
@@ -360,7 +361,7 @@ def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, ma
     lp = np.concatenate(flat_lp).reshape(-1, k + 1)
     if ids.shape[0] != lengths.sum() or not np.array_equal(ids[:, 0], np.concatenate(gen_tokens)):
         raise RuntimeError("the engine's log-probs do not hold k + 1 entries per generated token, the sampled one first")
-    top_ids, top_lp = ids[:, 1:], lp[:, 1:]
+    top_ids, top_lp, sampled_lp = ids[:, 1:], lp[:, 1:], lp[:, 0]  # entry 0: the sampled token, its log-prob
     tail = tail_from_topk(top_lp, complete=(k == vocab_size)).astype(np.float32)
     results = []
     offset = 0
@@ -370,9 +371,12 @@ def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, ma
         seq_ids = torch.full((n, k), -1, dtype=torch.int32)
         seq_lp = torch.zeros(n, k, dtype=torch.float32)
         seq_tail = torch.full((n,), float("-inf"), dtype=torch.float32)
+        seq_sampled = torch.zeros(n, dtype=torch.float32)
         seq_ids[rows] = torch.from_numpy(top_ids[offset:offset + m].astype(np.int32))
         seq_lp[rows] = torch.from_numpy(top_lp[offset:offset + m])
         seq_tail[rows] = torch.from_numpy(tail[offset:offset + m])
+        seq_sampled[rows] = torch.from_numpy(sampled_lp[offset:offset + m])
         offset += m
-        results.append((torch.tensor(prompt + tokens.tolist(), dtype=torch.long), seq_ids, seq_lp, seq_tail))
+        results.append((torch.tensor(prompt + tokens.tolist(), dtype=torch.long), seq_ids, seq_lp, seq_tail,
+                        seq_sampled))
     return results

@@ -17,9 +17,12 @@ from test_replay_buffer import VOCAB, assert_same, make_buffer
 LOADERS = {"load": ReplayBuffer.load, "open": ReplayBuffer.open}
 
 
-def saved(tmp_path, name="buf", num_seq=9, shard_size=4, seed=0, **kw):
+FORMAT_VERSIONS = pytest.mark.parametrize("format_version", [1, 2])  # v1 is still read (and written on request)
+
+
+def saved(tmp_path, name="buf", num_seq=9, shard_size=4, seed=0, format_version=rb.FORMAT_VERSION, **kw):
     path = str(tmp_path / name)
-    make_buffer(num_seq=num_seq, seed=seed, **kw).save(path, shard_size=shard_size)
+    make_buffer(num_seq=num_seq, seed=seed, **kw).save(path, shard_size=shard_size, format_version=format_version)
     return path
 
 
@@ -119,8 +122,9 @@ def test_a_shard_that_is_a_link_to_a_foreign_file_is_refused_without_revealing_i
     assert "user's own data" not in str(info.value)
 
 
-def test_a_checksum_error_does_not_print_the_files_digest(tmp_path):
-    path = saved(tmp_path)
+@FORMAT_VERSIONS
+def test_a_checksum_error_does_not_print_the_files_digest(tmp_path, format_version):
+    path = saved(tmp_path, format_version=format_version)
     shard = os.path.join(path, "shard-00000.safetensors")
     data = bytearray(open(shard, "rb").read())
     data[-2] ^= 0x10
@@ -250,8 +254,9 @@ def test_metadata_that_breaks_the_schema_is_refused_naming_the_field(tmp_path, e
     ("k", 3, "k=3"),
     ("logprob_dtype", "float16", "logprob_dtype='float16'"),
 ])
-def test_metadata_contradicting_its_shards_is_refused(tmp_path, field, value, match):
-    path = saved(tmp_path)
+@FORMAT_VERSIONS
+def test_metadata_contradicting_its_shards_is_refused(tmp_path, field, value, match, format_version):
+    path = saved(tmp_path, format_version=format_version)
     rewrite_metadata(path, lambda meta: meta.update({field: value}))
     for load in LOADERS.values():
         with pytest.raises(ReplayBufferError, match=match):
@@ -266,8 +271,9 @@ def drop_last_shard_and_fix_the_counts(meta):
 
 @pytest.mark.parametrize("edit", [lambda m: m.update(mode="sampled"), drop_last_shard_and_fix_the_counts,
                                   lambda m: m.update(temperature=0.5)], ids=["mode", "dropped", "temperature"])
-def test_an_edited_metadata_file_is_detected(tmp_path, edit):
-    path = saved(tmp_path)
+@FORMAT_VERSIONS
+def test_an_edited_metadata_file_is_detected(tmp_path, edit, format_version):
+    path = saved(tmp_path, format_version=format_version)
     meta = raw_metadata(path)
     assert len(meta["metadata_sha256"]) == 64
     edit(meta)
@@ -310,8 +316,9 @@ def test_stale_temporaries_are_removed_by_the_next_writer_and_nothing_else(tmp_p
         assert os.listdir(cache) == [".lock"]
 
 
-def test_a_shard_rewritten_after_open_with_its_mtime_restored_is_detected(tmp_path):
-    path = saved(tmp_path, num_seq=12)
+@FORMAT_VERSIONS
+def test_a_shard_rewritten_after_open_with_its_mtime_restored_is_detected(tmp_path, format_version):
+    path = saved(tmp_path, num_seq=12, format_version=format_version)
     shard = os.path.join(path, "shard-00001.safetensors")
     before = os.stat(shard)
     lazy = ReplayBuffer.open(path)

@@ -30,7 +30,8 @@ def buffers(tmp_path_factory):
     seqs = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (6, 11, 3, 9, 14, 5, 8)]
     teacher = tiny_model(1).eval()
     root = tmp_path_factory.mktemp("forgetting")
-    return {k: sf.build_teacher_cache(teacher, seqs, k, root / f"k{k}", progress=False) for k in (5, VOCAB)} | {
+    return {k: sf.build_teacher_cache(teacher, seqs, k, root / f"k{k}", progress=False,
+                                          logprob_dtype=torch.float32) for k in (5, VOCAB)} | {
         "dir": root / "k5"}
 
 

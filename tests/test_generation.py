@@ -237,6 +237,10 @@ def assert_teacher_matches_full_forward(model, buffer, k, prompts_len=None, temp
         torch.testing.assert_close(buffer.teacher_tail_logprob[i, rows].double(), tail, atol=2e-5, rtol=1e-5)
         # every sampled token must have had positive probability under the recorded distribution
         assert torch.isfinite(logp[rows, torch.tensor(seq)[rows + 1]]).all()
+        # the sampled token's log-prob (cache v2) is the target's at every emitted position, 0 elsewhere
+        torch.testing.assert_close(buffer.sampled_logprobs[i, rows].double(), logp[rows, torch.tensor(seq)[rows + 1]],
+                                   atol=2e-5, rtol=1e-6)
+        assert (buffer.sampled_logprobs[i, :n][~expected_rows] == 0).all() and (buffer.sampled_logprobs[i, n:] == 0).all()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -253,7 +257,8 @@ def test_cached_topk_equals_full_forward(arch, speculative, monkeypatch):
         kwargs["drafter"] = NGramDrafter()
     k = 6
     buffer = generate_replay(model, num_sequences=14, max_new_tokens=12, top_k=k, batch_size=4, prompts=prompts,
-                             shard_size=8, seed=5, progress=False, check_every=3, num_draft_tokens=3, **kwargs)
+                             shard_size=8, seed=5, progress=False, check_every=3, num_draft_tokens=3,
+                             logprob_dtype=torch.float32, **kwargs)
     assert len(buffer) == 14
     assert buffer.k == k and buffer.vocab_size == 48
     prompt_lens = [len(prompts[i % 3]) for i in range(14)]
@@ -272,10 +277,11 @@ def test_cached_topk_equals_full_forward(arch, speculative, monkeypatch):
 def test_teacher_at_temperature_and_float16(monkeypatch):
     model = build_model("llama", 3)
     buffer = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=5, batch_size=3, temperature=0.6,
-                             seed=0, progress=False, logprob_dtype=torch.float16)
-    assert buffer.teacher_logprobs.dtype == torch.float16
+                             seed=0, progress=False)
+    assert buffer.teacher_logprobs.dtype == torch.float16  # the default (cache format v2)
     exact = generate_replay(model, num_sequences=6, max_new_tokens=8, top_k=5, batch_size=3, temperature=0.6,
-                            seed=0, progress=False)
+                            seed=0, progress=False, logprob_dtype=torch.float32)
+    assert torch.equal(buffer.sampled_logprobs, exact.sampled_logprobs)  # always float32
     assert torch.equal(buffer.input_ids, exact.input_ids)
     torch.testing.assert_close(buffer.teacher_logprobs.float(), exact.teacher_logprobs, atol=1e-2, rtol=1e-3)
     assert_teacher_matches_full_forward(model, exact, 5, temperature=0.6)
@@ -283,7 +289,8 @@ def test_teacher_at_temperature_and_float16(monkeypatch):
 
 def test_full_vocab_teacher_has_no_tail_and_sums_to_one():
     model = build_model("qwen2", 4)
-    buffer = generate_replay(model, num_sequences=4, max_new_tokens=6, top_k=48, batch_size=4, progress=False)
+    buffer = generate_replay(model, num_sequences=4, max_new_tokens=6, top_k=48, batch_size=4, progress=False,
+                             logprob_dtype=torch.float32)
     mask = buffer.teacher_ids[..., 0] >= 0
     assert torch.isneginf(buffer.teacher_tail_logprob[mask]).all()
     mass = buffer.teacher_logprobs[mask].double().exp().sum(-1)
@@ -296,7 +303,7 @@ def test_batches_align_with_hidden_states_kl_to_self_is_zero():
     and a different model gives KL > 0. This pins down the row-j-predicts-token-j+1 alignment."""
     model = build_model("llama", 6)
     buffer = generate_replay(model, num_sequences=10, max_new_tokens=10, top_k=4, batch_size=4, progress=False,
-                             prompts=[[1], [1, 9, 10]])
+                             prompts=[[1], [1, 9, 10]], logprob_dtype=torch.float32)
     other = build_model("llama", 7)
     for batch in buffer.batches(4, shuffle=True, seed=0):
         for student, expect_zero in ((model, True), (other, False)):
@@ -316,7 +323,7 @@ def test_sampled_teacher_mode(drafter):
     model = build_model("llama", 8)
     draws = 400
     buffer = generate_replay(model, num_sequences=4, max_new_tokens=5, top_k=48, batch_size=4, progress=False,
-                             sampled_draws=draws, seed=3, drafter=drafter)
+                             sampled_draws=draws, seed=3, drafter=drafter, logprob_dtype=torch.float32)
     assert buffer.mode == "sampled" and buffer.k == 48
     buffer.validate()
     mask = buffer.teacher_ids[..., 0] >= 0
@@ -584,7 +591,7 @@ def test_generate_command(tmp_path, capsys):
     assert cli.main([
         "generate", "--model", str(model_dir), "--out", str(out), "--num-sequences", "5", "--max-new-tokens", "6",
         "--top-k", "4", "--draft", str(draft_dir), "--batch-size", "2", "--seed", "3", "--device", "cpu",
-        "--no-progress",
+        "--no-progress", "--logprob-dtype", "float32",
     ]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["buffer"]["sequences"] == 5 and 0 <= summary["this_run"]["acceptance_rate"] <= 1
@@ -639,7 +646,8 @@ def test_model_ignoring_custom_masks_is_detected():
 def test_speculative_with_one_or_many_draft_tokens(num_draft_tokens):
     model, draft = build_model("llama", 14), build_model("llama", 15, layers=1)
     buffer = generate_replay(model, num_sequences=5, max_new_tokens=9, top_k=4, batch_size=2, progress=False,
-                             draft_model=draft, num_draft_tokens=num_draft_tokens, prompts=[[1, 3]])
+                             draft_model=draft, num_draft_tokens=num_draft_tokens, prompts=[[1, 3]],
+                             logprob_dtype=torch.float32)
     assert_teacher_matches_full_forward(model, buffer, 4, [2] * 5)
     stats = buffer.generation_stats
     assert stats.draft_proposed > 0 and 0 <= stats.draft_accepted <= stats.draft_proposed

@@ -423,3 +423,18 @@ def test_trainer_accepts_a_sharded_buffer(tmp_path):
         _assert_batches_equal([in_memory.next_replay_batch()], [lazy.next_replay_batch()])
     with pytest.raises(ValueError, match="vocabulary"):
         tt.make_trainer(tmp_path / "c", tt.tiny_model(seed=0, vocab_size=tt.VOCAB + 1), ReplayBuffer.open(cache))
+
+
+def test_filter_keeps_exactly_the_sequences_the_predicate_accepts():
+    buffer = make_buffer(num_seq=12, seed=6)
+    banned = buffer.sequences()[3][1]
+    kept = buffer.filter(lambda ids: banned not in ids)
+    expected = [i for i, seq in enumerate(buffer.sequences()) if banned not in seq]
+    assert 0 < len(expected) < 12  # the case is not trivial
+    assert_same(kept, buffer.select(expected))
+    assert kept.sequences() == [s for s in buffer.sequences() if banned not in s]
+    assert len(buffer.filter(lambda ids: False)) == 0 and len(buffer.filter(lambda ids: True)) == 12
+    with pytest.raises(TypeError, match="predicate must be callable"):
+        buffer.filter("not a function")
+    with pytest.raises(TypeError, match="predicate must return a bool"):
+        buffer.filter(lambda ids: ids)

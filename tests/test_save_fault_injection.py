@@ -63,11 +63,13 @@ def which_buffer(path, old, new):
     return "old"
 
 
-def test_save_overwrite_killed_at_every_point_leaves_the_old_or_the_new_buffer(tmp_path):
+@pytest.mark.parametrize("old_format", [2, 1], ids=["v2-over-v2", "v2-over-v1"])
+def test_save_overwrite_killed_at_every_point_leaves_the_old_or_the_new_buffer(tmp_path, old_format):
+    # v2-over-v1: upgrading a format-v1 buffer in place is as safe as any overwrite.
     seen = []
     for n in range(1, 200):
         path = str(tmp_path / f"kill-{n}")
-        OLD[0].save(path, shard_size=OLD[1])
+        OLD[0].save(path, shard_size=OLD[1], format_version=old_format)
         finished = killed_save(path, NEW, n)
         seen.append(which_buffer(path, OLD, NEW))
         if finished:

@@ -51,7 +51,7 @@ def test_cache_equals_the_models_own_log_softmax(tmp_path, kind, temperature):
     seqs = corpus()
     k = 5
     buf = sf.build_teacher_cache(model, seqs, k, tmp_path / "c", batch_size=3, shard_size=4,
-                                 temperature=temperature, progress=False)
+                                 temperature=temperature, progress=False, logprob_dtype=torch.float32)
     assert len(buf) == len(seqs) and buf.k == k and buf.vocab_size == VOCAB
     assert buf.lengths.tolist() == [len(s) for s in seqs]
     for i, seq in enumerate(seqs):
@@ -68,11 +68,19 @@ def test_cache_equals_the_models_own_log_softmax(tmp_path, kind, temperature):
         # the last token predicts nothing within the sequence, and padding has no teacher
         assert (buf.teacher_ids[i, n - 1 :] == -1).all()
         assert torch.isinf(buf.teacher_tail_logprob[i, n - 1 :]).all()
+        # cache v2: row j also holds the log-prob of the actual token j + 1 (0 where no row predicts)
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].double() / temperature, -1)
+        torch.testing.assert_close(buf.sampled_logprobs[i, : n - 1].double(),
+                                   log_p[torch.arange(n - 1), torch.tensor(seq[1:], dtype=torch.long)], rtol=1e-5, atol=1e-5)
+        assert (buf.sampled_logprobs[i, n - 1 :] == 0).all()
+    assert buf.metadata["sampled_logprobs"] is True and buf.metadata["sampled_from_teacher"] is False
+    assert buf.metadata["provenance"]["backend"] == "corpus" and buf.metadata["provenance"]["torch"] == torch.__version__
 
 
 def test_a_model_against_its_own_cache_has_zero_kl(tmp_path):
     model = tiny_model()
-    buf = sf.build_teacher_cache(model, corpus(), 4, tmp_path / "c", progress=False)
+    buf = sf.build_teacher_cache(model, corpus(), 4, tmp_path / "c", progress=False, logprob_dtype=torch.float32)
     batch = next(buf.batches(7, shuffle=False))
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

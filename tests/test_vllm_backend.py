@@ -120,6 +120,11 @@ def teacher_errors(model, buffer, prompt_lens, temperature):
         if resolved.any():
             worst["log_tail"] = max(worst["log_tail"], float((cached_tail[resolved] - tail[resolved]).abs().max()))
         assert torch.isfinite(logp[rows, torch.tensor(seq)[rows + 1]]).all()  # every sampled token was possible
+        # cache v2: the sampled token's log-prob, as vLLM returned it with the top-k, is the model's own
+        sampled = logp[rows, torch.tensor(seq)[rows + 1]]
+        worst["sampled_logprob"] = max(worst.get("sampled_logprob", 0.0),
+                                       float((buffer.sampled_logprobs[i, rows].double() - sampled).abs().max()))
+        assert (buffer.sampled_logprobs[i, :n][~expected_rows] == 0).all()
     return worst
 
 
@@ -128,6 +133,7 @@ def test_recorded_teacher_equals_the_models(engine, temperature):
     path, model, llm = engine
     prompts = [[BOS], [BOS, 1, 2, 3], [BOS, 2]]
     buffer = generate_replay(llm, num_sequences=30, max_new_tokens=20, top_k=3, temperature=temperature,
+                             logprob_dtype=torch.float32,
                              prompts=prompts, seed=5, shard_size=8, progress=False, backend="vllm")
     prompt_lens = [len(prompts[i % 3]) for i in range(30)]
     for i, seq in enumerate(buffer.sequences()):
@@ -143,11 +149,15 @@ def test_recorded_teacher_equals_the_models(engine, temperature):
     # (measured 2e-6), so within 2e-5; the tail mass is 1 - sum of k float32 probabilities, absolute error
     # ~1e-7 (measured 1.3e-7), so within 2e-6, and resolved (> 1e-3) log-tails within 1e-3 (measured 1.2e-5).
     assert worst["logprob"] < 2e-5 and worst["tail_mass"] < 2e-6 and worst["log_tail"] < 1e-3
+    assert worst["sampled_logprob"] < 2e-5  # the sampled token's log-prob: the same float32 log_softmax
+    assert buffer.metadata["sampled_from_teacher"] and buffer.metadata["provenance"]["backend"] == "vllm"
+    assert buffer.metadata["provenance"]["vllm"] is not None
 
 
 def test_full_vocabulary_teacher_has_no_tail(engine):
     path, model, llm = engine
-    buffer = generate_replay(llm, num_sequences=4, max_new_tokens=6, top_k=TINY_VOCAB, progress=False, backend="vllm")
+    buffer = generate_replay(llm, num_sequences=4, max_new_tokens=6, top_k=TINY_VOCAB, progress=False, backend="vllm",
+                             logprob_dtype=torch.float32)
     mask = buffer.teacher_ids[..., 0] >= 0
     assert torch.isneginf(buffer.teacher_tail_logprob[mask]).all()
     assert torch.equal(buffer.teacher_ids[mask].sort(-1).values, torch.arange(TINY_VOCAB, dtype=torch.int32).expand(int(mask.sum()), -1))
@@ -164,7 +174,7 @@ def test_buffer_opens_and_trains_with_fused_replay_kl(engine, tmp_path):
     path, model, llm = engine
     out = str(tmp_path / "buf")
     generate_replay(llm, num_sequences=10, max_new_tokens=12, top_k=3, prompts=[[BOS], [BOS, 1, 2]], shard_size=4,
-                    out_dir=out, progress=False, keep_in_memory=False, backend="vllm")
+                    out_dir=out, progress=False, keep_in_memory=False, backend="vllm", logprob_dtype=torch.float32)
     meta = ReplayBuffer.load(out, expected_vocab_size=TINY_VOCAB).metadata
     assert meta["config_hash"] == model_config_hash(model)  # the native backend's hash of the same checkpoint
     native = generate_replay(model, num_sequences=2, max_new_tokens=3, top_k=3, progress=False)

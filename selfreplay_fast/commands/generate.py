@@ -47,7 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="base seed (default 0)")
     parser.add_argument("--shard-size", type=positive_int, default=1024, help="sequences per shard, the unit of resumption (default 1024)")
     parser.add_argument("--sampled-draws", type=positive_int, default=None, help="record a 'sampled' teacher of N draws instead of top-k (default: top-k)")
-    parser.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float32", help="stored log-prob dtype")
+    parser.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float16",
+                        help="stored log-prob dtype (float16: half the bytes, loss within 1e-3; see docs/design.md)")
     parser.add_argument("--prompts-file", type=existing_file, default=None, help="text file, one prompt per line (default: BOS only)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
