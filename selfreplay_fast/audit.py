@@ -185,7 +185,8 @@ def audit(model, task, *, out_dir: str, replay=None, lora: bool = False, lora_ra
           task_holdout: float = 0.2, replay_holdout: float = 0.25, replay_sequences: int = 256,
           replay_max_new_tokens: int = 128, replay_top_k: int = 32, max_length: int = 512,
           max_task_cost: float = 0.01, min_drift_removed: float = 0.8, seed: int = 0, device="auto",
-          dtype=torch.float32, progress: bool = True, extra_eval: Optional[Callable] = None) -> AuditResult:
+          dtype=torch.float32, progress: bool = True, extra_eval: Optional[Callable] = None,
+          heldout_task=None) -> AuditResult:
     """Pilot fine-tunes over ``learning_rates`` x ``replay_weights`` and the verdict of the audit's rule.
 
     Args:
@@ -207,6 +208,8 @@ def audit(model, task, *, out_dir: str, replay=None, lora: bool = False, lora_ra
         seed: the split, the task and replay batch order, the LoRA initialization and the generated replay.
         device: "auto" (cuda if there is one), "cpu", "cuda", ...; dtype: the weights' dtype when loading.
         extra_eval: optional ``fn(model) -> dict`` of further numbers recorded with each cell.
+        heldout_task: optional held-out task data of its own (as ``task``): then all of ``task`` is trained on
+            and ``task_holdout`` is not used.
     """
     device = resolve_device(device)
     if not isinstance(lora, bool):
@@ -241,10 +244,15 @@ def audit(model, task, *, out_dir: str, replay=None, lora: bool = False, lora_ra
     original, tokenizer = _load_model(model, device, dtype)
     original.eval()
     seqs = load_task_sequences(task, tokenizer, max_length=max_length)
-    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_held = min(max(1, round(task_holdout * len(seqs))), len(seqs) - 1)
-    heldout_task = [seqs[i] for i in sorted(order[:n_held])]
-    train_task = [seqs[i] for i in sorted(order[n_held:])]
+    if heldout_task is None:
+        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_held = min(max(1, round(task_holdout * len(seqs))), len(seqs) - 1)
+        heldout_task = [seqs[i] for i in sorted(order[:n_held])]
+        train_task = [seqs[i] for i in sorted(order[n_held:])]
+    else:
+        train_task, heldout_task = seqs, load_task_sequences(heldout_task, tokenizer, max_length=max_length)
+        n_held = len(heldout_task)
+        seqs = seqs + heldout_task  # the digest covers both
     config = original.config
     pad_id = next((i for i in (config.pad_token_id, config.eos_token_id, 0) if isinstance(i, int)), 0)
 
@@ -258,7 +266,7 @@ def audit(model, task, *, out_dir: str, replay=None, lora: bool = False, lora_ra
                               lora_rank=lora_rank, seed=seed)
         settings = {"model_fingerprint": weights_fingerprint(original), "task_digest": _digest(seqs),
                     "replay_digest": _digest(buffer.sequences()), "replay_sequences_held_out": len(replay_heldout),
-                    "task_held_out": n_held, "replay_loss": replay_loss, "device": device.type,
+                    "task_held_out": n_held, "device": device.type,  # replay_loss is in each cell's name
                     "pilot": dataclasses.asdict(pilot)}
         _check_settings(out_dir, settings)
         before = task_loss(original, heldout_task, pad_id, device, pilot.eval_batch_size)

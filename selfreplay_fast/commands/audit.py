@@ -5,24 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ._arguments import (
-    UsageError, check_device, existing_directory, existing_file, non_negative_float, non_negative_int,
+    UsageError, check_device, existing_directory, existing_file, non_negative_float, non_negative_int, number_list,
     output_directory, positive_float, positive_int,
 )
 
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _number_list(parse):
-    def parse_list(text: str):
-        items = [t.strip() for t in text.split(",")]
-        if not text.strip() or any(not t for t in items):
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-        values = [parse(t) for t in items]
-        if len(set(values)) != len(values):
-            raise argparse.ArgumentTypeError(f"values repeat in {text!r}")
-        return values
-
-    return parse_list
 
 
 def _fraction(text: str) -> float:
@@ -56,9 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--out-dir", type=output_directory, default="selfreplay_audit", help="the audit's own directory")
     p.add_argument("--lora", action="store_true", help="pilots with LoRA adapters (peft) instead of full fine-tuning")
     p.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank, with --lora")
-    p.add_argument("--learning-rates", type=_number_list(positive_float), default=None,
+    p.add_argument("--learning-rates", type=number_list(positive_float), default=None,
                    help="comma-separated (default: 1e-5,3e-5,1e-4 full; 1e-4,3e-4,1e-3 with --lora)")
-    p.add_argument("--replay-weights", type=_number_list(non_negative_float),
+    p.add_argument("--replay-weights", type=number_list(non_negative_float),
                    default=",".join(f"{w:g}" for w in DEFAULT_REPLAY_WEIGHTS),
                    help="comma-separated replay weights, 0 included")
     p.add_argument("--replay-loss", choices=REPLAY_LOSSES, default="kl", help="the replay term")
