@@ -5,6 +5,7 @@ a KL penalty toward that cached teacher while fine-tuning. See README.md and doc
 """
 
 from ._inputs import skip_value_checks
+from .audit import AuditResult, audit  # the function; the module stays importable as selfreplay_fast.audit
 from .forgetting import ForgettingReport, measure_forgetting
 from .generation import Drafter, GenerationStats, ModelDrafter, NGramDrafter, generate_replay, load_model_for_generation
 from .model_glue import ReplayKLLoss, ReplayStepLosses, last_hidden_states, lm_head_of, replay_step, task_nll
@@ -60,6 +61,8 @@ __all__ = [
     "replay_step",
     "ReplayTrainer",
     "measure_forgetting",
+    "audit",
+    "AuditResult",
     "ForgettingCallback",
     "ForgettingReport",
     "__version__",

@@ -20,7 +20,7 @@ from . import __version__
 from .commands._arguments import UsageError, one_line
 
 # Subcommand modules, in the order ``selfreplay --help`` lists them.
-COMMANDS = ["demo", "generate", "cache", "plan"]
+COMMANDS = ["demo", "generate", "cache", "plan", "audit"]
 
 EXIT_RUNTIME_ERROR = 1
 EXIT_USAGE_ERROR = 2

@@ -1,32 +1,32 @@
-"""The forgetting experiment of Marek et al. (2026), small enough for a laptop CPU.
+"""The forgetting experiment of Marek et al. (2026), small enough for a laptop CPU, run by ``sf.audit``.
 
 1. Pretrain a tiny Llama-shaped byte-level model on text A (English prose: standard-library docstrings).
-2. Fine-tune it on text B (Python code: the same library's source without docstrings):
-   (a) plainly, (b) with self-generated replay — ``generate_replay`` samples text from the pretrained
-   model itself, prompted with BOS alone, recording its top-k distribution, and every fine-tuning step
-   adds lambda * ``fused_replay_kl`` (tail mode) toward that cached teacher — and optionally (c) plainly
-   at a lower learning rate.
-3. Report the loss on held-out A before and after (the forgetting) and on held-out B after.
+2. Sample replay from it (``generate_replay``, BOS prompts, top-k teacher cached).
+3. Audit fine-tuning on text B (Python code: the same library's source without docstrings): ``sf.audit``'s
+   pilots over learning rates x replay weights (0 included) *are* the demo's fine-tunes. Each reports its
+   loss on held-out B (the task loss), the drift the audit measures on held-out replay (no copy of the
+   pretrained model needed), and, as the ground truth the drift estimates, its loss on held-out A.
+4. The run with replay is the one the audit's rule recommends; beside it, plain next-token loss on the same
+   replay text with no teacher (``replay_loss="nll"``, the context-free-sampling baseline) at the same
+   learning rate and weight, and plain fine-tuning at every learning rate of the grid.
 
-Every loss here, the task's too, goes through ``fused_replay_kl``: a label is a k = 1 teacher with
-probability 1, for which the tail-mode KL is exactly the cross-entropy. No full logits are kept.
+Every loss here, the task's too, goes through ``fused_replay_kl``: no full logits are kept.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from .demo_data import BOS, EOS, VOCAB_SIZE, TextSplit, evaluation_windows, load_texts, random_windows, split
-from .model_glue import ReplayKLLoss, task_nll
+from .model_glue import task_nll
 
 
 @dataclass
@@ -40,15 +40,17 @@ class DemoConfig:
     pretrain_steps: int = 600
     pretrain_lr: float = 3e-3
     finetune_steps: int = 200
-    finetune_lr: float = 3e-3
-    low_lr: Optional[float] = 3e-4  # run (c) at this learning rate; None skips it
+    learning_rates: Tuple[float, ...] = (1e-3, 3e-3)  # the audit's grid
+    replay_weights: Tuple[float, ...] = (0.0, 2.5, 10.0)  # lambda; the paper used 1 to 10
+    max_task_cost: float = 0.01  # the audit's rule: at most +1% loss on B over the best plain run
+    min_drift_removed: float = 0.8  # ... and at least this much of its drift removed
     batch_size: int = 16
     replay_batch_size: int = 8  # the paper: about half the task batch
-    replay_weight: float = 2.5  # lambda; the paper used 1 to 10
-    replay_sequences: int = 384
+    replay_sequences: int = 512
+    replay_holdout: float = 0.25  # held out of the replay to measure the drift on
     replay_top_k: int = 16
+    task_windows: int = 4096  # the pool of B windows the fine-tunes draw their batches from
     eval_windows: int = 48
-    eval_every: int = 25
     out_dir: str = "selfreplay_demo"
     progress: bool = True
 
@@ -56,11 +58,12 @@ class DemoConfig:
 @dataclass
 class RunResult:
     name: str
+    learning_rate: float
+    replay_weight: float
     loss_a: float
     loss_b: float
-    curve_steps: List[int] = field(default_factory=list)
-    curve_a: List[float] = field(default_factory=list)
-    curve_b: List[float] = field(default_factory=list)
+    drift: float  # the audit's estimate: KL to the cached teacher on held-out replay, nats per token
+    drift_stderr: float
     seconds: float = 0.0
 
 
@@ -70,6 +73,8 @@ class DemoResult:
     before_a: float
     before_b: float
     runs: Dict[str, RunResult]
+    verdict: str
+    audit_table: str
     replay_tokens: int
     replay_seconds: float
     peak_memory_bytes: int
@@ -83,10 +88,22 @@ class DemoResult:
         """Fraction of plain fine-tuning's forgetting that ``run`` avoids."""
         return 1.0 - self.forgetting(run) / self.forgetting("plain")
 
+    def loss_b_vs_plain(self, run: str = "replay") -> float:
+        return self.runs[run].loss_b / self.runs["plain"].loss_b - 1.0
+
+    def drift_ranking_agrees(self) -> bool:
+        """Whether ordering the runs by the drift estimate orders them by their measured loss on A too."""
+        names = list(self.runs)
+        by_drift = sorted(names, key=lambda n: self.runs[n].drift)
+        by_loss_a = sorted(names, key=lambda n: self.runs[n].loss_a)
+        return by_drift == by_loss_a
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["forgetting_removed"] = self.forgetting_removed()
-        d["loss_b_vs_plain"] = self.runs["replay"].loss_b / self.runs["plain"].loss_b - 1.0
+        if "replay" in self.runs:
+            d["forgetting_removed"] = self.forgetting_removed()
+            d["loss_b_vs_plain"] = self.loss_b_vs_plain()
+        d["drift_ranking_agrees_with_loss_a"] = self.drift_ranking_agrees()
         return d
 
 
@@ -110,9 +127,10 @@ def next_token_loss(model, windows: torch.Tensor, reduction: str = "mean") -> to
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, batch: int = 16) -> float:
+    was_training = model.training
     model.eval()
     total = sum(next_token_loss(model, windows[i : i + batch], "sum").item() for i in range(0, len(windows), batch))
-    model.train()
+    model.train(was_training)
     return total / (windows.shape[0] * (windows.shape[1] - 1))
 
 
@@ -146,48 +164,6 @@ def _warmup_cosine(steps: int, warmup: int = 20):
     return factor
 
 
-def finetune(model, name: str, text_b: TextSplit, eval_a, eval_b, cfg: DemoConfig, lr: float, replay=None) -> RunResult:
-    """Fine-tune on B; with ``replay`` (a ReplayBuffer) add replay_weight * KL on a replay batch."""
-    g = torch.Generator().manual_seed(cfg.seed + 2)  # the same task batches for every run
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    result = RunResult(name, math.nan, math.nan)
-    replay_iter = _cycle_batches(replay, cfg) if replay is not None else None
-    replay_kl = ReplayKLLoss(mode="tail")
-    start = time.perf_counter()
-    with _bar(cfg.finetune_steps, f"fine-tune on B: {name}", cfg) as bar:
-        for step in range(cfg.finetune_steps + 1):
-            if step % cfg.eval_every == 0 or step == cfg.finetune_steps:
-                result.curve_steps.append(step)
-                result.curve_a.append(evaluate(model, eval_a))
-                result.curve_b.append(evaluate(model, eval_b))
-            if step == cfg.finetune_steps:
-                break
-            batch = random_windows(text_b.train, cfg.batch_size, cfg.seq_len, g).to(cfg.device)
-            loss = next_token_loss(model, batch)
-            postfix = {"task": f"{loss.item():.3f}"}
-            if replay_iter is not None:
-                kl = replay_kl(model, next(replay_iter))
-                loss = loss + cfg.replay_weight * kl
-                postfix["replay_kl"] = f"{kl.item():.4f}"
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            bar.set_postfix(postfix)
-            bar.update()
-    result.loss_a, result.loss_b = result.curve_a[-1], result.curve_b[-1]
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def _cycle_batches(buffer, cfg: DemoConfig):
-    epoch = 0
-    while True:
-        for batch in buffer.batches(cfg.replay_batch_size, shuffle=True, seed=cfg.seed + epoch, device=cfg.device):
-            yield batch
-        epoch += 1
-
-
 def _peak_memory(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
@@ -195,6 +171,8 @@ def _peak_memory(device: str) -> int:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
+    from .audit import audit
+    from .audit_pilot import cell_key
     from .generation import generate_replay
 
     start = time.perf_counter()
@@ -203,49 +181,74 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     prose, code = load_texts()
     text_a, text_b = split(prose), split(code)
     eval_a = evaluation_windows(text_a.heldout, cfg.eval_windows, cfg.seq_len).to(cfg.device)
-    eval_b = evaluation_windows(text_b.heldout, cfg.eval_windows, cfg.seq_len).to(cfg.device)
+    eval_b = evaluation_windows(text_b.heldout, cfg.eval_windows, cfg.seq_len)
+    task = random_windows(text_b.train, cfg.task_windows, cfg.seq_len, torch.Generator().manual_seed(cfg.seed + 2))
 
     model = build_model(cfg)
     pretrain(model, text_a, cfg)
-    before_a, before_b = evaluate(model, eval_a), evaluate(model, eval_b)
+    model.eval()
+    before_a, before_b = evaluate(model, eval_a), evaluate(model, eval_b.to(cfg.device))
 
     replay_start = time.perf_counter()
-    model.eval()
     replay = generate_replay(
         model, num_sequences=cfg.replay_sequences, max_new_tokens=cfg.seq_len - 1, top_k=cfg.replay_top_k,
         batch_size=min(64, cfg.replay_sequences), seed=cfg.seed, progress=cfg.progress,
     )
-    model.train()
     replay_seconds = time.perf_counter() - replay_start
     replay_tokens = int((replay.lengths - 1).clamp_min(0).sum())
 
-    runs = {}
-    plans = [("plain", cfg.finetune_lr, None), ("replay", cfg.finetune_lr, replay)]
-    if cfg.low_lr is not None:
-        plans.append((f"plain, lr {cfg.low_lr:g}", cfg.low_lr, None))
-    for name, lr, buf in plans:
-        runs[name] = finetune(copy.deepcopy(model), name, text_b, eval_a, eval_b, cfg, lr, buf)
+    common = dict(out_dir=os.path.join(cfg.out_dir, "audit"), replay=replay, heldout_task=eval_b.tolist(),
+                  steps=cfg.finetune_steps, batch_size=cfg.batch_size, replay_batch_size=cfg.replay_batch_size,
+                  replay_holdout=cfg.replay_holdout, max_length=cfg.seq_len, seed=cfg.seed, device=cfg.device,
+                  progress=cfg.progress, extra_eval=lambda m: {"loss_a": evaluate(m, eval_a)})
+    grid = audit(model, task.tolist(), learning_rates=list(cfg.learning_rates), replay_weights=list(cfg.replay_weights),
+                 max_task_cost=cfg.max_task_cost, min_drift_removed=cfg.min_drift_removed, **common)
+    decision = grid.verdict
+    cells = {c.key(): c for c in grid.cells}
+    reference = cells[decision.reference]
+    runs: Dict[str, RunResult] = {}
 
-    result = DemoResult(cfg, before_a, before_b, runs, replay_tokens, replay_seconds, _peak_memory(cfg.device),
-                        time.perf_counter() - start)
+    def add(name, cell):
+        runs[name] = RunResult(name, cell.learning_rate, cell.replay_weight, cell.extra["loss_a"], cell.task_loss,
+                               cell.drift, cell.drift_stderr, cell.seconds)
+
+    add("plain", reference)
+    if decision.recommended is not None and decision.recommended != decision.reference:
+        chosen = cells[decision.recommended]
+        add("replay" if not chosen.plain else f"plain, lr {chosen.learning_rate:g} (recommended)", chosen)
+        if not chosen.plain:  # the context-free-sampling baseline at the same learning rate and weight
+            nll = audit(model, task.tolist(), learning_rates=[chosen.learning_rate],
+                        replay_weights=[0.0, chosen.replay_weight], replay_loss="nll", **common)
+            add("NLL replay (no teacher)", next(c for c in nll.cells
+                                                if c.key() == cell_key(chosen.learning_rate, chosen.replay_weight, "nll")))
+    for c in grid.cells:
+        if c.plain and c.key() not in (decision.reference, decision.recommended):
+            add(f"plain, lr {c.learning_rate:g}", c)
+
+    result = DemoResult(cfg, before_a, before_b, runs, decision.message, grid.table, replay_tokens, replay_seconds,
+                        _peak_memory(cfg.device), time.perf_counter() - start)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    result.plot_path = plot(result, os.path.join(cfg.out_dir, "demo_losses.png"))
+    result.plot_path = plot(result, grid, os.path.join(cfg.out_dir, "demo_losses.png"))
     return result
 
 
 def format_table(result: DemoResult) -> str:
     lines = [
-        "| run | loss on A (prose) | forgetting | loss on B (code) | forgetting removed |",
-        "|---|---|---|---|---|",
-        f"| pretrained | {result.before_a:.3f} | - | {result.before_b:.3f} | - |",
+        "| run | lr | λ | loss on A (prose) | forgetting | loss on B (code) | forgetting removed | drift estimate |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| pretrained | - | - | {result.before_a:.3f} | - | {result.before_b:.3f} | - | 0 |",
     ]
     for name, run in result.runs.items():
         removed = "-" if name == "plain" else f"{result.forgetting_removed(name):.0%}"
-        lines.append(f"| {name} | {run.loss_a:.3f} | {result.forgetting(name):+.3f} | {run.loss_b:.3f} | {removed} |")
-    replay, plain = result.runs["replay"], result.runs["plain"]
+        lines.append(f"| {name} | {run.learning_rate:g} | {run.replay_weight:g} | {run.loss_a:.3f} | "
+                     f"{result.forgetting(name):+.3f} | {run.loss_b:.3f} | {removed} | "
+                     f"{run.drift:.4f} ± {run.drift_stderr:.4f} |")
+    lines += ["", f"audit: {result.verdict}"]
+    if "replay" in result.runs:
+        lines.append(f"loss on B with replay vs plain: {result.loss_b_vs_plain():+.1%}; forgetting removed: "
+                     f"{result.forgetting_removed():.1%}")
     lines += [
-        "",
-        f"loss on B with replay vs plain: {replay.loss_b / plain.loss_b - 1:+.1%}",
+        f"drift estimate ranks the runs as their loss on A does: {'yes' if result.drift_ranking_agrees() else 'NO'}",
         f"replay: {result.replay_tokens} tokens generated in {result.replay_seconds:.1f} s",
         f"peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB ({'GPU' if result.config.device.startswith('cuda') else 'process RSS'})",
         f"total time: {result.total_seconds:.0f} s",
@@ -253,7 +256,9 @@ def format_table(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def plot(result: DemoResult, path: str) -> Optional[str]:
+def plot(result: DemoResult, grid, path: str) -> Optional[str]:
+    """Left: the audit's trade-off (loss on B against drift). Right: the drift estimate against the
+    forgetting measured on A, for every fine-tune of the grid (the estimate needs no text A)."""
     try:
         import matplotlib
 
@@ -261,18 +266,28 @@ def plot(result: DemoResult, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for name, run in result.runs.items():
-        axes[0].plot(run.curve_steps, run.curve_a, marker="o", ms=3, label=name)
-        axes[1].plot(run.curve_steps, run.curve_b, marker="o", ms=3, label=name)
-    axes[0].axhline(result.before_a, color="gray", ls="--", lw=1, label="before fine-tuning")
-    axes[0].set_title("held-out loss on A (prose): forgetting")
-    axes[1].set_title("held-out loss on B (code): learning")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for lr in sorted({c.learning_rate for c in grid.cells}):
+        row = sorted((c for c in grid.cells if c.learning_rate == lr), key=lambda c: c.replay_weight)
+        line, = axes[0].plot([c.drift for c in row], [c.task_loss for c in row], marker="o", ms=4, label=f"lr {lr:g}")
+        axes[1].scatter([c.drift for c in row], [c.extra["loss_a"] - result.before_a for c in row],
+                        color=line.get_color(), label=f"lr {lr:g}")
+        for c in row:
+            axes[0].annotate("plain" if c.plain else f"λ={c.replay_weight:g}", (c.drift, c.task_loss),
+                             textcoords="offset points", xytext=(4, 3), fontsize=7, color=line.get_color())
+    if "replay" in result.runs:
+        chosen = result.runs["replay"]
+        axes[0].scatter([chosen.drift], [chosen.loss_b], marker="*", s=220, color="gold", edgecolors="black",
+                        zorder=4, label="recommended")
+    axes[0].set_xlabel("drift estimate (KL to the cached teacher, held-out replay)")
+    axes[0].set_ylabel("held-out loss on B (code), nats/byte")
+    axes[0].set_title("the audit's trade-off")
+    axes[1].set_xlabel("drift estimate (KL to the cached teacher, held-out replay)")
+    axes[1].set_ylabel("forgetting: loss on A after - before, nats/byte")
+    axes[1].set_title("the estimate against the forgetting it estimates")
     for ax in axes:
-        ax.set_xlabel("fine-tuning step")
-        ax.set_ylabel("nats per byte")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,7 +8,9 @@ base model only and hands its last hidden states plus the lm_head weight (and bi
 * :func:`last_hidden_states`: the base model's output, never the lm_head.
 * :func:`task_nll`: the next-token cross-entropy, as ``fused_replay_kl`` against a k = 1 teacher (the
   label, log-probability 0): for that teacher the tail-mode KL is exactly the cross-entropy.
-* :class:`ReplayKLLoss`: KL(cached teacher || model) on a ``ReplayBuffer.batches`` batch.
+* :class:`ReplayKLLoss`: KL(cached teacher || model) on a ``ReplayBuffer.batches`` batch; with
+  ``loss="nll"`` the plain next-token loss on the replay text instead (no teacher needed), with
+  ``loss="kl+nll"`` a convex mix of the two.
 * :func:`replay_step`: both, and their weighted sum.
 
 Heads: a plain ``nn.Linear`` lm_head, tied to the input embedding or not (a tied weight is the same
@@ -48,7 +50,12 @@ __all__ = [
     "ReplayStepLosses",
     "replay_step",
     "check_replay_weight",
+    "REPLAY_LOSSES",
 ]
+
+# What ReplayKLLoss trains on: the cached teacher, the replay text alone (Bansal & Sanghavi's context-free
+# sampling baseline: only input_ids needed), or (1 - nll_weight) * KL + nll_weight * NLL.
+REPLAY_LOSSES = ("kl", "nll", "kl+nll")
 
 
 def _unwrap_peft(model):
@@ -273,30 +280,47 @@ class ReplayKLLoss(torch.nn.Module):
     the batch (unshifted: row j is the teacher for token j + 1) go to ``fused_replay_kl`` with the lm_head.
     ``num_items``: divide the sum by it instead of taking the mean (a gradient-accumulation window).
     Arguments as in ``fused_replay_kl``; ``mode="tail"`` uses the batch's ``teacher_tail_logprob``.
+
+    ``loss``: ``"kl"`` (the default, above); ``"nll"``: the next-token negative log-likelihood of the replay
+    text under ``softmax(logits / temperature)``, no teacher (the batch needs only ``input_ids``; its
+    ``mask`` says which tokens count, the ones the original model sampled, else its ``attention_mask``,
+    else every next token); ``"kl+nll"``: ``(1 - nll_weight) * KL + nll_weight * NLL``, both over the same
+    tokens, from one forward of the base model. The NLL is ``fused_replay_kl`` against a k = 1 teacher
+    (the sampled token, log-probability 0), as in ``task_nll``.
     """
 
     def __init__(self, mode: str = "tail", temperature: float = 1.0, impl: str = "auto",
-                 chunk_size: Optional[int] = None, reduction: str = "mean"):
+                 chunk_size: Optional[int] = None, reduction: str = "mean", *, loss: str = "kl",
+                 nll_weight: float = 0.5):
         super().__init__()
         _check_choice("mode", mode, MODES)
         _check_choice("impl", impl, IMPLS)
         _check_choice("reduction", reduction, ("mean", "sum", "none"))
+        _check_choice("loss", loss, REPLAY_LOSSES)
         self.mode = mode
         self.temperature = check_temperature(temperature)
         self.impl = impl
         self.chunk_size = check_chunk_size(chunk_size)
         self.reduction = reduction
+        self.loss = loss
+        self.nll_weight = _check_nll_weight(nll_weight)
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, temperature={self.temperature}, impl={self.impl!r}, "
+        text = (f"mode={self.mode!r}, temperature={self.temperature}, impl={self.impl!r}, "
                 f"chunk_size={self.chunk_size}, reduction={self.reduction!r}")
+        if self.loss != "kl":
+            text += f", loss={self.loss!r}" + (f", nll_weight={self.nll_weight}" if self.loss == "kl+nll" else "")
+        return text
+
+    def _required_keys(self):
+        if self.loss == "nll":
+            return ["input_ids"]
+        return list(_REPLAY_KEYS) + (["teacher_tail_logprob"] if self.mode == "tail" else [])
 
     def forward(self, model, replay_batch: Mapping[str, torch.Tensor], num_items=None):
         if not isinstance(replay_batch, Mapping):
             raise TypeError(f"replay_batch must be a dict of ReplayBuffer.batches, got {type(replay_batch).__name__}")
-        missing = [k for k in _REPLAY_KEYS if k not in replay_batch]
-        if self.mode == "tail" and "teacher_tail_logprob" not in replay_batch:
-            missing.append("teacher_tail_logprob")
+        missing = [k for k in self._required_keys() if k not in replay_batch]
         if missing:
             raise KeyError(f"replay_batch lacks {missing} (expected a batch of ReplayBuffer.batches)")
         num_items = _check_num_items(num_items)
@@ -304,14 +328,58 @@ class ReplayKLLoss(torch.nn.Module):
             raise ValueError(f"num_items replaces the mean: use it with reduction='mean', got {self.reduction!r}")
         base, weight, bias = lm_head_of(model)
         b = replay_batch
-        hidden = base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).last_hidden_state
+        hidden = base(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False).last_hidden_state
         weight, bias = _head_after_forward(model)  # as in task_nll (FSDP2's unsharded weight)
-        tail = b["teacher_tail_logprob"] if self.mode == "tail" else None
         reduction = "sum" if num_items is not None else self.reduction
-        kl = fused_replay_kl(hidden, weight, b["teacher_ids"], b["teacher_logprobs"], bias=bias, mask=b["mask"],
-                             teacher_tail_logprob=tail, mode=self.mode, temperature=self.temperature,
-                             reduction=reduction, impl=self.impl, chunk_size=self.chunk_size)
-        return kl / num_items if num_items is not None else kl
+        common = dict(bias=bias, temperature=self.temperature, reduction=reduction, impl=self.impl,
+                      chunk_size=self.chunk_size)
+        if self.loss == "nll":
+            loss = self._nll(hidden, weight, b, common)
+        else:
+            tail = b["teacher_tail_logprob"] if self.mode == "tail" else None
+            loss = fused_replay_kl(hidden, weight, b["teacher_ids"], b["teacher_logprobs"], mask=b["mask"],
+                                   teacher_tail_logprob=tail, mode=self.mode, **common)
+            if self.loss == "kl+nll":
+                loss = (1.0 - self.nll_weight) * loss + self.nll_weight * self._nll(hidden, weight, b, common)
+        return loss / num_items if num_items is not None else loss
+
+    @staticmethod
+    def _nll(hidden, weight, batch, common):
+        """The replay text's next-token NLL: row j against the token at j + 1 as a k = 1 teacher."""
+        input_ids = batch["input_ids"]
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"replay_batch['input_ids'] must be a [B, L] integer tensor, "
+                             f"got {getattr(input_ids, 'shape', type(input_ids))}")
+        following = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-1)
+        counted = _replay_counted(batch)
+        teacher_ids = (following if counted is None else torch.where(counted, following, -1))[..., None]
+        logprobs = torch.zeros(teacher_ids.shape, dtype=torch.float32, device=teacher_ids.device)
+        return fused_replay_kl(hidden, weight, teacher_ids, logprobs, mask=counted, **common)
+
+
+def _replay_counted(batch) -> Optional[torch.Tensor]:
+    """[B, L] bool: the positions whose next token the replay NLL counts (None: all but the last)."""
+    input_ids = batch["input_ids"]
+    mask = batch.get("mask")
+    if mask is not None:
+        return mask.bool()
+    attention = batch.get("attention_mask")
+    if attention is None:
+        counted = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    else:  # position j counts when it and the token it predicts are both real tokens
+        attention = attention.bool()
+        counted = attention & torch.nn.functional.pad(attention[:, 1:], (0, 1), value=False)
+    counted[:, -1] = False
+    return counted
+
+
+def _check_nll_weight(nll_weight) -> float:
+    if isinstance(nll_weight, bool) or not isinstance(nll_weight, numbers.Real):
+        raise TypeError(f"nll_weight must be a number in [0, 1], got {type(nll_weight).__name__}")
+    nll_weight = float(nll_weight)
+    if not 0.0 <= nll_weight <= 1.0:
+        raise ValueError(f"nll_weight must be a number in [0, 1] (the NLL's share of loss='kl+nll'), got {nll_weight}")
+    return nll_weight
 
 
 def check_replay_weight(replay_weight) -> float:
@@ -337,16 +405,22 @@ def replay_step(model, task_batch: Mapping[str, torch.Tensor], replay_batch: Map
 
     task_batch: dict with ``input_ids`` [B, L] and optionally ``attention_mask`` and ``labels`` (see
     :func:`task_nll`). replay_batch: a batch of ``ReplayBuffer.batches`` on the model's device.
-    replay_loss: the :class:`ReplayKLLoss` to use (default: tail mode, temperature 1). The caller runs
-    ``loss.backward()`` (or scales it first) and the optimizer step.
+    replay_loss: the :class:`ReplayKLLoss` to use (default: tail mode, temperature 1), or one of
+    ``REPLAY_LOSSES`` as a string (``"nll"``, ``"kl+nll"``: that loss with the other defaults). The
+    ``replay_kl`` field of the result is then that replay loss. The caller runs ``loss.backward()`` (or
+    scales it first) and the optimizer step.
     """
     weight = check_replay_weight(replay_weight)
     if not isinstance(task_batch, Mapping) or "input_ids" not in task_batch:
         raise TypeError("task_batch must be a dict with 'input_ids' (and optionally 'attention_mask', 'labels')")
     if replay_loss is None:
         replay_loss = ReplayKLLoss()
+    elif isinstance(replay_loss, str):
+        _check_choice("replay_loss", replay_loss, REPLAY_LOSSES)
+        replay_loss = ReplayKLLoss(loss=replay_loss)
     elif not isinstance(replay_loss, ReplayKLLoss):
-        raise TypeError(f"replay_loss must be a ReplayKLLoss or None, got {type(replay_loss).__name__}")
+        raise TypeError(f"replay_loss must be a ReplayKLLoss, one of {REPLAY_LOSSES} or None, "
+                        f"got {type(replay_loss).__name__}")
     task = task_nll(model, task_batch["input_ids"], task_batch.get("attention_mask"), task_batch.get("labels"),
                     impl=replay_loss.impl, chunk_size=replay_loss.chunk_size)
     kl = replay_loss(model, replay_batch)

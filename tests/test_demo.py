@@ -37,32 +37,43 @@ def test_task_loss_is_the_cross_entropy():
 def _tiny(tmp_path, **over):
     cfg = dict(hidden_size=32, num_layers=1, num_heads=2, seq_len=24, pretrain_steps=6, finetune_steps=4,
                batch_size=4, replay_batch_size=2, replay_sequences=8, replay_top_k=4, eval_windows=4,
-               eval_every=2, low_lr=None, out_dir=str(tmp_path), progress=False)
+               task_windows=32, learning_rates=(3e-3,), replay_weights=(0.0, 2.5), max_task_cost=10.0,
+               min_drift_removed=0.01, out_dir=str(tmp_path), progress=False)
     cfg.update(over)
     return DemoConfig(**cfg)
 
 
-def test_demo_runs_and_is_deterministic(tmp_path):
+def test_demo_runs_through_the_audit_and_is_deterministic(tmp_path):
     first = run_demo(_tiny(tmp_path / "a"))
     second = run_demo(_tiny(tmp_path / "b"))
-    assert set(first.runs) == {"plain", "replay"}
+    # max_task_cost=10, min_drift_removed=0.01: the rule picks the run that removes the most drift
+    assert set(first.runs) == {"plain", "replay", "NLL replay (no teacher)"}
+    assert first.runs["replay"].replay_weight == 2.5 and first.runs["plain"].replay_weight == 0
     for name in first.runs:
-        assert first.runs[name].curve_a == second.runs[name].curve_a
-        assert first.runs[name].curve_b == second.runs[name].curve_b
-        assert first.runs[name].curve_steps == [0, 2, 4]
+        a, b = first.runs[name], second.runs[name]
+        assert (a.loss_a, a.loss_b, a.drift) == (b.loss_a, b.loss_b, b.drift)
     assert first.replay_tokens > 0 and first.before_a > 0
-    # fine-tuning on B without replay must change the loss on A
-    assert first.runs["plain"].loss_a != first.before_a
+    # fine-tuning on B without replay must change the loss on A, and drift from the pretrained model
+    assert first.runs["plain"].loss_a != first.before_a and first.runs["plain"].drift > 0
+    assert first.runs["replay"].drift < first.runs["plain"].drift  # the rule's pick removes drift
 
 
 def test_demo_cli_prints_table_and_writes_results(tmp_path, capsys):
-    argv = ["demo", "--out-dir", str(tmp_path), "--pretrain-steps", "3", "--finetune-steps", "2",
-            "--replay-sequences", "4", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
-            "--seq-len", "16", "--no-progress"]
+    argv = ["demo", "--out-dir", str(tmp_path), "--pretrain-steps", "3", "--finetune-steps", "4",
+            "--replay-sequences", "8", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+            "--seq-len", "16", "--learning-rates", "0.003", "--replay-weights", "0,3", "--max-task-cost", "10",
+            "--min-drift-removed", "0.01", "--no-progress"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| plain |" in out and "| replay |" in out and "| plain, lr 0.0003 |" in out
+    assert "| plain |" in out and "| replay |" in out and "| NLL replay (no teacher) |" in out
+    assert "drift estimate ranks the runs as their loss on A does:" in out and "audit: recommended:" in out
     result = json.loads((tmp_path / "demo_result.json").read_text())
-    assert set(result["runs"]) == {"plain", "replay", "plain, lr 0.0003"}
-    assert result["config"]["hidden_size"] == 32
-    assert (tmp_path / "demo_losses.png").exists()
+    assert len(result["runs"]) == 3 and result["forgetting_removed"] > 0
+    assert result["config"]["hidden_size"] == 32 and result["config"]["learning_rates"] == [0.003]
+    assert (tmp_path / "demo_losses.png").exists() and (tmp_path / "audit" / "audit.json").exists()
+
+
+def test_demo_cli_refuses_a_grid_without_plain_runs(tmp_path, capsys):
+    assert cli.main(["demo", "--out-dir", str(tmp_path), "--replay-weights", "1,3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "argument --replay-weights: must include 0" in err

@@ -71,6 +71,21 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def number_list(parse):
+    """An argparse type: comma-separated values, each checked by ``parse`` (e.g. ``positive_float``), no repeats."""
+
+    def parse_list(text: str):
+        items = [t.strip() for t in text.split(",")]
+        if not text.strip() or any(not t for t in items):
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        values = [parse(t) for t in items]
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"values repeat in {text!r}")
+        return values
+
+    return parse_list
+
+
 def existing_directory(text: str) -> str:
     if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"no such directory: {text}")

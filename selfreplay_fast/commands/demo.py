@@ -7,7 +7,8 @@ import os
 from dataclasses import fields
 
 from ._arguments import (
-    UsageError, check_device, non_negative_float, non_negative_int, output_directory, positive_float, positive_int,
+    UsageError, check_device, non_negative_float, non_negative_int, number_list, output_directory, positive_float,
+    positive_int,
 )
 
 
@@ -37,8 +38,10 @@ def register(subparsers) -> None:
         description=(
             "Runs the forgetting experiment small, with nothing downloaded: a tiny Llama-shaped byte model is "
             "pretrained on text A (English docstrings of the Python standard library), then fine-tuned on text B "
-            "(the library's code) plainly and with self-generated replay + fused_replay_kl. Prints the table of "
-            "losses and saves a plot."
+            "(the library's code) by `selfreplay audit`'s pilots: plainly and with self-generated replay + "
+            "fused_replay_kl over a grid of learning rates x replay weights; the replay run is the one the audit's "
+            "rule recommends, beside the NLL-replay baseline. Prints the table of losses and drift estimates and "
+            "saves a plot."
         ),
     )
     p.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seed of data, models and sampling")
@@ -49,8 +52,16 @@ def register(subparsers) -> None:
                    help="optimizer steps of pretraining on A")
     p.add_argument("--finetune-steps", type=positive_int, default=defaults.finetune_steps,
                    help="optimizer steps of each fine-tune on B")
-    p.add_argument("--finetune-lr", type=positive_float, default=defaults.finetune_lr, help="fine-tuning learning rate")
-    p.add_argument("--replay-weight", type=non_negative_float, default=defaults.replay_weight, help="lambda of the KL term")
+    p.add_argument("--learning-rates", type=number_list(positive_float),
+                   default=",".join(f"{x:g}" for x in defaults.learning_rates),
+                   help="the audit's fine-tuning learning rates, comma-separated")
+    p.add_argument("--replay-weights", type=number_list(non_negative_float),
+                   default=",".join(f"{x:g}" for x in defaults.replay_weights),
+                   help="the audit's replay weights (lambda of the KL term), comma-separated, 0 included")
+    p.add_argument("--max-task-cost", type=non_negative_float, default=defaults.max_task_cost,
+                   help="the audit's rule: the loss on B above the best plain run still called little (a fraction)")
+    p.add_argument("--min-drift-removed", type=positive_float, default=defaults.min_drift_removed,
+                   help="the audit's rule: the fraction of the plain run's drift that counts as most of it")
     p.add_argument("--replay-sequences", type=positive_int, default=defaults.replay_sequences,
                    help="replay sequences sampled from the pretrained model")
     p.add_argument("--replay-top-k", type=positive_int, default=defaults.replay_top_k,
@@ -59,7 +70,6 @@ def register(subparsers) -> None:
     p.add_argument("--hidden-size", type=positive_int, default=defaults.hidden_size, help="model width")
     p.add_argument("--num-layers", type=positive_int, default=defaults.num_layers, help="model depth")
     p.add_argument("--num-heads", type=positive_int, default=defaults.num_heads, help="must divide --hidden-size")
-    p.add_argument("--no-low-lr", action="store_true", help="skip run (c), plain fine-tuning at a lower learning rate")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -72,8 +82,9 @@ def run(args) -> int:
     names = {f.name for f in fields(DemoConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     cfg = DemoConfig(**overrides, progress=not args.no_progress)
-    if args.no_low_lr:
-        cfg.low_lr = None
+    if 0 not in args.replay_weights:
+        raise UsageError("argument --replay-weights: must include 0 (the plain runs)")
+    cfg.learning_rates, cfg.replay_weights = tuple(args.learning_rates), tuple(args.replay_weights)
     result = run_demo(cfg)
     print(format_table(result))
     os.makedirs(cfg.out_dir, exist_ok=True)
