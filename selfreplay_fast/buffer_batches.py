@@ -10,8 +10,27 @@ import torch
 ROW_TENSORS = ("input_ids", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")
 
 
+def normalized_teacher(batch, mode: str) -> None:
+    """Upcast a 16-bit cache's teacher to float32, renormalized in float64 (in place on ``batch``).
+
+    Rounding the top-k and the tail to 16 bits leaves the teacher's mass off 1 by up to ~1e-3 (k = 64), and a
+    teacher that is not a distribution can give a negative KL for a student that equals it. The renormalized
+    teacher is the nearest distribution (each probability scaled by the same factor): tail mode sums the slots
+    and the tail, sampled mode the slots (docs/design.md, the cache section). Rows without a teacher keep
+    their values."""
+    lp, tail = batch["teacher_logprobs"], batch["teacher_tail_logprob"]
+    if lp.dtype not in (torch.float16, torch.bfloat16):
+        return
+    lp64 = lp.double().masked_fill(batch["teacher_ids"] < 0, float("-inf"))
+    terms = torch.cat([lp64, tail.double()[..., None]], -1) if mode == "tail" else lp64
+    mass = terms.logsumexp(-1)
+    mass = torch.where(torch.isfinite(mass), mass, torch.zeros_like(mass))
+    batch["teacher_logprobs"] = (lp.double() - mass[..., None]).float()
+    batch["teacher_tail_logprob"] = (tail.double() - mass).float()
+
+
 def iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_last, device, trim, teacher_dtype,
-                 start=0, stride=1):
+                 start=0, stride=1, mode="tail"):
     """The training batches of a buffer (see :meth:`ReplayBuffer.batches`), in-memory or lazy alike:
     ``rows(idx, width)`` returns the ``ROW_TENSORS`` of the sequences ``idx``, cut to ``width``."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -33,6 +52,7 @@ def iter_batches(rows, lengths, seq_len, batch_size, *, shuffle, seed, drop_last
         batch_lengths = lengths[idx]
         width = int(batch_lengths.max()) if trim else seq_len
         batch = rows(idx, width)
+        normalized_teacher(batch, mode)
         if teacher_dtype is not None:
             for name in ("teacher_logprobs", "teacher_tail_logprob"):
                 batch[name] = batch[name].to(teacher_dtype)
@@ -84,7 +104,7 @@ class TrainingBatches:
         """
         return iter_batches(self._rows, self.lengths, self.seq_len, batch_size, shuffle=shuffle, seed=seed,
                             drop_last=drop_last, device=device, trim=trim, teacher_dtype=teacher_dtype,
-                            start=start, stride=stride)
+                            start=start, stride=stride, mode=self.mode)
 
     def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)

@@ -250,6 +250,37 @@ def test_float16_cache_changes_the_replay_loss_by_less_than_1e_3_relative():
             assert abs(loss - exact) / exact < 1e-3, (drift, dtype, abs(loss - exact) / exact)
 
 
+def test_float16_cache_batches_hold_a_normalized_teacher_so_the_kl_cannot_go_negative():
+    """Rounding the top-k and the tail to float16 leaves the teacher's mass off 1 by up to ~1e-3, enough for
+    the replay KL of a student equal to the teacher to come out negative (seen as -1.6e-5 in the example
+    script's log). Batches of a 16-bit cache are upcast and renormalized in float64 (tail mode: slots and
+    tail; logsumexp = 0), so the KL of the teacher against itself is zero up to float32 rounding."""
+    torch.manual_seed(1)
+    vocab, k, seqs, width, dim = 512, 16, 6, 9, 32
+    weight = torch.randn(vocab, dim) * 4 / dim**0.5
+    hidden = torch.randn(seqs, width, dim)
+    logp = torch.log_softmax((hidden @ weight.T).double(), -1)
+    top = logp.topk(k, -1)
+    tail = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+    lengths = torch.full((seqs,), width + 1)
+    input_ids = torch.randint(0, vocab, (seqs, width + 1))
+    ids = torch.cat([top.indices, torch.full((seqs, 1, k), -1)], 1).int()
+    lp = torch.cat([top.values, torch.zeros(seqs, 1, k, dtype=torch.float64)], 1).half()
+    tl = torch.cat([tail, torch.zeros(seqs, 1, dtype=torch.float64)], 1).half()
+    raw_mass = torch.cat([lp[:, :width].double(), tl[:, :width, None].double()], -1).logsumexp(-1)
+    assert raw_mass.abs().max() > 1e-5  # the rounding this test is about
+    buffer = ReplayBuffer(input_ids, lengths, ids, lp, tl, vocab_size=vocab, mode="tail")
+    (batch,) = buffer.batches(seqs, shuffle=False, trim=False)
+    assert batch["teacher_logprobs"].dtype == torch.float32 and batch["teacher_tail_logprob"].dtype == torch.float32
+    m = batch["mask"]
+    mass = torch.cat([batch["teacher_logprobs"].double(), batch["teacher_tail_logprob"][..., None].double()], -1)
+    assert mass.logsumexp(-1)[m].abs().max() < 1e-6
+    padded = torch.cat([hidden, torch.zeros(seqs, 1, dim)], 1)
+    kl = sf.fused_replay_kl(padded, weight, batch["teacher_ids"], batch["teacher_logprobs"], mask=m,
+                            teacher_tail_logprob=batch["teacher_tail_logprob"], reduction="none")
+    assert kl[m].min() > -1e-6, kl[m].min()
+
+
 def test_a_generation_begun_by_the_v1_code_finishes_in_v1(tmp_path):
     """A directory that an older selfreplay-fast began (format v1, one shard written) is resumed in its own
     format, so that one buffer never mixes two shard layouts; the result equals an uninterrupted run."""
