@@ -141,7 +141,7 @@ class ReplayTrainerMixin:
                                    _checked_buffer("eval_replay_buffer", eval_replay_buffer, vocab, validate_replay))
         if replay_loss is None:
             replay_loss = ReplayKLLoss(mode=replay_buffer.mode, temperature=replay_temperature)
-        elif replay_loss.mode != "topk" and replay_loss.mode != replay_buffer.mode:
+        elif replay_loss.loss != "nll" and replay_loss.mode not in ("topk", replay_buffer.mode):  # nll: no teacher
             raise ValueError(f"replay_loss has mode={replay_loss.mode!r} but replay_buffer holds a "
                              f"{replay_buffer.mode!r} teacher (use mode={replay_buffer.mode!r} or 'topk')")
         if replay_loss.reduction != "mean":

@@ -606,3 +606,18 @@ def _assert_log_printed_once(stdout, log):
         assert math.isclose(float(task), entry["task_loss"], rel_tol=1e-4)
         assert math.isclose(float(kl), entry["replay_kl"], rel_tol=1e-4, abs_tol=0.0)
     assert "'task_loss'" not in stdout, stdout
+
+
+def test_trainer_takes_an_nll_replay_loss_whatever_its_kl_mode(tmp_path, replay):
+    """loss='nll' needs no teacher, so its (unused) KL mode need not match the buffer's; the trainer's replay
+    term is then the replay text's next-token NLL, checked against task_nll on the same batch."""
+    model = tiny_model()
+    nll = sf.ReplayKLLoss(mode="sampled", loss="nll")
+    trainer = make_trainer(tmp_path, model, replay, replay_loss=nll)
+    assert trainer.replay_loss is nll
+    batch = replay_batch(replay)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    expected = sf.task_nll(model, batch["input_ids"], batch["attention_mask"], labels)
+    assert torch.allclose(trainer.replay_loss(model, batch), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="replay_loss has mode='sampled'"):
+        make_trainer(tmp_path, model, replay, replay_loss=sf.ReplayKLLoss(mode="sampled"))
