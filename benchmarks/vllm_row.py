@@ -134,7 +134,7 @@ def worker_main(argv=None):
     try:
         import vllm
 
-        from selfreplay_fast.vllm_backend import build_llm
+        from selfreplay_fast.generation.vllm_backend import build_llm
 
         start = time.perf_counter()
         llm = build_llm(args.model, top_k=args.top_k, max_num_seqs=args.batch_size,

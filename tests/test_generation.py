@@ -17,8 +17,8 @@ scipy_stats = pytest.importorskip("scipy.stats")
 
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import selfreplay_fast.decode_engine as decode_engine
-import selfreplay_fast.slot_cache as slot_cache
+import selfreplay_fast.generation.decode_loop as decode_engine
+import selfreplay_fast.generation.slot_cache as slot_cache
 from selfreplay_fast.generation import DecodeState, NGramDrafter, generate_replay, sample_categorical
 from selfreplay_fast.reference import reference_replay_kl
 from selfreplay_fast.replay_buffer import ReplayBuffer

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import selfreplay_fast.generation as generation
+import selfreplay_fast.generation.replay as generation_replay
 from selfreplay_fast.generation import generate_replay
 from selfreplay_fast.replay_buffer import ReplayBuffer, ReplayBufferError, read_metadata, write_metadata
 
@@ -141,7 +141,7 @@ def test_weights_are_checked_before_any_shard_is_read_or_model_run(tmp_path, mon
     def must_not_run(*args, **kwargs):
         raise AssertionError("the model ran before the weights were checked")
 
-    monkeypatch.setattr(generation, "check_slot_attention", must_not_run)
+    monkeypatch.setattr(generation_replay, "check_slot_attention", must_not_run)
     with pytest.raises(ReplayBufferError, match="weights differ"):
         generate_replay(tiny_llama(1), out_dir=str(out), **RUN)
 

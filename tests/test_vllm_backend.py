@@ -30,7 +30,7 @@ from selfreplay_fast import fused_replay_kl  # noqa: E402
 from selfreplay_fast.generation import generate_replay, model_config_hash  # noqa: E402
 from selfreplay_fast.reference import reference_replay_kl  # noqa: E402
 from selfreplay_fast.replay_buffer import ReplayBuffer  # noqa: E402
-from selfreplay_fast.vllm_backend import build_llm, tail_from_topk  # noqa: E402
+from selfreplay_fast.generation.vllm_backend import build_llm, tail_from_topk  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

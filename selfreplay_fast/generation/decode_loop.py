@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .drafting import DecodeState
-from .model_info import model_device_dtype
+from ..model_info import model_device_dtype
 from .sampling import SamplingRows, correction_distribution, sample_categorical
 from .slot_cache import SlotModel
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .model_info import model_config_hash, model_name
+from ..model_info import model_config_hash, model_name
 from .sampling import sample_categorical
 from .slot_cache import SlotModel
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .model_info import model_device_dtype, output_vocab_size
+from ..model_info import model_device_dtype, output_vocab_size
 
 __all__ = ["SlotModel", "check_slot_attention", "COMPACT_SLACK"]
 

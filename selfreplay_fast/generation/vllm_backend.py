@@ -45,15 +45,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ._inputs import check_temperature
-from .generation import (
-    GenerationStats, _assemble, _check_positive_int, _shard_seed, buffer_metadata, check_max_length,
-    open_resumable_writer,
-    replay_prompts, resolve_special_ids,
-)
-from .fingerprint import checkpoint_identity
-from .model_info import _canonical_config
-from .replay_buffer import LOGPROB_DTYPES, ReplayBuffer
+from .._inputs import check_temperature
+from ..fingerprint import checkpoint_identity
+from ..model_info import _canonical_config
+from ..replay_buffer import LOGPROB_DTYPES, ReplayBuffer
+from .decode_loop import GenerationStats
+from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
+from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
 
 __all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "request_seed"]
 
@@ -64,7 +62,7 @@ _NATIVE_ONLY = {"draft_model": None, "drafter": None, "sampled_draws": None, "ch
 
 def request_seed(seed: int, shard_index: int, row: int) -> int:
     """The sampling seed of request ``row`` of shard ``shard_index`` (63 bits, from the native shard seed)."""
-    digest = hashlib.sha256(f"selfreplay-fast/vllm:{_shard_seed(seed, shard_index)}:{row}".encode()).digest()
+    digest = hashlib.sha256(f"selfreplay-fast/vllm:{shard_seed(seed, shard_index)}:{row}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -194,11 +192,11 @@ def generate_replay_vllm(
     ``max_num_seqs`` of an engine built here: vLLM schedules its own batches.
     """
     # ---- argument checks ----
-    num_sequences = _check_positive_int("num_sequences", num_sequences)
-    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
-    top_k = _check_positive_int("top_k", top_k)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    shard_size = _check_positive_int("shard_size", shard_size)
+    num_sequences = check_positive_int("num_sequences", num_sequences)
+    max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+    top_k = check_positive_int("top_k", top_k)
+    batch_size = check_positive_int("batch_size", batch_size)
+    shard_size = check_positive_int("shard_size", shard_size)
     temperature = check_temperature(temperature)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -304,7 +302,7 @@ def generate_replay_vllm(
                                       temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
             stats = GenerationStats(sequences=count, seconds=time.perf_counter() - start,
                                     generated_tokens=sum(r[0].numel() - len(p) for r, p in zip(results, shard_prompts)))
-            part = _assemble(results, vocab_size, k, "tail", pad_token_id, logprob_dtype)
+            part = assemble_shard(results, vocab_size, k, "tail", pad_token_id, logprob_dtype)
             total_stats.add(stats)
             if keep_in_memory:
                 parts.append(part)
