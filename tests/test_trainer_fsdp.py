@@ -1,5 +1,6 @@
 """ReplayTrainer and ReplaySFTTrainer under FSDP2 through the Trainer (accelerate's fully_shard), 2 gloo ranks on
-the CPU, equal one process over the union of the ranks' batches.
+the CPU, equal one process over the union of the ranks' batches; and under bf16 autocast and resumed from an FSDP2
+checkpoint (AdamW state included), equal the uninterrupted single process.
 
 ``fsdp="full_shard"`` with ``fsdp_config={"fsdp_version": 2, ...}``: accelerate shards every decoder layer, the
 embeddings, the [final norm, lm_head] tail and the root (``fsdp2_prepare_model``). accelerate turns FSDP on only
@@ -164,6 +165,106 @@ def test_fsdp2_trainer_equals_one_process_over_the_union(name, fsdp_runs, replay
         assert err <= TOL, f"{name} rank {r}: update of {param} off by {err:.2e}"
         for got, want in zip(info["logs"], expected_logs, strict=True):
             assert got == pytest.approx(want, rel=1e-4)
+
+
+# -- bf16 autocast and resume-from-checkpoint under FSDP2 --------------------------------------------------
+
+BF16_TOL = 1.5e-2  # bf16 matmuls over batches of 2 (ranks) against batches of 4 (one process) round differently
+ADAMW = dict(SGD, optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-6)  # optimizer state to save and restore
+
+
+def _stop_at(step):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                control.should_training_stop = True
+
+    return Stop()
+
+
+def _train_in_steps(out_dir, replay_dir, *, stop_at=None, resume=False, **over):
+    """ReplayTrainer, batches of 2 (ranks) or 4 (one process), AdamW, a checkpoint every step; stopped after
+    ``stop_at`` or resumed from the last checkpoint. Returns ({name: before - after}, loss logs, trainer)."""
+    model = _model("replay")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = make_trainer(out_dir, model, sf.ReplayBuffer.load(replay_dir), replay_batch_size=over.pop("batch"),
+                           per_device_train_batch_size=over.pop("per_device"),
+                           callbacks=[_stop_at(stop_at)] if stop_at else [], save_strategy="steps", save_steps=1,
+                           **dict(ADAMW, **over))
+    if not _SEQUENTIAL:
+        trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    logs = [{k: e[k] for k in ("loss", "task_loss", "replay_kl")} for e in trainer.state.log_history if "loss" in e]
+    after = {n: _full(p) for n, p in trainer.model.named_parameters()}
+    return {n: before[n] - after[n] for n in before}, logs, trainer
+
+
+def _worker_bf16_resume(rank, world, init_file, out_dir, replay_dir, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_gloo(rank, world, init_file)
+    _fsdp_on_the_cpu()
+    from pathlib import Path
+
+    out = Path(out_dir)
+    results = {}
+    # bf16 autocast: the base model's layers run under CPU autocast in bf16, as in one process
+    seen = []
+    spy = lambda module, args: seen.append(torch.is_autocast_enabled("cpu")  # noqa: E731
+                                           and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: spy(module, args) if type(module).__name__.endswith("LlamaDecoderLayer") else None)  # FSDP2 renames the class
+    try:
+        update, logs, _ = _train(out / f"bf16-{rank}", replay_dir, "replay", 2, 1, ddp_backend="gloo", bf16=True,
+                                 **FSDP2)
+    finally:
+        hook.remove()
+    results["bf16"] = (update, logs, seen)
+    # resume: stopped after the checkpoint of step 1 (all ranks write one checkpoint directory), then resumed
+    shared = out / "resume"
+    _train_in_steps(shared, replay_dir, stop_at=1, batch=2, per_device=2, ddp_backend="gloo", **FSDP2)
+    update, logs, trainer = _train_in_steps(shared, replay_dir, resume=True, batch=2, per_device=2,
+                                            ddp_backend="gloo", **FSDP2)
+    results["resume"] = (update, logs, trainer.state.global_step, trainer.replay_position)
+    torch.save(results, out / f"extra-rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_bf16_resume_runs(tmp_path_factory, replay_dir):
+    out = tmp_path_factory.mktemp("fsdp-extra")
+    spawn(_worker_bf16_resume, WORLD, out, replay_dir, _free_port())
+    return [torch.load(out / f"extra-rank{r}.pt") for r in range(WORLD)]
+
+
+def test_fsdp2_bf16_autocast_equals_one_process(fsdp_bf16_resume_runs, replay_dir, tmp_path):
+    expected, expected_logs, _ = _train(tmp_path / "one", replay_dir, "replay", 4, 1, bf16=True)
+    fp32, _, _ = _train(tmp_path / "fp32", replay_dir, "replay", 4, 1)
+    # the bf16 run is not the fp32 run: the test would not see autocast missing
+    bf16_vs_fp32 = max(rel_err(expected[n], fp32[n]) for n in expected)
+    assert bf16_vs_fp32 > BF16_TOL
+    for r, results in enumerate(fsdp_bf16_resume_runs):
+        update, logs, autocast_seen = results["bf16"]
+        assert autocast_seen and all(autocast_seen), f"rank {r}: a decoder layer ran outside bf16 autocast"
+        err, param = max((rel_err(update[n], expected[n]), n) for n in expected)
+        print(f"rank {r}: bf16 FSDP2 vs one process {err:.2e} (bf16 vs fp32, one process: {bf16_vs_fp32:.2e})")
+        assert err <= BF16_TOL, f"rank {r}: update of {param} off by {err:.2e}"
+        for got, want in zip(logs, expected_logs, strict=True):
+            assert got == pytest.approx(want, rel=BF16_TOL)
+
+
+def test_fsdp2_resume_from_checkpoint_equals_uninterrupted_one_process(fsdp_bf16_resume_runs, replay_dir, tmp_path):
+    expected, expected_logs, straight = _train_in_steps(tmp_path / "one", replay_dir, batch=4, per_device=4)
+    for r, results in enumerate(fsdp_bf16_resume_runs):
+        update, logs, step, position = results["resume"]
+        # positions count batches of the single-process stream of replay batches of 2: two per step on 2 ranks
+        assert step == STEPS and straight.replay_position == STEPS and position == WORLD * STEPS
+        err, param = max((rel_err(update[n], expected[n]), n) for n in expected)
+        assert err <= TOL, f"rank {r}: update of {param} off by {err:.2e}"
+        # the resumed run logs step 2 only; its losses are the uninterrupted run's
+        assert logs[-1] == pytest.approx(expected_logs[-1], rel=1e-4)
 
 
 class _Accelerator:
