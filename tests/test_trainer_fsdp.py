@@ -45,6 +45,7 @@ CONFIGS = {
     "lora": ("lora", 2, 1, {}),
     "tied": ("tied", 2, 1, {}),
     "sft": ("sft", 2, 1, {}),
+    "sft_lora": ("sft_lora", 2, 1, {}),
 }
 
 
@@ -71,7 +72,7 @@ def _model(kind):
     if kind == "tied":
         return tiny_model(seed=3, tie_word_embeddings=True)
     model = tiny_model(seed=3)
-    if kind == "lora":
+    if kind in ("lora", "sft_lora"):
         import peft
 
         torch.manual_seed(11)  # the same LoRA initialization in every run
@@ -90,7 +91,7 @@ def _train(out_dir, replay_dir, kind, batch, accumulation, **over):
     model = _model(kind)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     buffer = sf.ReplayBuffer.load(replay_dir)
-    if kind == "sft":
+    if kind.startswith("sft"):
         from datasets import Dataset
         from trl_data import rows, tiny_tokenizer
 
