@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .row_terms import _row_terms_kernel
+
 # Elements per program of the scale kernel on a GPU (16 per thread) and under the interpreter.
 SCALE_BLOCK = 2048
 SCALE_BLOCK_INTERPRETER = 1 << 16
@@ -37,6 +39,15 @@ NUM_WARPS = 4
 MAX_BLOCK_V_INTERPRETER = 4096
 # Widest tile of teacher slots held in registers at once; more slots (k up to V) loop over tiles.
 MAX_BLOCK_K = 1024
+# Vocabulary splits per row (programs per row of the partials pass; their combine is a loop of
+# MAX_BLOCK_S at a time in the row-terms kernel).
+MAX_SPLITS = 16
+MAX_BLOCK_S = 64
+# The row-terms kernel holds about eight [BLOCK_K] vectors at once: 1024 slots spill a few registers
+# on sm_90 and 256 spill 8 bytes on sm_80 under triton 3.6 (tests/test_kernel_compile.py); 128, one
+# element per thread of its 4 warps, spill on neither. It runs once per row over k slots, so the
+# narrower tile costs nothing measurable beside the vocabulary passes.
+MAX_BLOCK_K_ROW_TERMS = 128
 _MIN_BLOCK_V = 16
 
 _LOGITS_DTYPES = (torch.float32, torch.float64)
@@ -45,87 +56,77 @@ _ID_DTYPES = (torch.int64, torch.int32)
 
 
 @triton.jit
-def _masked_lse_kernel(
-    logits_ptr,
+def _lse_partials_kernel(
+    logits_ptr,  # [c, V] raw logits x, last dim contiguous; on exit x[n, ids[n, i]] = -inf on used slots
     logits_row_stride,
-    ids_ptr,
+    ids_ptr,  # [c, K] teacher ids (int32/int64), -1 = unused slot
     ids_row_stride,
     ids_col_stride,
-    z_teacher_ptr,
-    z_teacher_row_stride,
-    max_complement_ptr,
-    logsum_complement_ptr,
-    inv_temp: tl.float64,
+    z_teacher_ptr,  # out [c, K] (row stride K): x[n, ids[n, i]] * inv_temp on used slots, -inf on unused
+    part_max_ptr,  # out [c, S]: max_s = max of z = x * inv_temp over split s's complement columns
+    part_sum_ptr,  # out [c, S]: sum of exp(z - max_s) over the same columns (0 when they are all -inf)
+    part_row_stride,
+    inv_temp: tl.float64,  # 1 / T, rounded once to the logits' dtype
     V,
     K,
+    split_width,  # columns per split (a multiple of BLOCK_V); split s holds [s w, (s + 1) w)
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One program per row n.
-
-    Parameters:
-    logits_ptr: raw student logits x [c, V], last dim contiguous; row n at logits_ptr + n * logits_row_stride.
-        On exit x[n, ids[n, i]] = -inf for every used slot i.
-    ids_ptr: teacher token ids [c, K] (int32/int64); ids[n, i] = -1 marks an unused slot.
-    z_teacher_ptr: output [c, K]: z_teacher[n, i] = x[n, ids[n, i]] * inv_temp on used slots, -inf on unused.
-    max_complement_ptr, logsum_complement_ptr: outputs [c]: the log-sum-exp of z over v not in ids[n]
-        is max_complement[n] + logsum_complement[n], with max_complement[n] = max of those z (NaN if one
-        is NaN, else +inf if one is +inf) and logsum_complement[n] = log sum exp(z - max) in [0, log V];
-        both -inf for an empty sum.
-    inv_temp: 1 / temperature, passed in double precision and rounded once to the logits' dtype.
-    V: vocabulary size (columns of x). K: teacher slots per row.
-    BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: slot tile width (power of 2, <= MAX_BLOCK_K).
-    """
+    """Program (n, s): row n's vocabulary split s. NaN and +inf are reported in max_s (NaN wins), as
+    torch.logsumexp propagates them; the running pairs stay finite (tl.maximum may drop a NaN)."""
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * split_width
+    hi = tl.minimum(lo + split_width, V)
     row_logits_ptr = logits_ptr + row * logits_row_stride
     neg_inf = float("-inf")
     pos_inf = float("inf")
     compute_dtype = logits_ptr.dtype.element_ty  # fp32 or fp64
     scale = tl.full([], inv_temp, compute_dtype)
 
-    # Teacher slots, BLOCK_K at a time: gather their scaled logits, then remove them from the row.
-    # (Used ids are unique, so no tile reads a column that another tile has already masked.)
+    # The teacher slots whose ids fall in this split: gather their scaled logits, then mask them out of
+    # the row. Only this program reads those columns, so no other program can race with the -inf
+    # stores; split 0 also writes -inf for the unused slots.
     for slot_start in range(0, K, BLOCK_K):
         slot = slot_start + tl.arange(0, BLOCK_K)
         slot_in_range = slot < K
         ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
         used = slot_in_range & (ids >= 0)
-        x_teacher = tl.load(row_logits_ptr + ids, mask=used, other=neg_inf)
-        z_teacher = tl.where(used, x_teacher * scale, neg_inf)
-        tl.store(z_teacher_ptr + row * z_teacher_row_stride + slot, z_teacher, mask=slot_in_range)
-        tl.store(row_logits_ptr + ids, tl.full([BLOCK_K], neg_inf, compute_dtype), mask=used)
-    # The -inf stores must be visible to every thread of the program before the row is read again.
+        mine = used & (ids >= lo) & (ids < hi)
+        x_teacher = tl.load(row_logits_ptr + ids, mask=mine, other=neg_inf)
+        z_teacher = tl.where(mine, x_teacher * scale, neg_inf)
+        tl.store(z_teacher_ptr + row * K + slot, z_teacher, mask=mine | (slot_in_range & ~used & (split == 0)))
+        tl.store(row_logits_ptr + ids, tl.full([BLOCK_K], neg_inf, compute_dtype), mask=mine)
+    # The -inf stores must be visible to every thread of the program before the split is read.
     tl.debug_barrier()
 
-    # Streaming log-sum-exp with one running (max, sum) pair per lane, reduced once after the loop:
-    # lane_sum = sum over the lane's columns of exp(z - lane_max). NaN and +inf are recorded on the
-    # side, as torch.logsumexp propagates them (NaN if any, else +inf): the running pair cannot carry
-    # them (tl.maximum may drop a NaN; exp(inf - inf) is NaN).
+    # Online log-sum-exp, one running (max, sum) pair per lane and one exponential per logit: with
+    # e = exp(-|z - max|), a new maximum rescales the sum (sum e + 1), any other z adds e.
     col = tl.arange(0, BLOCK_V)
     lane_max = tl.full([BLOCK_V], neg_inf, compute_dtype)
     lane_sum = tl.zeros([BLOCK_V], compute_dtype)
     lane_nan = tl.zeros([BLOCK_V], tl.int32)
     lane_posinf = tl.zeros([BLOCK_V], tl.int32)
-    for start in range(0, V, BLOCK_V):
+    for start in range(lo, hi, BLOCK_V):
         cols = start + col
-        z = tl.load(row_logits_ptr + cols, mask=cols < V, other=neg_inf) * scale
+        z = tl.load(row_logits_ptr + cols, mask=cols < hi, other=neg_inf) * scale
         lane_nan = tl.maximum(lane_nan, (z != z).to(tl.int32))
         lane_posinf = tl.maximum(lane_posinf, (z == pos_inf).to(tl.int32))
         z = tl.where((z != z) | (z == pos_inf), neg_inf, z)  # recorded above; keeps the pair finite
-        new_max = tl.maximum(lane_max, z)
-        safe_max = tl.where(new_max == neg_inf, 0.0, new_max)  # exp(-inf - 0) = 0 instead of NaN
-        lane_sum = lane_sum * tl.exp(lane_max - safe_max) + tl.exp(z - safe_max)
-        lane_max = new_max
+        # (A first finite z of a lane has e = 0 and a sum of 0 * 0 + 1; a -inf z adds e = 0.)
+        e = tl.exp(tl.where(z == neg_inf, neg_inf, -tl.abs(z - lane_max)))
+        grows = z > lane_max
+        lane_sum = tl.where(grows, lane_sum * e + 1.0, lane_sum + e)
+        lane_max = tl.where(grows, z, lane_max)
 
-    row_max = tl.max(lane_max, axis=0)
-    safe_row_max = tl.where(row_max == neg_inf, 0.0, row_max)
-    row_sum = tl.sum(lane_sum * tl.exp(lane_max - safe_row_max), axis=0)
-    nonempty = row_sum > 0  # an empty complement has log(0) = -inf, without evaluating log(0)
-    logsum = tl.where(nonempty, tl.log(tl.where(nonempty, row_sum, 1.0)), neg_inf)
-    row_max = tl.where(tl.max(lane_posinf, axis=0) > 0, pos_inf, row_max)
-    row_max = tl.where(tl.max(lane_nan, axis=0) > 0, float("nan"), row_max)
-    tl.store(max_complement_ptr + row, row_max)
-    tl.store(logsum_complement_ptr + row, logsum)
+    split_max = tl.max(lane_max, axis=0)
+    safe_split_max = tl.where(split_max == neg_inf, 0.0, split_max)
+    split_sum = tl.sum(tl.where(lane_max == neg_inf, 0.0, lane_sum * tl.exp(lane_max - safe_split_max)), axis=0)
+    split_max = tl.where(tl.max(lane_posinf, axis=0) > 0, pos_inf, split_max)
+    split_max = tl.where(tl.max(lane_nan, axis=0) > 0, float("nan"), split_max)
+    tl.store(part_max_ptr + row * part_row_stride + split, split_max)
+    tl.store(part_sum_ptr + row * part_row_stride + split, split_sum)
 
 
 @triton.jit
@@ -327,10 +328,66 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _split_width(V: int, block_v: int, split_v: Optional[int]) -> int:
+    """Columns per vocabulary split: a multiple of the tile, at most MAX_SPLITS splits per row."""
+    if split_v is None:
+        tiles = triton.cdiv(max(V, 1), block_v)
+        return block_v * triton.cdiv(tiles, MAX_SPLITS)
+    if not isinstance(split_v, int) or split_v < block_v or split_v % block_v:
+        raise ValueError(f"split_v must be a positive multiple of the vocabulary tile {block_v}, got {split_v!r}")
+    return split_v
+
+
+def _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v):
+    """Validates, launches _lse_partials_kernel on a (c, S) grid: (z_teacher, part_max, part_sum)."""
+    c, V = _check_logits(logits)
+    k = _check_ids(ids, c, logits.device)
+    inv_temp = _check_inv_temp(inv_temp)
+    tile = _block_v(V, logits.device, block_v)
+    width = _split_width(V, tile, split_v)
+    splits = max(1, triton.cdiv(V, width))
+    dev, dtype = logits.device, logits.dtype
+    z_teacher = torch.empty((c, k), dtype=dtype, device=dev)
+    part_max = torch.empty((c, splits), dtype=dtype, device=dev)
+    part_sum = torch.empty((c, splits), dtype=dtype, device=dev)
+    if c > 0:
+        with _on_device(dev):
+            _lse_partials_kernel[(c, splits)](
+                logits, logits.stride(0), ids, ids.stride(0), ids.stride(1), z_teacher, part_max, part_sum,
+                part_max.stride(0), inv_temp, V, k, width, BLOCK_V=tile, BLOCK_K=_block_k(k, block_k), num_warps=NUM_WARPS,
+            )
+    return z_teacher, part_max, part_sum
+
+
+def _launch_row_terms(z_teacher, ids, part_max, part_sum, max_c, logsum_c, block_k, row_terms=None):
+    """_row_terms_kernel, one program per row. ``row_terms``: None (combine only) or a dict of the
+    loss-mode arguments and outputs (see lse_and_row_terms)."""
+    c, k = z_teacher.shape
+    if c == 0:
+        return
+    rt = row_terms or {}
+    lp = rt.get("teacher_logprobs", z_teacher)
+    tail = rt.get("teacher_tail_logprob")
+    scale = rt.get("row_scale")
+    grad = rt.get("grad_teacher", z_teacher)
+    with _on_device(z_teacher.device):
+        _row_terms_kernel[(c,)](
+            part_max, part_sum, part_max.stride(0), part_max.shape[1],
+            z_teacher, ids, ids.stride(0), ids.stride(1), lp, lp.stride(0), lp.stride(1),
+            tail if tail is not None else max_c, scale if scale is not None else max_c,
+            rt.get("vocab_size", 0), max_c, logsum_c,
+            rt.get("loss", max_c), rt.get("sign", max_c), rt.get("log_coef", max_c), grad, k,
+            BLOCK_S=min(MAX_BLOCK_S, triton.next_power_of_2(part_max.shape[1])),
+            BLOCK_K=min(MAX_BLOCK_K_ROW_TERMS, _block_k(k, block_k)),
+            ROW_TERMS=row_terms is not None, TAIL=rt.get("mode") == "tail", HAS_TAIL_LOGPROB=tail is not None,
+            WITH_GRAD=scale is not None, num_warps=NUM_WARPS,
+        )
+
+
 def masked_lse(
     logits: torch.Tensor, ids: torch.Tensor, inv_temp: float, *, block_v: Optional[int] = None,
-    block_k: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    block_k: Optional[int] = None, split_v: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits: [c, V] float32/float64, last dim contiguous (row stride may be > V).
     ids: [c, k] int64 (or int32), -1 = unused slot; used ids of a row are unique and in [0, V).
     Returns (z_teacher [c, k], max_complement [c], logsum_complement [c]) in logits.dtype:
@@ -340,35 +397,59 @@ def masked_lse(
       logsum_complement[n] = log(sum exp(z - max_complement[n])): their sum is the complement's
       log-sum-exp. Both -inf when every v is a used id.
     Side effect: logits[n, ids[n, i]] is overwritten with -inf for every used slot.
-    block_v, block_k: vocabulary / slot tile width overrides (powers of 2), for tests and tuning.
+    Two launches: the split partials and their combine (the row-terms kernel without row terms).
+    block_v, block_k: vocabulary / slot tile width overrides (powers of 2); split_v: columns per
+    vocabulary split (a multiple of the tile); for tests and tuning.
     """
-    c, V = _check_logits(logits)
-    k = _check_ids(ids, c, logits.device)
-    inv_temp = _check_inv_temp(inv_temp)
-    z_teacher = torch.empty((c, k), dtype=logits.dtype, device=logits.device)
-    max_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
-    logsum_complement = torch.empty((c,), dtype=logits.dtype, device=logits.device)
-    if c == 0:
-        return z_teacher, max_complement, logsum_complement
-    with _on_device(logits.device):
-        _masked_lse_kernel[(c,)](
-            logits,
-            logits.stride(0),
-            ids,
-            ids.stride(0),
-            ids.stride(1),
-            z_teacher,
-            z_teacher.stride(0),
-            max_complement,
-            logsum_complement,
-            inv_temp,
-            V,
-            k,
-            BLOCK_V=_block_v(V, logits.device, block_v),
-            BLOCK_K=_block_k(k, block_k),
-            num_warps=NUM_WARPS,
-        )
-    return z_teacher, max_complement, logsum_complement
+    z_teacher, part_max, part_sum = _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v)
+    max_c = torch.empty((z_teacher.shape[0],), dtype=logits.dtype, device=logits.device)
+    logsum_c = torch.empty_like(max_c)
+    _launch_row_terms(z_teacher, ids, part_max, part_sum, max_c, logsum_c, block_k)
+    return z_teacher, max_c, logsum_c
+
+
+def lse_and_row_terms(
+    logits, ids, inv_temp, teacher_logprobs, teacher_tail_logprob, mode, vocab_size, row_scale, loss_out,
+    *, block_v=None, block_k=None, split_v=None,
+):
+    """masked_lse and the per-row scalars of ``mode`` ("tail" or "sampled") in two launches.
+
+    teacher_logprobs: [c, k] (0 on unused slots); teacher_tail_logprob: [c] or None; vocab_size: the
+    whole vocabulary's; row_scale: [c] row weight / T, or None for the loss alone; loss_out: [c],
+    written with each row's KL. Returns (sign, origin, log_coef, grad_teacher) of row_scale * dL/dz in
+    logits.dtype (selfreplay_fast._row_terms: RowTerms.scaled), or None without row_scale. The logits
+    are left as masked_lse leaves them, for softmax_grad.
+    """
+    if mode not in ("tail", "sampled"):
+        raise ValueError(f"mode must be 'tail' or 'sampled' (topk makes no vocabulary pass), got {mode!r}")
+    z_teacher, part_max, part_sum = _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v)
+    c, k = z_teacher.shape
+    dev, dtype = logits.device, logits.dtype
+    _check_like_shape("teacher_logprobs", teacher_logprobs, (c, k), dev)
+    _check_like_shape("loss_out", loss_out, (c,), dev)
+    if teacher_tail_logprob is not None:
+        _check_like_shape("teacher_tail_logprob", teacher_tail_logprob, (c,), dev)
+    origin = torch.empty((c,), dtype=dtype, device=dev)
+    logsum_c = torch.empty_like(origin)
+    args = dict(teacher_logprobs=teacher_logprobs, teacher_tail_logprob=teacher_tail_logprob, mode=mode,
+                vocab_size=vocab_size, loss=loss_out)
+    if row_scale is not None:
+        _check_like_shape("row_scale", row_scale, (c,), dev)
+        args.update(row_scale=row_scale, sign=torch.empty_like(origin), log_coef=torch.empty_like(origin),
+                    grad_teacher=torch.empty((c, k), dtype=dtype, device=dev))
+    _launch_row_terms(z_teacher, ids, part_max, part_sum, origin, logsum_c, block_k, args)
+    if row_scale is None:
+        return None
+    return args["sign"], origin, args["log_coef"], args["grad_teacher"]
+
+
+def _check_like_shape(name: str, t, shape: tuple, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor of shape {list(shape)}, got {_describe(t)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits is on {device}")
+    if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(t.stride())}")
 
 
 def softmax_grad(

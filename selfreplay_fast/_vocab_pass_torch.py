@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._row_terms import compute_row_terms
+
 
 def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
     valid = ids >= 0
@@ -73,3 +75,18 @@ def scale_(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         block = flat[start : start + SCALE_BLOCK]
         block.copy_(block.to(torch.float32).mul_(scale))
     return values
+
+
+def lse_and_row_terms(logits, ids, inv_temp, teacher_logprobs, teacher_tail_logprob, mode, vocab_size, row_scale,
+                      loss_out):
+    """:func:`masked_lse` and the per-row scalars (``selfreplay_fast._row_terms``): the contract of the
+    Triton module's ``lse_and_row_terms`` (loss_out written; scaled scalars in logits.dtype, or None
+    without row_scale)."""
+    z_teacher, max_complement, logsum_complement = masked_lse(logits, ids, inv_temp)
+    terms = compute_row_terms(z_teacher, max_complement, logsum_complement, teacher_logprobs, ids >= 0,
+                              teacher_tail_logprob, mode, vocab_size)
+    loss_out.copy_(terms.loss)
+    if row_scale is None:
+        return None
+    # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
+    return tuple(t.to(logits.dtype) for t in terms.scaled(row_scale))

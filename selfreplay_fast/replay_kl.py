@@ -365,19 +365,24 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     inv_temp = 1.0 / inp.temperature
     tail_all = inp.teacher_tail_logprob
     vocab_size = vocab.vocab_size(inp)
+    hidden = inp.hidden.detach()
+    if inp.mask is not None:
+        # A position that does not count contributes exactly nothing: an inf/NaN hidden state there
+        # would otherwise reach the weight gradient as inf * 0 = NaN. Once per call (N D elements, one
+        # launch) rather than once per chunk.
+        hidden = torch.where(inp.mask[:, None], hidden, 0.0)
+    # The per-row scalars in the passes' own launches (Triton: the partials pass and the row-terms
+    # kernel), except for vocab-parallel ranks, which combine their scalars between the two.
+    fused_row_terms = vocab is _WHOLE_VOCAB and inp.mode != "topk"
     for start in range(0, n, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n))
-        h = inp.hidden[rows].detach()
+        h = hidden[rows]
         counted = inp.mask[rows, None] if inp.mask is not None else None
-        if counted is not None:
-            # A position that does not count contributes exactly nothing: an inf/NaN hidden state there
-            # would otherwise reach the weight gradient as inf * 0 = NaN.
-            h = torch.where(counted, h, 0.0)
         global_ids, lp = inp.teacher_ids[rows], inp.teacher_logprobs[rows]
-        valid = global_ids >= 0
         ids = vocab.local_ids(global_ids)  # rows of this process's weight, -1 for slots held elsewhere
         tail = tail_all[rows] if tail_all is not None else None
         if inp.mode == "topk":
+            valid = global_ids >= 0
             safe_ids = ids.clamp_min(0)
             w_rows = head.weight[safe_ids].to(head.acc_dtype)  # [c, k, D]: only the slots' rows
             # An unused slot reads row 0: zero it, so that a non-finite row 0 cannot reach the hidden
@@ -403,24 +408,39 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             continue
 
         logits = head.logits(h)  # [c, V] raw logits, fp32/fp64
-        z_teacher, max_complement, logsum_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
-        terms = compute_row_terms(z_teacher, max_complement, logsum_complement, lp, valid, tail, inp.mode, vocab_size)
-        loss[rows] = terms.loss
+        scale_rows = row_scale[rows] if want_any else None
+        if fused_row_terms:
+            scaled = passes.lse_and_row_terms(logits, ids, inv_temp, lp, tail, inp.mode, vocab_size, scale_rows,
+                                              loss[rows])
+        else:
+            z_teacher, max_complement, logsum_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
+            terms = compute_row_terms(z_teacher, max_complement, logsum_complement, lp, global_ids >= 0, tail,
+                                      inp.mode, vocab_size)
+            loss[rows] = terms.loss
+            # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
+            scaled = tuple(t.to(logits.dtype) for t in terms.scaled(scale_rows)) if want_any else None
         if not want_any:
             continue
         out = logits if head.operand_dtype == logits.dtype else _narrow_in_place(logits, head.operand_dtype)
-        # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
-        sign, origin, log_coef, grad_teacher = (t.to(logits.dtype) for t in terms.scaled(row_scale[rows]))
+        sign, origin, log_coef, grad_teacher = scaled
         grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp, out)
         del logits
         if want_h:
-            partial = head.grad_hidden(grad_logits)
-            _store_hidden_grad(grads.hidden, rows, vocab.sum_partials(partial, head.acc_dtype), counted)
+            if vocab is _WHOLE_VOCAB and grad_logits.dtype == grads.hidden.dtype:
+                # Straight into the gradient's rows; non-counted rows are zeroed once per call below.
+                torch.mm(grad_logits, head.weight, out=grads.hidden[rows])
+            else:
+                partial = head.grad_hidden(grad_logits)
+                _store_hidden_grad(grads.hidden, rows, vocab.sum_partials(partial, head.acc_dtype), counted)
         if want_w:
             head.accumulate_grad_weight(grads.weight, grad_logits, h)
         if want_b:
             grads.bias += grad_logits.sum(dim=0, dtype=head.acc_dtype)
         del grad_logits, out  # free this chunk's buffers before the next chunk allocates its own
+    if want_h and inp.mask is not None and fused_row_terms:
+        # A position that does not count gets an exact 0, even when a non-finite weight entry makes its
+        # row of G W a 0 * inf = NaN (_store_hidden_grad, per call for the rows written by torch.mm).
+        grads.hidden.masked_fill_(~inp.mask[:, None], 0.0)
     return loss, grads
 
 

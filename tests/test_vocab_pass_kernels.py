@@ -393,3 +393,110 @@ def test_scale_rejects_bad_arguments():
         scale_(values, one.double())
     with pytest.raises(ValueError, match="scale"):
         scale_(values, torch.ones(2, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------------
+# lse_and_row_terms: the split partials and the fused per-row scalars
+# --------------------------------------------------------------------------------------------------
+
+
+def make_teacher(ids, seed, tail_mass):
+    """Teacher log-probabilities on the used slots (0 elsewhere) summing to 1 - tail_mass[n], the exact
+    tail log-probability, and row scales of both signs with one 0."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    c, k = ids.shape
+    used = (ids >= 0).cpu()
+    raw = torch.randn(c, k, generator=gen, dtype=torch.float64) * 2
+    raw[0, 0] += 30  # a peaked teacher row
+    lp = torch.where(used, raw, NEG_INF).log_softmax(-1) + torch.log1p(-tail_mass)[:, None]
+    lp = torch.where(used, lp, 0.0)
+    scale = torch.rand(c, generator=gen, dtype=torch.float64) + 0.1
+    scale[-1] = 0.0
+    scale[0] = -scale[0]
+    return lp.to(DEVICE), tail_mass.log().to(DEVICE), scale.to(DEVICE)
+
+
+ROW_TERM_SHAPES = [(3, 37, 3), (7, 300, 7), (4, 40, 40), (5, 1001, 16)]
+
+
+@pytest.mark.parametrize("c,V,k", ROW_TERM_SHAPES, ids=[f"c{c}-V{V}-k{k}" for c, V, k in ROW_TERM_SHAPES])
+@pytest.mark.parametrize("mode,given_tail", [("tail", False), ("tail", True), ("sampled", False)])
+def test_lse_and_row_terms_match_compute_row_terms(c, V, k, mode, given_tail):
+    """The two launches (vocabulary split partials, then combine + row terms in one program per row)
+    against the PyTorch path in float64 (masked_lse + compute_row_terms + RowTerms.scaled), on peaked
+    student rows, with several vocabulary splits, slot tiles smaller than k, and fp32 and fp64."""
+    from selfreplay_fast import _vocab_pass_torch
+
+    # Row 2 has no tail when it is given exactly (log r = -inf); computed as 1 - sum p, a zero tail is
+    # decided by rounding (fp32 against fp64), so there it is small instead.
+    tail_mass = torch.tensor([1e-6, 0.3, 0.0 if given_tail else 1e-4, 0.05, 0.5, 0.2, 0.01], dtype=torch.float64)[:c]
+    for case, (dtype, split_v, block_k, inv_temp) in enumerate(
+        [(torch.float32, None, None, 1.0), (torch.float32, TILE, 2, 0.37), (torch.float64, 2 * TILE, None, 1.7)]
+    ):
+        logits, ids = make_inputs(c, V, k, dtype=dtype, seed=case, peaked=True)
+        lp, log_tail, scale = make_teacher(ids, case, tail_mass)
+        tail = log_tail if given_tail else None
+        original = logits.clone()
+        ref_loss = torch.empty(c, dtype=torch.float64, device=DEVICE)
+        ref = _vocab_pass_torch.lse_and_row_terms(original.double().clone(), ids.long(), inv_temp, lp, tail, mode, V,
+                                                  scale, ref_loss)
+        loss = torch.empty(c, dtype=dtype, device=DEVICE)
+        got = vocab_pass.lse_and_row_terms(logits, ids, inv_temp, lp.to(dtype), None if tail is None else tail.to(dtype),
+                                           mode, V, scale.to(dtype), loss, block_v=TILE, block_k=block_k, split_v=split_v)
+        what = f"{mode} given_tail={given_tail} {dtype} split_v={split_v} block_k={block_k}"
+        assert torch.equal(logits, original.masked_fill(slot_mask(ids, V), NEG_INF)), what
+        assert_close(loss, ref_loss, dtype, f"loss, {what}")
+        sign, origin, log_coef, grad_teacher = got
+        assert all(t.dtype == dtype for t in got)
+        assert torch.equal(sign.double(), ref[0]), f"sign, {what}"
+        assert_close(origin, ref[1], dtype, f"origin, {what}")
+        assert torch.equal(log_coef == NEG_INF, ref[2] == NEG_INF), f"log_coef -inf, {what}"
+        # The dense gradient at the complement's largest logit, sign exp(log_coef): log_coef itself is
+        # the log of a difference that may nearly cancel, ill-conditioned against float64.
+        assert_close(sign * log_coef.exp(), ref[0] * ref[2].exp(), dtype, f"dense gradient at the max, {what}")
+        assert_close(grad_teacher, ref[3], dtype, f"grad_teacher, {what}")
+        assert (sign[-1] == 0).all() and (grad_teacher[-1] == 0).all()  # a zero row scale: exact zeros
+        # without a row scale: the same loss, no gradient scalars
+        loss_only = torch.empty(c, dtype=dtype, device=DEVICE)
+        assert vocab_pass.lse_and_row_terms(original.clone(), ids, inv_temp, lp.to(dtype),
+                                            None if tail is None else tail.to(dtype), mode, V, None, loss_only,
+                                            block_v=TILE, block_k=block_k, split_v=split_v) is None
+        assert torch.equal(loss_only, loss), what
+
+
+def test_lse_and_row_terms_propagate_nan_and_inf_like_compute_row_terms():
+    """A NaN or +inf logit in the complement or on a slot makes the row's loss and dense sign NaN, as
+    compute_row_terms does; the other rows are untouched."""
+    from selfreplay_fast import _vocab_pass_torch
+
+    c, V, k = 5, 37, 3
+    logits, ids = make_inputs(c, V, k, seed=11)
+    off = [next(v for v in range(V) if not (ids[n] == v).any()) for n in range(c)]
+    logits[1, off[1]] = float("nan")
+    logits[2, off[2]] = float("inf")
+    logits[3, int(ids[3][ids[3] >= 0][0])] = float("inf")
+    lp, _, scale = make_teacher(ids, 3, torch.full((c,), 0.2, dtype=torch.float64))
+    scale[-1] = 1.0
+    ref_loss = torch.empty(c, dtype=torch.float64, device=DEVICE)
+    ref = _vocab_pass_torch.lse_and_row_terms(logits.double().clone(), ids, 1.0, lp, None, "tail", V, scale, ref_loss)
+    loss = torch.empty(c, device=DEVICE)
+    got = vocab_pass.lse_and_row_terms(logits.clone(), ids, 1.0, lp.float(), None, "tail", V, scale.float(), loss,
+                                       block_v=TILE, split_v=TILE)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(loss[1:4]).all() and torch.isfinite(loss[[0, 4]]).all()
+    torch.testing.assert_close(got[0].double(), ref[0], equal_nan=True)
+    assert torch.isnan(got[0][1:4]).all()
+
+
+def test_lse_and_row_terms_rejects_bad_arguments():
+    logits, ids = make_inputs(3, 37, 3)
+    lp = torch.zeros(3, 3, device=DEVICE)
+    loss = torch.empty(3, device=DEVICE)
+    with pytest.raises(ValueError, match="mode"):
+        vocab_pass.lse_and_row_terms(logits, ids, 1.0, lp, None, "topk", 37, None, loss)
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        vocab_pass.lse_and_row_terms(logits, ids, 1.0, lp[:, :2], None, "tail", 37, None, loss)
+    with pytest.raises(ValueError, match="loss_out"):
+        vocab_pass.lse_and_row_terms(logits, ids, 1.0, lp, None, "tail", 37, None, loss[:2])
+    with pytest.raises(ValueError, match="split_v"):
+        vocab_pass.lse_and_row_terms(logits, ids, 1.0, lp, None, "tail", 37, None, loss, block_v=TILE, split_v=48)
