@@ -20,7 +20,7 @@ import torch
 from ..model_info import model_device_dtype, output_vocab_size
 
 __all__ = ["SlotModel", "SlotKVCache", "make_slot_model", "check_slot_attention", "forward_parameters",
-           "forward_with_cache"]
+           "forward_with_cache", "pending_block"]
 
 
 def forward_parameters(model) -> set:
@@ -50,6 +50,32 @@ def forward_with_cache(model, cache, tokens, attention_mask, positions, **kwargs
     if returned is not cache:
         raise RuntimeError("the model did not update the KV cache it was given; it cannot be used by generate_replay")
     return out
+
+
+def pending_block(tokens_buf, lengths, processed, live, width: int, extra, arange, pending=None):
+    """The block a feed runs: each slot's pending tokens right-aligned in ``width`` columns (ragged rows
+    padded with non-real tokens; ``pending`` [B, width] instead of gathering them from ``tokens_buf``),
+    then ``extra`` [B, E]. -> (tokens, real, positions [B, n], processed after the feed [B])."""
+    B = lengths.shape[0]
+    tok_parts, real_parts, pos_parts = [], [], []
+    if width > 0:
+        idx = lengths[:, None] - width + arange[:width][None, :]
+        real = (idx >= processed[:, None]) & live[:, None]
+        idx = idx.clamp_min(0)
+        tok_parts.append(pending if pending is not None else tokens_buf.gather(1, idx))
+        real_parts.append(real)
+        pos_parts.append(idx)
+        processed = torch.where(live, lengths, processed)
+    if extra is not None:
+        num_extra = extra.shape[1]
+        tok_parts.append(extra)
+        real_parts.append(live[:, None].expand(B, num_extra))
+        pos_parts.append(processed[:, None] + arange[:num_extra][None, :])
+        processed = processed + live.long() * num_extra
+    tokens = torch.cat(tok_parts, 1) if len(tok_parts) > 1 else tok_parts[0]
+    real = torch.cat(real_parts, 1) if len(real_parts) > 1 else real_parts[0]
+    positions = torch.cat(pos_parts, 1) if len(pos_parts) > 1 else pos_parts[0]
+    return tokens, real, positions, processed
 
 
 def _cache_base():
@@ -181,28 +207,9 @@ class SlotModel:
         Returns float32 logits [B, keep, V] for the last ``keep`` block columns.
         """
         self._materialize()
-        B = self.batch_size
-        tok_parts, real_parts, pos_parts = [], [], []
-        processed = self.processed
-        if width > 0:
-            idx = lengths[:, None] - width + self._ar[:width][None, :]
-            real = (idx >= processed[:, None]) & live[:, None]
-            idx = idx.clamp_min(0)
-            tok_parts.append(tokens_buf.gather(1, idx))
-            real_parts.append(real)
-            pos_parts.append(idx)
-            processed = torch.where(live, lengths, processed)
-        if extra is not None:
-            num_extra = extra.shape[1]
-            tok_parts.append(extra)
-            real_parts.append(live[:, None].expand(B, num_extra))
-            pos_parts.append(processed[:, None] + self._ar[:num_extra][None, :])
-            processed = processed + live.long() * num_extra
-            self.high += num_extra
-        self.high += width
-        tokens = torch.cat(tok_parts, 1) if len(tok_parts) > 1 else tok_parts[0]
-        real = torch.cat(real_parts, 1) if len(real_parts) > 1 else real_parts[0]
-        positions = torch.cat(pos_parts, 1) if len(pos_parts) > 1 else pos_parts[0]
+        tokens, real, positions, processed = pending_block(tokens_buf, lengths, self.processed, live, width, extra,
+                                                           self._ar)
+        self.high += width + (extra.shape[1] if extra is not None else 0)
         columns = torch.where(real, (positions + 1).clamp_max(self.num_columns - 1), 0)  # [B, n]
         if self.max_position is not None:
             positions = positions.clamp(max=self.max_position)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..model_info import model_device_dtype
-from .slot_cache import forward_parameters, forward_with_cache
+from .slot_cache import forward_parameters, forward_with_cache, pending_block
 
 __all__ = ["CompactingSlotModel", "COMPACT_SLACK"]
 
@@ -77,26 +77,9 @@ class CompactingSlotModel:
         with non-real tokens. ``extra`` [B, E] are tentative tokens (drafts) appended after them.
         Returns float32 logits [B, keep, V] for the last ``keep`` block columns.
         """
-        B = self.batch_size
-        tok_parts, real_parts, pos_parts = [], [], []
-        processed = self.processed
-        if width > 0:
-            idx = lengths[:, None] - width + self._arange(width)[None, :]
-            real = (idx >= processed[:, None]) & live[:, None]
-            idx = idx.clamp_min(0)
-            tok_parts.append(pending if pending is not None else tokens_buf.gather(1, idx))
-            real_parts.append(real)
-            pos_parts.append(idx)
-            processed = torch.where(live, lengths, processed)
-        if extra is not None:
-            num_extra = extra.shape[1]
-            tok_parts.append(extra)
-            real_parts.append(live[:, None].expand(B, num_extra))
-            pos_parts.append(processed[:, None] + self._arange(num_extra)[None, :])
-            processed = processed + live.long() * num_extra
-        tokens = torch.cat(tok_parts, 1) if len(tok_parts) > 1 else tok_parts[0]
-        real = torch.cat(real_parts, 1) if len(real_parts) > 1 else real_parts[0]
-        positions = torch.cat(pos_parts, 1) if len(pos_parts) > 1 else pos_parts[0]
+        arange = self._arange(width + (extra.shape[1] if extra is not None else 0))
+        tokens, real, positions, processed = pending_block(tokens_buf, lengths, self.processed, live, width, extra,
+                                                           arange, pending)
         n = tokens.shape[1]
         if self.max_position is not None:
             positions = positions.clamp(max=self.max_position)
