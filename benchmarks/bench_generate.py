@@ -4,8 +4,8 @@ same model/batch/length/k.
     python -m benchmarks.bench_generate                  # CPU: tiny Llama (hidden 64, 2 layers, vocab 32000)
     python -m benchmarks.bench_generate --device cuda    # GPU: 1B Llama-shaped model (random weights), batch 256
 
-Both sides sample from the full distribution (HF: ``do_sample=True, top_k=0, top_p=1.0,
-output_scores=True``), start from BOS and generate exactly ``max_new_tokens`` tokens per sequence (the
+Both sides sample from the full distribution (HF: ``do_sample=True, top_k=0, top_p=1.0``, timed with
+``output_scores=True`` and without scores, its fastest loop), start from BOS and generate exactly ``max_new_tokens`` tokens per sequence (the
 model has no EOS, so neither side stops early and continuous batching gains nothing: this measures
 the decode loop itself). ``generate_replay`` additionally records the top-k teacher and tail mass at
 every position and writes the buffer to a temporary folder (timed, and its files' bytes reported); HF keeps
@@ -79,22 +79,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_hf(model, batch_size, max_new_tokens, device):
+def time_hf(model, batch_size, max_new_tokens, device, scores=True):
+    """HF ``generate``, with its dense scores (``scores``) or without (its fastest sampling loop)."""
     inputs = torch.full((batch_size, 1), 1, dtype=torch.long, device=device)
     sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
             inputs, attention_mask=torch.ones_like(inputs), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-            max_new_tokens=max_new_tokens, output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+            max_new_tokens=max_new_tokens, output_scores=scores, return_dict_in_generate=True, pad_token_id=0,
         )
     sync(device)
     seconds = time.perf_counter() - start
     generated = (out.sequences.shape[1] - 1) * batch_size
     assert generated == batch_size * max_new_tokens, "HF stopped early"
     # Nothing is written; the dense fp32 scores it holds in memory instead are the comparison's point.
-    scores = sum(s.numel() * s.element_size() for s in out.scores)
-    return generated / seconds, {"bytes_written": 0, "dense_scores_bytes": scores}
+    if not scores:
+        return generated / seconds, {"bytes_written": 0}
+    held = sum(s.numel() * s.element_size() for s in out.scores)
+    return generated / seconds, {"bytes_written": 0, "dense_scores_bytes": held}
 
 
 def time_ours(model, batch_size, max_new_tokens, top_k, device, draft=None, num_draft_tokens=4, write=False):
@@ -226,6 +229,7 @@ def main(argv=None):
 
     contenders = {
         "hf_generate": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device),
+        "hf_generate_no_scores": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device, scores=False),
         "generate_replay": lambda: time_ours(model, args.batch_size, args.max_new_tokens, args.top_k, device, write=True),
     }
     worker, model_dir, vllm_skip = (None, None, "--no-vllm") if args.no_vllm else start_vllm_worker(args, model, device)
@@ -241,6 +245,8 @@ def main(argv=None):
             shutil.rmtree(model_dir, ignore_errors=True)
     hf_rate = results["hf_generate"]["tokens_per_s_median"]
     results["speedup_vs_hf"] = results["generate_replay"]["tokens_per_s_median"] / hf_rate
+    results["speedup_vs_hf_no_scores"] = (results["generate_replay"]["tokens_per_s_median"]
+                                          / results["hf_generate_no_scores"]["tokens_per_s_median"])
     if worker is None:
         results["generate_replay_vllm"] = {"skipped": vllm_skip}
     else:

@@ -95,6 +95,17 @@ def _generate_speedup(folder, device, batch=None):
     return out
 
 
+def _generate_speedup_no_scores(folder, device):
+    out = []
+    for file, result in _generate_files(folder, device):
+        batch = result["config"]["batch_size"]
+        if "speedup_vs_hf_no_scores" not in result["results"]:
+            out.append(Measured(None, result, file, f"batch {batch}: the run predates the HF contender without scores"))
+        else:
+            out.append(Measured(result["results"]["speedup_vs_hf_no_scores"], result, file, f"batch {batch}"))
+    return out
+
+
 def _speculative(folder, device, max_batch):
     out = []
     for file, result in _generate_files(folder, device):
@@ -144,8 +155,7 @@ GOALS = [
     Goal("generate_replay / HF generate (output_scores), every batch", "cpu", ">= 2x",
          lambda v: v >= 2, lambda d: _generate_speedup(d, "cpu"), _ratio),
     Goal("generate_replay / HF generate without scores, equal batch (issue #12)", "cpu", ">= 1.5x",
-         lambda v: v >= 1.5, lambda d: [], _ratio,
-         missing="bench_generate times HF with output_scores only"),
+         lambda v: v >= 1.5, lambda d: _generate_speedup_no_scores(d, "cpu"), _ratio),
 ]
 
 

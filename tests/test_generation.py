@@ -18,7 +18,8 @@ scipy_stats = pytest.importorskip("scipy.stats")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import selfreplay_fast.generation.decode_loop as decode_engine
-import selfreplay_fast.generation.slot_cache as slot_cache
+import selfreplay_fast.generation.drafting as drafting
+import selfreplay_fast.generation.slot_cache_compacting as slot_cache_compacting
 from selfreplay_fast.generation import DecodeState, NGramDrafter, generate_replay, sample_categorical
 from selfreplay_fast.reference import reference_replay_kl
 from selfreplay_fast.replay_buffer import ReplayBuffer
@@ -243,11 +244,21 @@ def assert_teacher_matches_full_forward(model, buffer, k, prompts_len=None, temp
         assert (buffer.sampled_logprobs[i, :n][~expected_rows] == 0).all() and (buffer.sampled_logprobs[i, n:] == 0).all()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def use_compacting_cache(monkeypatch):
+    """Run generation on the compacting DynamicCache (flash-attn's slot cache) under SDPA, compacting
+    as often as it can (slack 0)."""
+    monkeypatch.setattr(slot_cache_compacting, "COMPACT_SLACK", 0)
+    for module in (decode_engine, drafting):
+        monkeypatch.setattr(module, "make_slot_model", slot_cache_compacting.CompactingSlotModel)
+
+
 @pytest.mark.parametrize("speculative", ["none", "draft", "ngram"])
-def test_cached_topk_equals_full_forward(arch, speculative, monkeypatch):
-    # Exercise cache compaction often (slack 0) and the delayed finish checks (check_every=3).
-    monkeypatch.setattr(slot_cache, "COMPACT_SLACK", 0)
+@pytest.mark.parametrize("arch,cache", [("llama", "static"), ("qwen2", "static"), ("gpt2", "static"),
+                                        ("llama", "compacting")])
+def test_cached_topk_equals_full_forward(arch, speculative, cache, monkeypatch):
+    # Both slot caches (the compacting one on one architecture), and the delayed finish checks (check_every=3).
+    if cache == "compacting":
+        use_compacting_cache(monkeypatch)
     model = build_model(arch, 0)
     prompts = [[1, 5, 6, 5, 6], [1], [1, 7, 7]]
     kwargs = {}
@@ -669,8 +680,9 @@ def test_keep_in_memory_false_writes_shards_only(tmp_path):
 
 def test_cache_compaction_while_every_slot_is_finished(monkeypatch):
     # With delayed finish checks every slot can sit finished (not yet refilled) for several steps. A
-    # compaction then may leave the cache narrower than a draft block; the rollback must cope.
-    monkeypatch.setattr(slot_cache, "COMPACT_SLACK", 0)
+    # compaction of the compacting cache then may leave it narrower than a draft block; the rollback
+    # must cope (the static cache, the default, has no compaction).
+    use_compacting_cache(monkeypatch)
 
     class EosFirstLlama(LlamaForCausalLM):
         def forward(self, *args, **kwargs):

@@ -12,7 +12,7 @@ import torch
 from .drafting import DecodeState
 from ..model_info import model_device_dtype
 from .sampling import SamplingRows, correction_distribution, sample_categorical
-from .slot_cache import SlotModel
+from .slot_cache import make_slot_model
 
 __all__ = ["GenerationStats", "ShardEngine"]
 
@@ -76,22 +76,29 @@ class ShardEngine:
 
     def run(self):
         B, L, k, dev = self.batch_size, self.max_len, self.recorder.k, self.device
-        scratch = L  # write target for rows that must not be recorded (dead slots, past the end)
-        self.tokens = torch.zeros(B, L + 1, dtype=torch.long, device=dev)
-        self.t_ids = torch.full((B, L + 1, k), -1, dtype=torch.int32, device=dev)
-        self.t_lp = torch.zeros(B, L + 1, k, dtype=torch.float32, device=dev)
-        self.t_tail = torch.full((B, L + 1), float("-inf"), dtype=torch.float32, device=dev)
-        self.t_sampled = torch.zeros(B, L + 1, dtype=torch.float32, device=dev)  # log p(emitted token), row-aligned
+        # Column `position` of `tokens` and row `position + 1` of the teacher records (row 0 is never
+        # written) belong to a sequence's token and to the distribution that follows it, so one index,
+        # the token's position, writes both; index L + 1 is the write scratch of slots that must not
+        # write (dead slots, past the end).
+        scratch = L + 1
+        self.tokens = torch.zeros(B, L + 2, dtype=torch.long, device=dev)
+        self.t_ids = torch.full((B, L + 2, k), -1, dtype=torch.int32, device=dev)
+        # Per row: k teacher log-probs, the tail, the log-prob of the emitted token (one write per step).
+        self.record_init = torch.cat([torch.zeros(k), torch.tensor([float("-inf"), 0.0])]).to(dev)
+        self.t_float = self.record_init.repeat(B, L + 2, 1)
         self.lengths = torch.ones(B, dtype=torch.long, device=dev)
-        self.generated = torch.zeros(B, dtype=torch.long, device=dev)
+        self.limit = torch.ones(B, dtype=torch.long, device=dev)  # prompt length + max_new_tokens
         self.live = torch.zeros(B, dtype=torch.bool, device=dev)
         self.holds = torch.zeros(B, dtype=torch.bool, device=dev)  # slot holds a not yet harvested sequence
+        self.last_token = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the plain step's pending token
         self.slot_seq = [-1] * B  # which sequence each slot holds (host side), -1 = none
         self.results = [None] * len(self.prompts)
         self.next_seq = 0
         self.slot_ids = torch.arange(B, device=dev)  # for indexing one entry per slot
         self.scratch = scratch
-        self.target = SlotModel(self.model, B, L + 1)
+        extra = self.num_draft_tokens if self.drafter is not None else 0
+        self.slot_columns = self.slot_ids[:, None].expand(B, extra + 1)
+        self.target = make_slot_model(self.model, B, L + 1)
         if self.drafter is not None:
             self.drafter.start(B, L, self.vocab_size)
         self.state = DecodeState(self.tokens, self.lengths, self.live, self.generator, self.temperature, L)
@@ -119,7 +126,7 @@ class ShardEngine:
             tail = self.next_seq >= len(self.prompts)
             if self.step % self.check_every == 0 or (tail and self.step >= self.deadline):
                 self.stats.host_checks += 1
-                done_list = (self.holds & ~self.live).tolist()  # the host sync of this step
+                done_list = (self.holds ^ self.live).tolist()  # held and no longer live; the host sync
                 if any(done_list):
                     width = self._harvest_and_refill(done_list)
                 if all(s < 0 for s in self.slot_seq):
@@ -141,24 +148,22 @@ class ShardEngine:
         if not refill:
             return 1
         self.deadline = self.step + self.max_new_tokens
-        slots = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-        slot_index = torch.tensor([b for b, _ in refill], device=self.device)
+        dev = self.device
+        slots = torch.zeros(self.batch_size, dtype=torch.bool, device=dev)
+        slot_index = torch.tensor([b for b, _ in refill], device=dev)
         slots[slot_index] = True
-        max_prompt = max(len(self.prompts[s]) for _, s in refill)
-        prompt_block = torch.zeros(len(refill), self.max_len + 1, dtype=torch.long)
-        prompt_lengths = []
-        for i, (b, s) in enumerate(refill):
-            prompt = self.prompts[s]
-            prompt_block[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            prompt_lengths.append(len(prompt))
+        prompts = [self.prompts[s] for _, s in refill]
+        max_prompt = max(len(p) for p in prompts)
+        rows = [p + [0] * (self.max_len + 2 - len(p)) for p in prompts]  # one host-to-device copy
+        for b, s in refill:
             self.slot_seq[b] = s
-        self.tokens[slot_index] = prompt_block.to(self.device)
+        prompt_lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        self.tokens[slot_index] = torch.tensor(rows, dtype=torch.long, device=dev)
         self.t_ids[slot_index] = -1
-        self.t_lp[slot_index] = 0.0
-        self.t_tail[slot_index] = float("-inf")
-        self.t_sampled[slot_index] = 0.0
-        self.lengths[slot_index] = torch.tensor(prompt_lengths, device=self.device)
-        self.generated[slot_index] = 0
+        self.t_float[slot_index] = self.record_init
+        self.lengths[slot_index] = prompt_lengths
+        self.limit[slot_index] = prompt_lengths + self.max_new_tokens
+        self.last_token[slot_index, 0] = torch.tensor([p[-1] for p in prompts], device=dev)
         self.live[slot_index] = True
         self.holds[slot_index] = True
         self.target.reset(slots)
@@ -170,18 +175,18 @@ class ShardEngine:
         finished = [b for b, d in enumerate(done_list) if d]
         index = torch.tensor(finished, device=self.device)
         self.holds[index] = False
-        lengths = self.lengths[index].cpu()
-        tokens = self.tokens[index].cpu()
-        ids = self.t_ids[index].cpu()
-        lp = self.t_lp[index].cpu()
-        tail = self.t_tail[index].cpu()
-        sampled = self.t_sampled[index].cpu()
+        k = self.recorder.k
+        lengths = self.lengths[index].tolist()
+        tokens = self.tokens[index].cpu().unbind(0)
+        ids = self.t_ids[index, 1:].cpu().unbind(0)
+        rows = self.t_float[index, 1:].cpu()
+        lp, tail, sampled = rows[..., :k].unbind(0), rows[..., k].unbind(0), rows[..., k + 1].unbind(0)
         new_tokens = 0
         for i, b in enumerate(finished):
-            n = int(lengths[i])
+            n = lengths[i]
             seq = self.slot_seq[b]
-            self.results[seq] = (tokens[i, :n].clone(), ids[i, :n].clone(), lp[i, :n].clone(), tail[i, :n].clone(),
-                                 sampled[i, :n].clone())
+            # Views of this harvest's copies (assemble_shard copies them into the shard).
+            self.results[seq] = (tokens[i][:n], ids[i][:n], lp[i][:n], tail[i][:n], sampled[i][:n])
             new_tokens += n - len(self.prompts[seq])
             self.slot_seq[b] = -1
         self.stats.sequences += len(finished)
@@ -192,31 +197,38 @@ class ShardEngine:
 
     # -- one decode step --------------------------------------------------------------------------
 
-    def _record(self, row_index: torch.Tensor, rows: SamplingRows, emitted: torch.Tensor):
+    def _record(self, slot_index: torch.Tensor, at: torch.Tensor, rows: SamplingRows, emitted: torch.Tensor):
         """Write teacher rows and the log-prob of the token each row's distribution emitted (``emitted``
-        [B] or [B, C], drawn from ``rows``): ``row_index`` [B] or [B, C] (scratch for rows not to keep)."""
-        slot_ids = self.slot_ids if row_index.dim() == 1 else self.slot_ids[:, None].expand_as(row_index)
+        [B, C], drawn from ``rows`` [B, C, V] or [B, V] with C = 1): at ``[slot_index, at]``, both
+        [B] or [B, C] (the scratch for rows not to keep)."""
         # Before the recorder, which consumes rows.weights: log(w / total) of the emitted token, i.e. its
         # log-prob under softmax(logits / temperature) (an emitted token has w > 0, so this is finite).
-        chosen = rows.weights.gather(-1, emitted[..., None])[..., 0]
-        self.t_sampled[slot_ids, row_index] = chosen.log() - rows.total.log()
+        if rows.weights.dim() == emitted.dim():  # [B, V] rows, [B, 1] emitted
+            sampled = rows.weights.gather(-1, emitted).log_() - rows.log_total
+        else:
+            sampled = rows.weights.gather(-1, emitted[..., None]).log_() - rows.log_total
         ids, values, tail = self.recorder(rows, self.generator)
-        self.t_ids[slot_ids, row_index] = ids
-        self.t_lp[slot_ids, row_index] = values
-        self.t_tail[slot_ids, row_index] = tail
+        self.t_ids[slot_index, at] = ids
+        self.t_float[slot_index, at] = torch.cat([values, tail, sampled], -1)
 
     def _plain_step(self, width: int):
-        live = self.live
-        logits = self.target.feed(self.tokens, self.lengths, live, width, keep=1)[:, -1]
+        live, lengths = self.live, self.lengths
+        if width == 1:  # every live slot has one pending token: the shortest path
+            logits = self.target.step(self.last_token, lengths, live)
+        else:
+            logits = self.target.feed(self.tokens, lengths, live, width, keep=1)[:, -1]
         rows = SamplingRows(logits, self.temperature, self.recorder.top)
-        token = sample_categorical(rows.weights, self.generator)[:, 0]
-        self._record(torch.where(live, self.lengths - 1, self.scratch), rows, token)
-        self.tokens[self.slot_ids, torch.where(live, self.lengths, self.scratch)] = token
-        step = live.long()
-        self.lengths += step
-        self.generated += step
-        finished = live & (self._is_eos(token) | (self.generated >= self.max_new_tokens))
-        self.live &= ~finished
+        token = sample_categorical(rows.weights, self.generator)  # [B, 1]
+        at = torch.where(live, lengths, self.scratch)  # the new token's position = its record's row
+        self._record(self.slot_ids, at, rows, token)
+        flat = token.view(-1)
+        self.tokens[self.slot_ids, at] = flat
+        self.last_token = token
+        lengths += live
+        going_on = lengths < self.limit
+        if self.eos is not None:
+            going_on &= torch.isin(flat, self.eos, invert=True)
+        live &= going_on
 
     def _speculative_step(self, width: int):
         K = self.num_draft_tokens
@@ -225,7 +237,7 @@ class ShardEngine:
         drafts, q = self.drafter.propose(self.state, K)  # [B, K], [B, K, V] or None
         logits = self.target.feed(self.tokens, self.lengths, live, width, extra=drafts, keep=K + 1)
         rows = SamplingRows(logits, self.temperature, self.recorder.top)  # [B, K+1, V]: p_0..p_K
-        p_draft = rows.weights[:, :K].gather(2, drafts[:, :, None])[:, :, 0] / rows.total[:, :K]  # p_i(d_{i+1})
+        p_draft = rows.weights[:, :K].gather(2, drafts[:, :, None])[:, :, 0] / rows.total[:, :K, 0]  # p_i(d_{i+1})
         uniform = torch.rand(B, K, generator=self.generator, device=self.device)
         if q is not None:
             q_draft = q.gather(2, drafts[:, :, None])[:, :, 0]
@@ -234,7 +246,7 @@ class ShardEngine:
             accept = uniform < p_draft  # point-mass proposal: accept with probability p(d)
         accepted = accept.long().cumprod(1).sum(1)  # [B] leading accepts, 0..K
         # Correction token: from normalize(max(p_a - q_a, 0)) after a rejection, from p_K (bonus) otherwise.
-        p_a = rows.weights[self.slot_ids, accepted] / rows.total[self.slot_ids, accepted][:, None]
+        p_a = rows.weights[self.slot_ids, accepted] / rows.total[self.slot_ids, accepted]
         rejected = accepted < K
         at = accepted.clamp(max=K - 1)  # the rejected draft's row (any row when all were accepted: unused)
         if q is not None:
@@ -250,17 +262,18 @@ class ShardEngine:
         # Truncate at the first EOS and at the token budget.
         is_eos = self._is_eos(emitted) & (cols < num_emit[:, None])
         first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, K + 1)
-        budget = self.max_new_tokens - self.generated
+        budget = self.limit - self.lengths
         num_keep = torch.minimum(torch.minimum(num_emit, first_eos), budget)
         num_keep = torch.where(live, num_keep, 0)
         keep = cols < num_keep[:, None]
-        # Column j's emitted token was drawn from (or accepted under) the target's p_j: its log-prob is of p_j.
-        self._record(torch.where(keep, self.lengths[:, None] - 1 + cols, self.scratch), rows, emitted)
-        self.tokens[self.slot_ids[:, None].expand(B, K + 1), torch.where(keep, self.lengths[:, None] + cols, self.scratch)] = emitted
+        # Column j's emitted token was drawn from (or accepted under) the target's p_j: its log-prob is of p_j,
+        # recorded at the token's position (row lengths + j), where the token itself goes.
+        at = torch.where(keep, self.lengths[:, None] + cols, self.scratch)
+        self._record(self.slot_columns, at, rows, emitted)
+        self.tokens[self.slot_columns, at] = emitted
         hit_eos = is_eos.any(1) & (first_eos <= num_keep)
-        finished = live & (hit_eos | (self.generated + num_keep >= self.max_new_tokens))
+        finished = live & (hit_eos | (num_keep >= budget))
         self.lengths += num_keep
-        self.generated += num_keep
         self._proposed += live.long().sum() * K
         self._accepted += torch.where(live, accepted, 0).sum()
         self.target.rollback(K, accepted, live)

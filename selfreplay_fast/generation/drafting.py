@@ -9,7 +9,7 @@ import torch
 
 from ..model_info import model_config_hash, model_name
 from .sampling import sample_categorical
-from .slot_cache import SlotModel
+from .slot_cache import make_slot_model
 
 __all__ = ["DecodeState", "Drafter", "ModelDrafter", "NGramDrafter"]
 
@@ -18,7 +18,7 @@ class DecodeState:
     """What a drafter may read: per-slot token history and lengths, which slots are live."""
 
     def __init__(self, tokens, lengths, live, generator, temperature, max_len):
-        self.tokens = tokens  # [B, max_len + 1] int64 (last column is a write scratch)
+        self.tokens = tokens  # [B, max_len + 2] int64 (the last column is a write scratch)
         self.lengths = lengths  # [B] int64
         self.live = live  # [B] bool
         self.generator = generator
@@ -56,12 +56,12 @@ class ModelDrafter(Drafter):
 
     def __init__(self, draft_model):
         self.model = draft_model
-        self._slots: Optional[SlotModel] = None
+        self._slots = None  # the draft model's slot cache, per shard
         self._width = 1
         self._num_tokens = 0
 
     def start(self, batch_size, max_len, vocab_size):
-        self._slots = SlotModel(self.model, batch_size, max_len + 1)
+        self._slots = make_slot_model(self.model, batch_size, max_len + 1)
         self._width = 1
 
     def reset(self, slots, max_prompt_len):

@@ -12,18 +12,36 @@ __all__ = ["sample_categorical", "SamplingRows", "TeacherRecorder", "correction_
 
 
 _SAMPLE_BLOCK = 256
+_ONE_LEVEL_MAX = 4 * _SAMPLE_BLOCK  # vocabularies sampled from one float64 cumsum
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samples: int = 1) -> torch.Tensor:
     """Draw ``num_samples`` ids (with replacement) per row of ``probs`` [..., V] by inverse CDF.
 
-    ``torch.multinomial`` costs ~8x more on the CPU, and one float32 cumsum over a large vocabulary
-    accumulates rounding (and is itself slow). So this is two-level: pick a block of 256 ids from the
-    block totals (accumulated in float64), then the id inside the chosen block from its float32 cumsum.
-    Rows need not be normalized. Zero-probability ids are never drawn: a draw lands on id ``i`` iff
-    ``cdf[i-1] <= u < cdf[i]``, and a ``u`` that rounding puts past the block's cumsum is clamped to the
-    block's last id with positive mass.
+    Rows need not be normalized. ``torch.multinomial`` costs ~8x more on the CPU. A vocabulary of at
+    most ``_ONE_LEVEL_MAX`` ids takes one float64 cumsum (few ops per decode step). A larger one would
+    accumulate rounding in a float32 cumsum and spend time writing a float64 one, so it is two-level:
+    pick a block of 256 ids from the block totals (accumulated in float64), then the id inside the
+    chosen block from its float32 cumsum. Zero-probability ids are never drawn: a draw lands on id
+    ``i`` iff ``cdf[i-1] <= u < cdf[i]``, with ``u`` kept below the total.
     """
+    vocab = probs.shape[-1]
+    if vocab <= _ONE_LEVEL_MAX:
+        return _sample_one_level(probs, generator, num_samples)
+    return _sample_two_level(probs, generator, num_samples)
+
+
+def _sample_one_level(probs, generator, num_samples):
+    lead, vocab = probs.shape[:-1], probs.shape[-1]
+    cdf = probs.reshape(-1, vocab).cumsum(-1, dtype=torch.float64)  # [R, V]
+    total = cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], num_samples, generator=generator, dtype=torch.float64, device=cdf.device)
+    # u * total can round up to total itself, which would land past the last positive id.
+    u = torch.minimum(u.mul_(total), total.nextafter(torch.zeros((), dtype=torch.float64, device=cdf.device)))
+    return torch.searchsorted(cdf, u, right=True).reshape(*lead, num_samples)
+
+
+def _sample_two_level(probs, generator, num_samples):
     lead, vocab = probs.shape[:-1], probs.shape[-1]
     rows = probs.reshape(-1, vocab).float()
     num_rows = rows.shape[0]
@@ -40,6 +58,7 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samp
     rest = (u - before).float()
     block_cdf = blocks.gather(1, block[:, :, None].expand(num_rows, num_samples, _SAMPLE_BLOCK)).cumsum(-1)
     offset = torch.searchsorted(block_cdf, rest[:, :, None], right=True)[:, :, 0]
+    # A u that rounding puts past the block's cumsum goes to the block's last id with positive mass.
     last_positive = (block_cdf < block_cdf[:, :, -1:]).sum(-1)
     ids = block * _SAMPLE_BLOCK + torch.minimum(offset, last_positive)
     return ids.reshape(*lead, num_samples)
@@ -50,21 +69,23 @@ class SamplingRows:
 
     ``weights = exp(z - max z)`` are the unnormalized probabilities (the sampler takes them as they
     are), ``total`` their sum, so ``p = weights / total`` and ``lse = max + log(total)``. The top-k
-    come from one ``topk`` over the logits (whose first value is the max, for free).
+    come from one ``topk`` over the logits (whose first value is the max, for free). ``total``,
+    ``log_total`` and ``lse`` keep a trailing dimension of 1 ([..., 1]): they broadcast against rows
+    without a reshape per step.
     """
 
     def __init__(self, logits: torch.Tensor, temperature: float, k: int):
         # `logits` is a fresh model output that nothing else reads, so it is overwritten in place:
         # a new [B, V] tensor per step would cost an allocation (and page faults on the CPU) per pass.
-        z = logits.float()
+        z = logits if logits.dtype == torch.float32 else logits.float()
         if temperature != 1.0:
             z = z.div_(temperature)
         self.top_z, self.top_ids = z.topk(k, dim=-1)
         shift = self.top_z[..., :1]
         self.weights = z.sub_(shift).exp_()
-        self.total = self.weights.sum(-1)
-        self.shift = shift[..., 0]
-        self.lse = self.shift + self.total.log()
+        self.total = self.weights.sum(-1, keepdim=True)
+        self.log_total = self.total.log()
+        self.lse = shift + self.log_total
 
 
 class TeacherRecorder:
@@ -77,16 +98,16 @@ class TeacherRecorder:
         self.top = k if sampled_draws is None else 1
 
     def __call__(self, rows: SamplingRows, generator):
-        """-> ids [..., k] int32, logprobs [..., k] float32, tail [...]. Consumes ``rows.weights``
+        """-> ids [..., k] int32, logprobs [..., k] float32, tail [..., 1]. Consumes ``rows.weights``
         (overwritten in place), so call it after all sampling from ``rows``."""
         if self.sampled_draws is None:
-            logprobs = rows.top_z - rows.lse[..., None]
+            logprobs = rows.top_z - rows.lse
             # Tail mass = sum of the non-top-k probabilities, summed directly (no 1 - sum p cancellation):
             # this is logsumexp over the non-top-k logits minus the full LSE, shifted by the row max. It
             # is exact to float32 rounding down to a tail of ~1e-37 of the top probability, and -inf below
             # (and when k = V), where the tail's contribution to any KL is < 1e-35.
-            rest = rows.weights.scatter_(-1, rows.top_ids, 0.0).sum(-1)
-            tail = (rest / rows.total).log()
+            rest = rows.weights.scatter_(-1, rows.top_ids, 0.0).sum(-1, keepdim=True)
+            tail = rest.log() - rows.log_total
             return rows.top_ids.int(), logprobs, tail
         lead, vocab = rows.weights.shape[:-1], rows.weights.shape[-1]
         weights = rows.weights.reshape(-1, vocab)
@@ -100,7 +121,7 @@ class TeacherRecorder:
         ids = torch.where(used, ids, -1)
         dropped = (n - values.sum(-1)) / n  # draws of ids that did not fit in k slots
         tail = torch.where(dropped > 0, dropped.clamp_min(1e-30).log(), float("-inf"))
-        return ids.int().reshape(*lead, self.k), logprobs.reshape(*lead, self.k), tail.reshape(lead)
+        return ids.int().reshape(*lead, self.k), logprobs.reshape(*lead, self.k), tail.reshape(*lead, 1)
 
 
 def correction_distribution(p: torch.Tensor, q: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

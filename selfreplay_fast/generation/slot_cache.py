@@ -1,10 +1,13 @@
-"""The slot cache: many independent sequences, each at its own positions, in one HF ``DynamicCache``.
+"""The slot cache: many independent sequences, each at its own positions, in one static KV cache.
 
-Every batch row ("slot") keeps a validity mask over the cache columns; a custom 4D attention mask (or
-flash-attn's 2D padding mask) lets each token see exactly its own sequence's columns. Finished
-sequences and rejected draft tokens just become invalid columns, and the cache is compacted when it
-has grown to twice the longest live sequence. ``check_slot_attention`` verifies once that a model
-honors all of this.
+Batch row ("slot") ``b`` of every layer's keys and values holds one sequence, its position ``p`` in
+column ``p + 1``; column 0 is a write scratch for tokens that must not be remembered (dead slots,
+ragged padding). A custom 4D mask lets a token at position ``p`` see columns ``1..p + 1`` of its own
+row, and a non-real token only column 0. A refilled slot simply overwrites its row from column 1 on
+and rejected draft tokens are overwritten by the next ones, so nothing is ever compacted or copied:
+a decode step writes one column per layer where a growing ``DynamicCache`` copies the whole cache.
+flash-attn takes no 4D mask: it gets the compacting ``DynamicCache`` of slot_cache_compacting.py.
+``check_slot_attention`` verifies once that a model honors all of this.
 """
 
 from __future__ import annotations
@@ -16,52 +19,184 @@ import torch
 
 from ..model_info import model_device_dtype, output_vocab_size
 
-__all__ = ["SlotModel", "check_slot_attention", "COMPACT_SLACK"]
+__all__ = ["SlotModel", "SlotKVCache", "make_slot_model", "check_slot_attention", "forward_parameters",
+           "forward_with_cache", "pending_block"]
 
 
-# Extra cache columns tolerated before compaction (beyond twice the longest sequence).
-COMPACT_SLACK = 64
+def forward_parameters(model) -> set:
+    """Names of the keyword arguments ``model.forward`` takes: a PEFT wrapper's are its base model's, and
+    a subclass whose ``forward(*args, **kwargs)`` passes everything on takes its parents' too."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    names = set()
+    for cls in type(model).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        params = inspect.signature(forward).parameters
+        names |= set(params)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break  # it takes no more than these
+    return names
+
+
+def forward_with_cache(model, cache, tokens, attention_mask, positions, **kwargs):
+    """``model(...)`` with ``cache`` under the name this transformers takes: ``cache`` since 5.2x
+    (``past_key_values`` is then deprecated and warns), ``past_key_values`` before."""
+    name = "cache" if "cache" in forward_parameters(model) else "past_key_values"
+    out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                **{name: cache}, **kwargs)
+    returned = out["cache"] if "cache" in out else out.get("past_key_values")
+    if returned is not cache:
+        raise RuntimeError("the model did not update the KV cache it was given; it cannot be used by generate_replay")
+    return out
+
+
+def pending_block(tokens_buf, lengths, processed, live, width: int, extra, arange, pending=None):
+    """The block a feed runs: each slot's pending tokens right-aligned in ``width`` columns (ragged rows
+    padded with non-real tokens; ``pending`` [B, width] instead of gathering them from ``tokens_buf``),
+    then ``extra`` [B, E]. -> (tokens, real, positions [B, n], processed after the feed [B])."""
+    B = lengths.shape[0]
+    tok_parts, real_parts, pos_parts = [], [], []
+    if width > 0:
+        idx = lengths[:, None] - width + arange[:width][None, :]
+        real = (idx >= processed[:, None]) & live[:, None]
+        idx = idx.clamp_min(0)
+        tok_parts.append(pending if pending is not None else tokens_buf.gather(1, idx))
+        real_parts.append(real)
+        pos_parts.append(idx)
+        processed = torch.where(live, lengths, processed)
+    if extra is not None:
+        num_extra = extra.shape[1]
+        tok_parts.append(extra)
+        real_parts.append(live[:, None].expand(B, num_extra))
+        pos_parts.append(processed[:, None] + arange[:num_extra][None, :])
+        processed = processed + live.long() * num_extra
+    tokens = torch.cat(tok_parts, 1) if len(tok_parts) > 1 else tok_parts[0]
+    real = torch.cat(real_parts, 1) if len(real_parts) > 1 else real_parts[0]
+    positions = torch.cat(pos_parts, 1) if len(pos_parts) > 1 else pos_parts[0]
+    return tokens, real, positions, processed
+
+
+def _cache_base():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+class SlotKVCache(_cache_base()):
+    """Static per-slot keys and values [B, H, S, D] per layer (a ``DynamicCache`` to the model's eyes).
+
+    Before each forward ``prepare`` sets the column each fed token writes and the window of columns
+    attention reads; ``update`` (called by every attention layer) writes the new keys and values
+    there and returns the window, a view: no per-step allocation or copy of the cache.
+    """
+
+    def __init__(self, batch_size: int, num_columns: int, device):
+        super().__init__()
+        self.layers = []
+        self.slot_keys, self.slot_values = [], []
+        self.num_columns = num_columns
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # [B, 1], for the column writes
+        self.columns = None  # [B, n] write column of each fed token
+        self.window = 0  # columns [0, window) are attended this forward
+
+    def prepare(self, columns: torch.Tensor, window: int) -> None:
+        self.columns = columns
+        self.window = window
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == len(self.slot_keys):  # lazily allocated: heads, head dim and dtype come from the model
+            b, h, _, d = key_states.shape
+            shape = (b, h, self.num_columns, d)
+            self.slot_keys.append(key_states.new_zeros(shape))
+            self.slot_values.append(value_states.new_zeros(shape[:3] + value_states.shape[3:]))
+        keys, values = self.slot_keys[layer_idx], self.slot_values[layer_idx]
+        # [B, n] row/column pairs, heads and head dim sliced: the value is [B, n, H, D]
+        keys[self.rows, :, self.columns] = key_states.transpose(1, 2)
+        values[self.rows, :, self.columns] = value_states.transpose(1, 2)
+        return keys[:, :, : self.window], values[:, :, : self.window]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.window
 
 
 class SlotModel:
     """A causal LM whose batch rows ("slots") hold independent sequences at independent positions.
 
-    Invariants: ``valid[b]`` marks the cache columns of slot ``b``'s current sequence, in order;
-    ``processed[b]`` is how many of its tokens the cache holds (= ``valid[b].sum()``), i.e. the next
-    token to feed is ``tokens[b, processed[b]]``. A fed token that is not *real* (a dead slot or ragged
-    padding) attends only to itself and its column is invalid at once, so it can never influence
-    anything (and never produces NaN: every query row sees at least one key).
+    Invariants: ``processed[b]`` is how many of slot ``b``'s tokens the cache holds (its columns
+    ``1..processed[b]``), i.e. the next token to feed is ``tokens[b, processed[b]]``. A fed token that
+    is not *real* (a dead slot or ragged padding) writes the scratch column 0 and attends only to it,
+    so it can never influence anything (and never produces NaN: every query row sees one key).
+    ``max_len`` bounds the positions whose outputs are used; draft tokens past it are verified but
+    never kept, and share the last column.
     """
 
     def __init__(self, model, batch_size: int, max_len: int):
-        from transformers import DynamicCache
-
         self.model = model
         self.device, self.dtype = model_device_dtype(model)
         self.batch_size = batch_size
-        self.cache = DynamicCache()
-        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=self.device)
+        self.num_columns = max_len + 2  # scratch, one per position, one for the positions past max_len
+        self.cache = SlotKVCache(batch_size, self.num_columns, self.device)
         self.processed = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        # Compact once the cache is twice as long as any sequence can be: amortized O(1) per column.
-        self.compact_at = 2 * max_len + COMPACT_SLACK
-        self.flash = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._checked_layers = False
-        self._arange_cache = torch.arange(max_len + 64, device=self.device)
+        self.high = 0  # host side: no slot has more than `high` cached tokens (so no sync for the window)
+        self.keeps_logits = "logits_to_keep" in forward_parameters(model)
+        # SDPA takes a boolean mask as it is; eager attention adds the mask to the scores.
+        self.bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self._ar = torch.arange(self.num_columns + 64, device=self.device)
+        self._ar4 = {}  # window -> arange [1, 1, 1, window]: the plain step's mask, without a per-step slice
+        self._step_views = None  # (lengths, live) -> their [B, 1] and [B, 1, 1, 1] views
+        self._stale = False  # processed = lengths - 1 for live slots, not yet written (see `step`)
         # Draft tokens past a sequence's budget are verified but never kept; their positions may run past
         # the model's position table (GPT-2's learned positions would fail), so clamp them.
         max_positions = getattr(model.config, "max_position_embeddings", None)
         self.max_position = int(max_positions) - 1 if isinstance(max_positions, int) else None
 
+    def _materialize(self) -> None:
+        if self._stale:
+            lengths, live = self._step_views[0], self._step_views[1]
+            self.processed = torch.where(live, lengths - 1, self.processed)
+            self._stale = False
+
     def reset(self, slots: torch.Tensor) -> None:
-        """Forget the sequences in ``slots`` (bool [B]); their columns become free garbage."""
-        self.valid &= ~slots[:, None]
+        """Forget the sequences in ``slots`` (bool [B]): their rows are overwritten from column 1 on."""
+        self._materialize()
         self.processed.masked_fill_(slots, 0)
 
-    def _arange(self, n: int) -> torch.Tensor:
-        if n > self._arange_cache.numel():
-            self._arange_cache = torch.arange(2 * n, device=self.device)
-        return self._arange_cache[:n]
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        if self.bool_mask:
+            return allowed
+        return torch.where(allowed, 0.0, torch.finfo(self.dtype).min).to(self.dtype)
+
+    def _forward(self, tokens, allowed, positions, columns, keep):
+        window = min(self.num_columns, self.high + 1)
+        self.cache.prepare(columns, window)
+        kwargs = {"logits_to_keep": keep} if self.keeps_logits else {}
+        return forward_with_cache(self.model, self.cache, tokens, self._mask(allowed), positions, **kwargs)
+
+    def step(self, token: torch.Tensor, lengths: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """One plain decode step: every live slot has exactly one pending token, ``token[b]`` ([B, 1]) at
+        position ``lengths[b] - 1``. Returns the logits [B, V] (a fresh model output, float32 or the
+        model's dtype). The shortest path: the mask is two comparisons against the positions.
+
+        ``lengths`` and ``live`` must be the same tensors from step to step, updated in place."""
+        views = self._step_views
+        if views is None or views[0] is not lengths or views[1] is not live:
+            B = self.batch_size
+            views = self._step_views = (lengths, live, lengths.view(B, 1), lengths.view(B, 1, 1, 1),
+                                        live.view(B, 1, 1, 1))
+        _, _, lengths2, lengths4, live4 = views
+        self.high += 1
+        window = min(self.num_columns, self.high + 1)
+        ar4 = self._ar4.get(window)
+        if ar4 is None:
+            ar4 = self._ar4[window] = self._ar[:window].view(1, 1, 1, window)
+        columns4 = torch.where(live4, lengths4, 0)  # position + 1, or the scratch
+        allowed = (ar4 <= columns4) & (ar4 >= live4)  # live: columns 1..p + 1; dead: column 0
+        out = self._forward(token, allowed, lengths2 - 1, columns4.view(-1, 1), 1)
+        self._stale = True  # for live slots processed is now lengths - 1 (lengths grows after the step)
+        logits = out.logits[:, -1]
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def feed(self, tokens_buf, lengths, live, width: int, extra: Optional[torch.Tensor] = None, keep: int = 1):
         """Run the model on each live slot's unprocessed tokens plus optional ``extra`` tokens.
@@ -71,104 +206,37 @@ class SlotModel:
         with non-real tokens. ``extra`` [B, E] are tentative tokens (drafts) appended after them.
         Returns float32 logits [B, keep, V] for the last ``keep`` block columns.
         """
-        B = self.batch_size
-        tok_parts, real_parts, pos_parts = [], [], []
-        processed = self.processed
-        if width > 0:
-            idx = lengths[:, None] - width + self._arange(width)[None, :]
-            real = (idx >= processed[:, None]) & live[:, None]
-            idx = idx.clamp_min(0)
-            tok_parts.append(tokens_buf.gather(1, idx))
-            real_parts.append(real)
-            pos_parts.append(idx)
-            processed = torch.where(live, lengths, processed)
-        if extra is not None:
-            num_extra = extra.shape[1]
-            tok_parts.append(extra)
-            real_parts.append(live[:, None].expand(B, num_extra))
-            pos_parts.append(processed[:, None] + self._arange(num_extra)[None, :])
-            processed = processed + live.long() * num_extra
-        tokens = torch.cat(tok_parts, 1) if len(tok_parts) > 1 else tok_parts[0]
-        real = torch.cat(real_parts, 1) if len(real_parts) > 1 else real_parts[0]
-        positions = torch.cat(pos_parts, 1) if len(pos_parts) > 1 else pos_parts[0]
-        n = tokens.shape[1]
+        self._materialize()
+        tokens, real, positions, processed = pending_block(tokens_buf, lengths, self.processed, live, width, extra,
+                                                           self._ar)
+        self.high += width + (extra.shape[1] if extra is not None else 0)
+        columns = torch.where(real, (positions + 1).clamp_max(self.num_columns - 1), 0)  # [B, n]
         if self.max_position is not None:
             positions = positions.clamp(max=self.max_position)
-
-        if self.flash:
-            # flash-attn takes a 2D padding mask and unpads queries and keys with it; its bottom-right
-            # causal alignment over the unpadded keys is exactly "valid past columns, then the real
-            # block tokens in order", so holes and ragged padding are handled without a 4D mask.
-            # Dead slots keep their (ignored) block tokens as keys so that no query has an empty key set.
-            # Not exercised by the CPU test suite: verify on a CUDA machine with flash_attn installed.
-            attention_mask = torch.cat([self.valid, real | ~live[:, None]], 1).long()
-        else:
-            past = self.valid[:, None, :] & real[:, :, None]  # [B, n, T]
-            ar = self._arange(n)
-            causal = ar[None, :] <= ar[:, None]  # [n, n] key <= query
-            own = (causal[None] & real[:, None, :] & real[:, :, None]) | (ar[None, :] == ar[:, None])[None]
-            allowed = torch.cat([past, own], 2)
-            attention_mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-            attention_mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-            attention_mask = attention_mask[:, None]
-        kwargs = {}
-        if self.keeps_logits:
-            kwargs["logits_to_keep"] = keep
-        out = self.model(
-            input_ids=tokens, attention_mask=attention_mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True, **kwargs,
-        )
-        if out.past_key_values is not self.cache:
-            raise RuntimeError("the model did not update the DynamicCache it was given; it cannot be used by generate_replay")
-        if not self._checked_layers:
-            self._check_cache_layers()
-        self.valid = torch.cat([self.valid, real], 1)
+        window = min(self.num_columns, self.high + 1)
+        ar = self._ar[:window]
+        allowed = (ar <= columns[:, :, None]) & (ar >= real[:, :, None])  # [B, n, window]
+        out = self._forward(tokens, allowed[:, None], positions, columns, keep)
         self.processed = processed
-        logits = out.logits[:, -keep:]
-        if self.valid.shape[1] >= self.compact_at:
-            self.compact()
-        return logits.float()
-
-    def _check_cache_layers(self):
-        from transformers.cache_utils import DynamicLayer
-
-        for layer in self.cache.layers:
-            # Sliding-window layers drop columns on their own, which would desynchronize `valid`.
-            if type(layer) is not DynamicLayer:
-                raise NotImplementedError(
-                    f"generate_replay supports models whose KV cache is a plain DynamicLayer per layer, got "
-                    f"{type(layer).__name__} (sliding-window or hybrid attention)"
-                )
-        self._checked_layers = True
+        return out.logits[:, -keep:].float()
 
     def rollback(self, span: int, keep: torch.Tensor, live: torch.Tensor) -> None:
-        """Invalidate, per live slot, the last ``span - keep[b]`` of the last ``span`` cache columns
-        (the rejected draft tokens)."""
-        # A live slot keeps all its draft columns through a compaction, so a compaction in the feed
-        # can leave fewer than `span` columns only when no slot is live: then there is nothing to drop.
-        span = min(span, self.valid.shape[1])
+        """Forget, per live slot, the last ``span - keep[b]`` of its last ``span`` cached tokens (the
+        rejected draft tokens): the next tokens fed overwrite their columns."""
+        self._materialize()
         if span == 0:
             return
-        drop = (self._arange(span)[None, :] >= keep[:, None]) & live[:, None]
-        self.valid[:, -span:] &= ~drop
-        self.processed -= drop.sum(1)
+        drop = (self._ar[:span][None, :] >= keep[:, None]) & live[:, None]
+        self.processed = self.processed - drop.sum(1)
 
-    def compact(self) -> None:
-        """Gather each slot's valid columns to the right end of a shorter cache."""
-        counts = self.valid.sum(1)
-        width = max(int(counts.max()), 1)  # host sync; happens once per ~max_len decode steps
-        total = self.valid.shape[1]
-        # Stable sort on the validity flag: invalid columns first, valid ones after in their order.
-        order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices[:, total - width :]
-        self.valid = self.valid.gather(1, order)
-        for layer in self.cache.layers:
-            if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
-                continue
-            b, h, _, d = layer.keys.shape
-            index = order[:, None, :, None].expand(b, h, width, d)
-            layer.keys = layer.keys.gather(2, index)
-            vd = layer.values.shape[-1]
-            layer.values = layer.values.gather(2, order[:, None, :, None].expand(b, layer.values.shape[1], width, vd))
+
+def make_slot_model(model, batch_size: int, max_len: int):
+    """The slot cache for ``model``: the static one, or for flash-attn (no 4D masks) the compacting one."""
+    if getattr(model.config, "_attn_implementation", None) == "flash_attention_2":
+        from .slot_cache_compacting import CompactingSlotModel
+
+        return CompactingSlotModel(model, batch_size, max_len)
+    return SlotModel(model, batch_size, max_len)
 
 
 def check_slot_attention(model, *, name: str = "model") -> None:
@@ -182,21 +250,29 @@ def check_slot_attention(model, *, name: str = "model") -> None:
     vocab = output_vocab_size(model)
     device, dtype = model_device_dtype(model)
     t = [(3 + 7919 * i) % vocab for i in range(10)]
-    slots = SlotModel(model, 2, 8)
+    slots = make_slot_model(model, 2, 8)
     buf = torch.zeros(2, 9, dtype=torch.long, device=device)
     live = torch.ones(2, dtype=torch.bool, device=device)
-    # step 1: ragged prefill, slot 0 feeds 3 tokens, slot 1 one token (two padding columns)
-    buf[0, :3] = torch.tensor(t[0:3])
-    buf[1, :1] = torch.tensor(t[3:4])
-    lengths = torch.tensor([3, 1], device=device)
-    step1 = slots.feed(buf, lengths, live, 3, keep=3)
-    # step 2: two tentative tokens each; slot 0 keeps one, slot 1 none (holes in the cache)
-    step2 = slots.feed(buf, lengths, live, 0, extra=torch.tensor([[t[4], t[6]], [t[5], t[7]]], device=device), keep=2)
-    slots.rollback(2, torch.tensor([1, 0], device=device), live)
-    # step 3: one new token each after the kept ones
-    buf[0, 3:5] = torch.tensor([t[4], t[8]])
-    buf[1, 1:2] = torch.tensor([t[9]])
-    step3 = slots.feed(buf, torch.tensor([5, 2], device=device), live, 1, keep=1)
+    try:
+        # step 1: ragged prefill, slot 0 feeds 3 tokens, slot 1 one token (two padding columns)
+        buf[0, :3] = torch.tensor(t[0:3])
+        buf[1, :1] = torch.tensor(t[3:4])
+        lengths = torch.tensor([3, 1], device=device)
+        step1 = slots.feed(buf, lengths, live, 3, keep=3)
+        # step 2: two tentative tokens each; slot 0 keeps one, slot 1 none (rolled-back columns)
+        step2 = slots.feed(buf, lengths, live, 0, extra=torch.tensor([[t[4], t[6]], [t[5], t[7]]], device=device),
+                           keep=2)
+        slots.rollback(2, torch.tensor([1, 0], device=device), live)
+        # step 3: one new token each after the kept ones, the plain decode step's path
+        buf[0, 3:5] = torch.tensor([t[4], t[8]])
+        buf[1, 1:2] = torch.tensor([t[9]])
+        step3 = slots.step(torch.tensor([[t[8]], [t[9]]], device=device), torch.tensor([5, 2], device=device),
+                           live)[:, None].float()
+    except Exception as exc:  # e.g. a model that builds its own mask from the cache's length
+        raise NotImplementedError(
+            f"{name} ({type(model).__name__}) does not reproduce its plain forward pass under generate_replay's "
+            f"slot cache: it failed with {type(exc).__name__}: {exc}"
+        ) from exc
     ref0 = model(input_ids=torch.tensor([[t[0], t[1], t[2], t[4], t[8]]], device=device)).logits[0].float()
     ref1 = model(input_ids=torch.tensor([[t[3], t[9]]], device=device)).logits[0].float()
     ref1b = model(input_ids=torch.tensor([[t[3], t[5]]], device=device)).logits[0].float()
