@@ -26,7 +26,6 @@ backend (teacher_cache.py) holds:
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 
 from .fingerprint import checkpoint_identity
 from .generation.vllm_backend import (
-    _check_engine, _config_hash, _engine_dtype, _is_llm, _load_hf_configs, build_llm, require_vllm, split_flat_logprobs,
+    _check_engine, _config_hash, _engine_dtype, _load_hf_configs, build_llm, engine_or_path, require_vllm, split_flat_logprobs,
 )
 from .teacher_cache import (
     _check_sequences, _digest, cache_metadata, check_cache_arguments, empty_shard_rows, teacher_row_mask,
@@ -93,19 +92,9 @@ def build_teacher_cache_vllm(model, token_sequences, k, out_dir, *, batch_size=8
     with ``max_num_seqs=batch_size`` and ``vllm_engine_args``) or a ``vllm.LLM`` you built (it must have
     ``max_logprobs >= k`` and return log-probs, not logits; ``vllm_engine_args`` must then be None).
     """
-    if vllm_engine_args is not None and not isinstance(vllm_engine_args, dict):
-        raise TypeError(f"vllm_engine_args must be a dict of vllm.LLM arguments or None, got {type(vllm_engine_args).__name__}")
-    if _is_llm(model):
-        if vllm_engine_args is not None:
-            raise ValueError("vllm_engine_args only applies when model is a path; this vllm.LLM is built already")
-        llm, path = model, model.model_config.model
-    elif isinstance(model, (str, os.PathLike)):
-        if not os.path.isdir(model):
-            raise ValueError("model must be a local model directory or a vllm.LLM for backend='vllm'; the path is not a directory")
+    llm, path = engine_or_path(model, vllm_engine_args)
+    if llm is None:
         require_vllm()  # before any file is written
-        llm, path = None, os.fspath(model)
-    else:
-        raise TypeError(f"model must be a local model directory or a vllm.LLM for backend='vllm', got {type(model).__name__}")
     config, _ = _load_hf_configs(path)
     text_config = config.get_text_config()
     vocab = int(text_config.vocab_size)

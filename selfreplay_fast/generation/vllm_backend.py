@@ -130,6 +130,22 @@ def _is_llm(obj) -> bool:
     return any(cls.__name__ == "LLM" and cls.__module__.startswith("vllm") for cls in type(obj).__mro__)
 
 
+def engine_or_path(model, vllm_engine_args):
+    """(the user's vllm.LLM, its model path) or (None, the local model directory): the ``model`` argument of
+    both vLLM paths (generation and the corpus cache) checked with ``vllm_engine_args``."""
+    if vllm_engine_args is not None and not isinstance(vllm_engine_args, dict):
+        raise TypeError(f"vllm_engine_args must be a dict of vllm.LLM arguments or None, got {type(vllm_engine_args).__name__}")
+    if _is_llm(model):
+        if vllm_engine_args is not None:
+            raise ValueError("vllm_engine_args only applies when model is a path; this vllm.LLM is built already")
+        return model, model.model_config.model
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.isdir(model):
+            raise ValueError("model must be a local model directory or a vllm.LLM for backend='vllm'; the path is not a directory")
+        return None, os.fspath(model)
+    raise TypeError(f"model must be a local model directory or a vllm.LLM for backend='vllm', got {type(model).__name__}")
+
+
 def _check_engine(llm, k: int, temperature: float) -> None:
     config = llm.model_config
     if getattr(config, "runner_type", "generate") != "generate":
@@ -239,19 +255,7 @@ def generate_replay_vllm(
         raise ValueError("keep_in_memory=False needs out_dir: without it the generated buffer would be lost")
     if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
-    if vllm_engine_args is not None and not isinstance(vllm_engine_args, dict):
-        raise TypeError(f"vllm_engine_args must be a dict of vllm.LLM arguments or None, got {type(vllm_engine_args).__name__}")
-
-    if _is_llm(model):
-        if vllm_engine_args is not None:
-            raise ValueError("vllm_engine_args only applies when model is a path; this vllm.LLM is built already")
-        llm, path = model, model.model_config.model
-    elif isinstance(model, (str, os.PathLike)):
-        if not os.path.isdir(model):
-            raise ValueError("model must be a local model directory or a vllm.LLM for backend='vllm'; the path is not a directory")
-        llm, path = None, os.fspath(model)
-    else:
-        raise TypeError(f"model must be a local model directory or a vllm.LLM for backend='vllm', got {type(model).__name__}")
+    llm, path = engine_or_path(model, vllm_engine_args)
 
     config, generation_config = _load_hf_configs(path)
     vocab_size = int(config.get_text_config().vocab_size)
