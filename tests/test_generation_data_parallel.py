@@ -19,6 +19,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from test_generation import one_thread  # noqa: F401  (autouse: one thread, as in the ranks)
+
 from selfreplay_fast import cli
 from selfreplay_fast.dir_lock import DirectoryLock, DirectoryLockedError
 from selfreplay_fast.generation import generate_replay
@@ -30,14 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = dict(num_sequences=14, max_new_tokens=9, top_k=5, batch_size=3, shard_size=3, seed=7)  # 5 shards, the last short
 NUM_SHARDS = 5
 TENSORS = ("input_ids", "lengths", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob", "sampled_logprobs")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_llama(seed=0):
