@@ -231,7 +231,9 @@ def run(args) -> int:
     from ..replay_buffer import read_metadata
 
     written = []  # the shards this process writes (its rank's summary)
-    parallel = dict(rank=rank, world_size=world_size, on_shard_written=lambda shard, _: written.append(shard))
+    parallel = dict(rank=rank, world_size=world_size)
+    if world_size > 1:
+        parallel["on_shard_written"] = lambda shard, _: written.append(shard)
 
     def summary():
         return run_summary(args.out, before, read_metadata(args.out), written if world_size > 1 else None)
