@@ -63,6 +63,37 @@ from .buffer_layout import bytes_per_token
 from .dir_lock import DirectoryLock, DirectoryLockedError  # noqa: F401  (re-exported)
 
 
+def check_same_run(out_dir: str, existing: Optional[dict], settings_key: str, settings: dict, producer: str,
+                   num_shards: int) -> None:
+    """Refuse to write into ``out_dir`` unless it is empty (``existing`` None: no metadata; hidden files
+    aside) or holds a buffer of the same producer with the same ``settings`` and at most ``num_shards``
+    shards: the check every resuming writer makes before building on what is there."""
+    if existing is None:
+        leftovers = [name for name in os.listdir(out_dir) if not name.startswith(".")]
+        if leftovers:
+            raise ValueError(
+                f"out_dir {out_dir} is not empty and holds no replay buffer ({leftovers[:3]}...); use an empty directory"
+            )
+        return
+    previous = existing.get(settings_key)
+    if not isinstance(previous, dict):
+        raise ValueError(
+            f"out_dir {out_dir} holds a replay buffer made by another run (not by {producer}: its "
+            f"metadata.json has no {settings_key!r} settings); use a fresh directory"
+        )
+    differing = sorted(key for key in set(settings) | set(previous) if settings.get(key) != previous.get(key))
+    if differing:
+        detail = ", ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differing[:6])
+        raise ValueError(
+            f"out_dir {out_dir} holds a replay buffer made with other settings by another run of {producer} "
+            f"({detail}); use a fresh directory, or rerun with the original settings to resume"
+        )
+    if len(existing["shards"]) > num_shards:
+        raise ReplayBufferError(
+            f"{out_dir}/{METADATA_FILE} lists {len(existing['shards'])} shards, but these settings make "
+            f"{num_shards}: it was changed; use a fresh directory")
+
+
 class ShardedBufferWriter:
     """The resumable, shard-by-shard writing of a buffer directory (``generate_replay`` and
     ``build_teacher_cache`` both write through it).
@@ -120,30 +151,9 @@ class ShardedBufferWriter:
             raise ReplayBufferError(f"out_dir {out_dir} holds something that is not a replay buffer, or a damaged "
                                     f"one: {exc}") from exc
         remove_stale_temporaries(out_dir)  # under the lock: no write is in progress
+        check_same_run(out_dir, existing, settings_key, settings, producer, self.num_shards)
         if existing is None:
-            leftovers = [name for name in os.listdir(out_dir) if not name.startswith(".")]
-            if leftovers:
-                raise ValueError(
-                    f"out_dir {out_dir} is not empty and holds no replay buffer ({leftovers[:3]}...); use an empty directory"
-                )
             return
-        previous = existing.get(settings_key)
-        if not isinstance(previous, dict):
-            raise ValueError(
-                f"out_dir {out_dir} holds a replay buffer made by another run (not by {producer}: its "
-                f"metadata.json has no {settings_key!r} settings); use a fresh directory"
-            )
-        differing = sorted(key for key in set(settings) | set(previous) if settings.get(key) != previous.get(key))
-        if differing:
-            detail = ", ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differing[:6])
-            raise ValueError(
-                f"out_dir {out_dir} holds a replay buffer made with other settings by another run of {producer} "
-                f"({detail}); use a fresh directory, or rerun with the original settings to resume"
-            )
-        if len(existing["shards"]) > self.num_shards:
-            raise ReplayBufferError(
-                f"{out_dir}/{METADATA_FILE} lists {len(existing['shards'])} shards, but these settings make "
-                f"{self.num_shards}: it was changed; use a fresh directory")
         self._generation = shard_generation(existing) or 0
         if existing["format_version"] != self.metadata.get("format_version", FORMAT_VERSION):
             # A run begun by an older selfreplay-fast finishes in its format: shards of one buffer share a layout.
@@ -180,6 +190,18 @@ class ShardedBufferWriter:
     @property
     def complete(self) -> bool:
         return len(self.entries) >= self.num_shards
+
+    @property
+    def todo_shards(self) -> List[int]:
+        """The shards still to write, in the order :meth:`write_shard` writes them."""
+        return list(range(len(self.entries), self.num_shards))
+
+    def claim(self, index: int) -> bool:
+        """Whether this writer writes shard ``index`` now: always, for the next one (a single writer owns
+        every shard; the data-parallel writer, generation/parallel_writer.py, may answer no)."""
+        if index != len(self.entries):
+            raise ValueError(f"shard {index} is not the next shard of {self.out_dir} ({len(self.entries)} is)")
+        return True
 
     def write_progress(self, *, extra_metadata: Optional[dict] = None) -> None:
         """Write ``metadata.json`` for the shards written so far (atomically)."""

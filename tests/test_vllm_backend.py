@@ -398,3 +398,29 @@ def test_cache_command_with_the_vllm_backend(engine, tmp_path, capsys):
     assert cli.main(["cache", "--model", path, "--data", str(data), "--out", str(tmp_path / "o2"), "--top-k", "3",
                      "--backend", "vllm", "--temperature", "0.5"]) == cli.EXIT_USAGE_ERROR
     assert "--temperature: only 1.0 with --backend vllm" in capsys.readouterr().err
+
+
+def test_two_ranks_equal_one_process(engine, tmp_path):
+    """Data parallel (issue 12, item 2): two processes, each with its own engine, fill one out_dir at once
+    (shard i is rank i % 2's); the buffer equals the module engine's single-process run shard for shard."""
+    path, model, llm = engine
+    out = str(tmp_path / "dp")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONPATH=REPO + os.pathsep + HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    ranks = [subprocess.Popen([sys.executable, os.path.join(HERE, "vllm_resume_script.py"), path, out, "-1",
+                               json.dumps(ENGINE_ARGS), str(rank), "2"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    errors = [proc.communicate(timeout=600)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    straight = str(tmp_path / "straight")
+    generate_replay(llm, num_sequences=10, max_new_tokens=6, top_k=3, shard_size=3, seed=11, out_dir=straight,
+                    progress=False, keep_in_memory=False, backend="vllm")
+    assert sorted(os.listdir(out)) == sorted(os.listdir(straight))  # no lock or claim file left over
+    for shard in range(4):
+        name = f"shard-{shard:05d}.safetensors"
+        assert (tmp_path / "dp" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    a, b = ReplayBuffer.open(out, expected_vocab_size=TINY_VOCAB), ReplayBuffer.open(straight)
+    assert [e["sha256"] for e in a._entries] == [e["sha256"] for e in b._entries]
+    assert ReplayBuffer.load(out).sequences() == ReplayBuffer.load(straight).sequences()

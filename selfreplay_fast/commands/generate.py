@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
@@ -12,7 +13,7 @@ from ._arguments import (
     positive_int,
 )
 from ._buffer_progress import (
-    buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, sum_entries,
+    buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, shard_entries, sum_entries,
 )
 from ._model_dir import (
     check_token_ids, check_top_k, config_max_positions, config_vocab_size, hub_progress_bars, read_model_config,
@@ -60,6 +61,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--vllm-engine-args", type=_json_object, default=None,
                         help='with --backend vllm, extra vllm.LLM arguments as a JSON object, e.g. '
                              '\'{"tensor_parallel_size": 2}\' (default: none)')
+    parser.add_argument("--rank", type=non_negative_int, default=None,
+                        help="data parallel: this process's rank, 0 to --world-size - 1 (default: $RANK, as torchrun sets it)")
+    parser.add_argument("--world-size", type=positive_int, default=None,
+                        help="data parallel: how many processes fill OUT together, each generating its own shards; "
+                             "the buffer equals a single-process run's (default: $WORLD_SIZE, else 1)")
     parser.set_defaults(handler=run, on_interrupt=saved_so_far)
     return parser
 
@@ -148,11 +154,36 @@ def _check_lengths(args, config, prompts) -> None:
         )
 
 
-def run_summary(out_dir: str, before, after) -> dict:
-    """The closing summary: this run's counts apart from the whole buffer's."""
-    from ..generation import GenerationStats
+def _data_parallel_rank(args):
+    """(rank, world_size) from --rank/--world-size or the environment, the device of a torchrun rank."""
+    from ..generation.shard_schedule import resolve_rank
 
-    new = new_shard_entries(before, after)
+    try:
+        rank, world_size = resolve_rank(args.rank, args.world_size, out_dir=args.out)
+    except ValueError as exc:
+        flag = "--world-size" if str(exc).startswith("world_size") else "--rank"
+        raise UsageError(f"argument {flag}: {exc}") from None
+    local_rank = os.environ.get("LOCAL_RANK", "")
+    if args.device is None and world_size > 1 and local_rank.isdigit() and args.backend == "native":
+        import torch
+
+        if torch.cuda.is_available():  # one GPU per local rank, as torchrun lays processes out
+            args.device = f"cuda:{int(local_rank) % torch.cuda.device_count()}"
+    return rank, world_size
+
+
+def run_summary(out_dir: str, before, after, written=None) -> dict:
+    """The closing summary: this run's counts apart from the whole buffer's (``written``: the indices of
+    the shards this process wrote, for one rank of several)."""
+    from ..generation import GenerationStats
+    from ..generation.parallel_writer import OUT_OF_ORDER_FIELD
+    from ..replay_buffer import parse_shard_file_name
+
+    if written is None:
+        new = new_shard_entries(before, after)
+    else:
+        entries = shard_entries(after) + [e for e in after.get(OUT_OF_ORDER_FIELD, []) if isinstance(e, dict)]
+        new = [e for e in entries if (parse_shard_file_name(e.get("file")) or (-1,))[0] in written]
     this_run = {"sequences": sum_entries(new, "num_sequences"), "tokens": sum_entries(new, "num_tokens")}
     names = [f.name for f in fields(GenerationStats)]
 
@@ -176,6 +207,7 @@ def run(args) -> int:
 
     # ---- everything that can be checked without the weights ----
     _check_backend(args)
+    rank, world_size = _data_parallel_rank(args)
     device = check_device(args.device)
     config = read_model_config(args.model)
     check_top_k(args.top_k, config)
@@ -198,6 +230,14 @@ def run(args) -> int:
     from ..generation import generate_replay, load_model_for_generation
     from ..replay_buffer import read_metadata
 
+    written = []  # the shards this process writes (its rank's summary)
+    parallel = dict(rank=rank, world_size=world_size)
+    if world_size > 1:
+        parallel["on_shard_written"] = lambda shard, _: written.append(shard)
+
+    def summary():
+        return run_summary(args.out, before, read_metadata(args.out), written if world_size > 1 else None)
+
     if args.backend == "vllm":  # the engine loads the weights itself (--device does not apply)
         engine_args = dict(args.vllm_engine_args or {})
         if args.dtype != "auto":
@@ -207,8 +247,9 @@ def run(args) -> int:
             batch_size=args.batch_size, temperature=args.temperature, prompts=prompts, seed=args.seed, out_dir=args.out,
             progress=not args.no_progress, shard_size=args.shard_size, tokenizer=tokenizer,
             logprob_dtype=args.logprob_dtype, keep_in_memory=False, backend="vllm", vllm_engine_args=engine_args,
+            **parallel,
         )
-        print(json.dumps(run_summary(args.out, before, read_metadata(args.out)), sort_keys=True), file=sys.stdout)
+        print(json.dumps(summary(), sort_keys=True), file=sys.stdout)
         return 0
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     with hub_progress_bars(not args.no_progress):
@@ -234,6 +275,7 @@ def run(args) -> int:
         sampled_draws=args.sampled_draws,
         logprob_dtype=args.logprob_dtype,
         keep_in_memory=False,
+        **parallel,
     )
-    print(json.dumps(run_summary(args.out, before, read_metadata(args.out)), sort_keys=True), file=sys.stdout)
+    print(json.dumps(summary(), sort_keys=True), file=sys.stdout)
     return 0

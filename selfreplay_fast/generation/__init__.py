@@ -33,7 +33,8 @@ One concept per module: ``replay`` (``generate_replay``: checks, resume, the sha
 (prompts, special ids, lengths: both backends), ``shards`` (shard seeds, buffer metadata, resume,
 assembly: both backends), ``decode_loop`` (the native decode loop of one shard), ``slot_cache`` (the
 per-slot cache and its check), ``sampling`` (the sampler, speculative acceptance and the teacher rows),
-``drafting`` (the drafters) and ``vllm_backend`` (the same buffer from vLLM).
+``drafting`` (the drafters), ``vllm_backend`` (the same buffer from vLLM), ``shard_schedule`` (which
+rank of a data-parallel run generates which shard) and ``parallel_writer`` (how the ranks share out_dir).
 """
 from .decode_loop import GenerationStats
 from .drafting import DecodeState, Drafter, ModelDrafter, NGramDrafter

@@ -17,6 +17,7 @@ from .decode_loop import GenerationStats, ShardEngine
 from .drafting import Drafter, ModelDrafter, NGramDrafter
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
 from .sampling import TeacherRecorder
+from .shard_schedule import progress_span, resolve_rank
 from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
 from .slot_cache import check_slot_attention
 
@@ -69,6 +70,8 @@ def generate_replay(
     keep_in_memory: bool = True,
     backend: str = "native",
     vllm_engine_args: Optional[dict] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
 ) -> Optional[ReplayBuffer]:
     """Sample ``num_sequences`` sequences from ``model`` and record its teacher at every sampled position.
 
@@ -109,11 +112,15 @@ def generate_replay(
             directory or a ``vllm.LLM``, and the buffer means the same (selfreplay_fast/generation/vllm_backend.py;
             draft_model, drafter, sampled_draws and check_every are native only).
         vllm_engine_args: with ``backend="vllm"`` and a model directory, extra ``vllm.LLM`` arguments.
+        rank / world_size: data-parallel generation: ``world_size`` processes fill one ``out_dir``, this one
+            generating the shards of ``rank`` (default: ``RANK``/``WORLD_SIZE`` from the environment, as
+            torchrun sets them, when ``out_dir`` is given; else one process). The buffer equals a
+            single-process run's shard for shard; only rank 0 shows a progress bar (selfreplay_fast/generation/shard_schedule.py).
 
     Returns:
         The :class:`ReplayBuffer` of all ``num_sequences`` sequences (``buffer.generation_stats`` holds
         the counters of this call, including the speculative acceptance rate), or None when
-        ``keep_in_memory=False``.
+        ``keep_in_memory=False`` or ``world_size > 1`` (open ``out_dir`` once every rank has returned).
     """
     if backend != "native" or vllm_engine_args is not None:  # the vLLM backend refuses what it cannot honor
         arguments = dict(locals())  # every argument, by name (before the import adds a name)
@@ -145,6 +152,8 @@ def generate_replay(
         check_every = check_positive_int("check_every", check_every)
     if not keep_in_memory and out_dir is None:
         raise ValueError("keep_in_memory=False needs out_dir: without it the generated buffer would be lost")
+    rank, world_size = resolve_rank(rank, world_size, out_dir=out_dir)
+    keep_in_memory, progress = keep_in_memory and world_size == 1, progress and rank == 0
 
     vocab_size = output_vocab_size(model)
     if top_k > vocab_size:
@@ -221,21 +230,21 @@ def generate_replay(
 
     # ---- resume ----
     writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
-                                          tokenizer=tokenizer)
+                                          tokenizer=tokenizer, rank=rank, world_size=world_size)
     if writer is not None:
         out_dir = writer.out_dir
 
     # ---- generation ----
     recorder = TeacherRecorder(k, sampled_draws)
     total_stats = GenerationStats()
-    start_shard = writer.num_done_shards if writer is not None else 0
-    done_sequences = writer.num_done_sequences if writer is not None else 0
+    todo = writer.todo_shards if writer is not None else list(range(num_shards))
+    done_sequences, bar_total = progress_span(todo, num_sequences, shard_size, rank, world_size)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_sequences, initial=done_sequences, unit="seq", desc="generate_replay", dynamic_ncols=True)
+        bar = tqdm(total=bar_total, initial=done_sequences, unit="seq", desc="generate_replay", dynamic_ncols=True)
     rate = RecentRate()
 
     def progress_update(num_finished, num_tokens, engine):
@@ -259,11 +268,13 @@ def generate_replay(
         draft_model.eval()
     try:
         with torch.inference_mode():
-            if start_shard < num_shards:
+            if todo:
                 check_slot_attention(model)
                 if draft_model is not None:
                     check_slot_attention(draft_model, name="draft_model")
-            for shard in range(start_shard, num_shards):
+            for shard in todo:
+                if writer is not None and not writer.claim(shard):
+                    continue  # written meanwhile, or being written by another process
                 first = shard * shard_size
                 count = min(shard_size, num_sequences - first)
                 shard_prompts = [prompt_list[(first + i) % len(prompt_list)] for i in range(count)]

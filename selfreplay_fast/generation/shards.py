@@ -38,18 +38,28 @@ def buffer_metadata(settings: dict, tokenizer=None) -> dict:
     }
 
 
-def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_memory: bool, tokenizer=None):
+def open_resumable_writer(out_dir, settings: dict, num_shards: int, *, keep_in_memory: bool, tokenizer=None,
+                          rank: int = 0, world_size: int = 1):
     """(writer or None, the in-memory parts of the shards already there): the resume step of both backends.
 
     Checks the weights first (metadata.json only), then opens the buffer directory through
     ``ShardedBufferWriter`` (which verifies the shards listed and holds the writer lock until closed) and
-    claims an empty directory with a progress ``metadata.json`` before the first shard."""
+    claims an empty directory with a progress ``metadata.json`` before the first shard. With
+    ``world_size > 1`` the writer is rank ``rank``'s ``ParallelShardWriter`` (parallel_writer.py) and
+    nothing is kept in memory."""
     if out_dir is None:
         return None, []
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
     # Before the writer reads and verifies the existing shards, and before the model runs at all.
     check_resume_weights(out_dir, "generation", settings, producer="generate_replay")
+    if world_size > 1:
+        from .parallel_writer import ParallelShardWriter
+
+        writer = ParallelShardWriter(out_dir, "generation", settings, buffer_metadata(settings, tokenizer),
+                                     settings["shard_size"], num_shards, num_sequences=settings["num_sequences"],
+                                     rank=rank, world_size=world_size, producer="generate_replay")
+        return writer, []
     writer = ShardedBufferWriter(out_dir, "generation", settings, buffer_metadata(settings, tokenizer), settings["shard_size"],
                                  num_shards, producer="generate_replay", keep_done=keep_in_memory)
     parts = [ReplayBuffer.from_tensors(t, vocab_size=settings["vocab_size"], mode=settings["mode"],

@@ -52,6 +52,7 @@ from ..model_info import _canonical_config
 from ..replay_buffer import LOGPROB_DTYPES, ReplayBuffer
 from .decode_loop import GenerationStats
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
+from .shard_schedule import progress_span, rank_engine_devices, resolve_rank
 from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
 
 __all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "split_flat_logprobs", "request_seed", "require_vllm"]
@@ -226,6 +227,8 @@ def generate_replay_vllm(
     on_shard_written: Optional[Callable[[int, str], None]] = None,
     keep_in_memory: bool = True,
     vllm_engine_args: Optional[dict] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
 ) -> Optional[ReplayBuffer]:
     """``generate_replay(..., backend="vllm")``; the arguments mean what they mean there.
 
@@ -233,7 +236,9 @@ def generate_replay_vllm(
     ``max_num_seqs=batch_size`` and ``vllm_engine_args``) or a ``vllm.LLM`` you built (tensor parallel,
     quantization, memory: your choice; it must have ``logprobs_mode="processed_logprobs"`` and
     ``max_logprobs >= top_k``, and ``vllm_engine_args`` must then be None). ``batch_size`` only sets
-    ``max_num_seqs`` of an engine built here: vLLM schedules its own batches.
+    ``max_num_seqs`` of an engine built here: vLLM schedules its own batches. With ``world_size > 1``
+    every rank runs an engine of its own; one built here by a torchrun rank gets the GPUs of its local rank
+    (``shard_schedule.rank_engine_devices``).
     """
     # ---- argument checks ----
     num_sequences = check_positive_int("num_sequences", num_sequences)
@@ -255,6 +260,8 @@ def generate_replay_vllm(
         raise ValueError("keep_in_memory=False needs out_dir: without it the generated buffer would be lost")
     if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path or None, got {type(out_dir).__name__}")
+    rank, world_size = resolve_rank(rank, world_size, out_dir=out_dir)
+    keep_in_memory, progress = keep_in_memory and world_size == 1, progress and rank == 0
     llm, path = engine_or_path(model, vllm_engine_args)
 
     config, generation_config = _load_hf_configs(path)
@@ -298,34 +305,37 @@ def generate_replay_vllm(
     }
     # ---- resume ----
     writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
-                                          tokenizer=tokenizer)
+                                          tokenizer=tokenizer, rank=rank, world_size=world_size)
     if writer is not None:
         out_dir = writer.out_dir
-    start_shard = writer.num_done_shards if writer is not None else 0
+    todo = writer.todo_shards if writer is not None else list(range(num_shards))
 
     # ---- generation ----
     total_stats = GenerationStats()
-    if start_shard < num_shards:
-        if llm is None:
-            llm = build_llm(path, top_k=k, seed=seed, max_num_seqs=batch_size, engine_args=vllm_engine_args)
-        _check_engine(llm, k, temperature)
-        if llm.model_config.get_vocab_size() != vocab_size:
-            raise ValueError(
-                f"the engine's vocabulary ({llm.model_config.get_vocab_size()}) is not the checkpoint's ({vocab_size})"
-            )
-        if max_len > llm.model_config.max_model_len:
-            raise ValueError(
-                f"the longest prompt plus max_new_tokens is {max_len} tokens, beyond the engine's max_model_len = "
-                f"{llm.model_config.max_model_len}"
-            )
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        done = writer.num_done_sequences if writer is not None else 0
-        bar = tqdm(total=num_sequences, initial=done, unit="seq", desc="generate_replay[vllm]", dynamic_ncols=True)
     try:
-        for shard in range(start_shard, num_shards):
+        if todo:
+            if llm is None:
+                with rank_engine_devices(world_size, (vllm_engine_args or {}).get("tensor_parallel_size", 1)):
+                    llm = build_llm(path, top_k=k, seed=seed, max_num_seqs=batch_size, engine_args=vllm_engine_args)
+            _check_engine(llm, k, temperature)
+            if llm.model_config.get_vocab_size() != vocab_size:
+                raise ValueError(
+                    f"the engine's vocabulary ({llm.model_config.get_vocab_size()}) is not the checkpoint's ({vocab_size})"
+                )
+            if max_len > llm.model_config.max_model_len:
+                raise ValueError(
+                    f"the longest prompt plus max_new_tokens is {max_len} tokens, beyond the engine's max_model_len = "
+                    f"{llm.model_config.max_model_len}"
+                )
+        if progress:
+            from tqdm.auto import tqdm
+
+            done, total = progress_span(todo, num_sequences, shard_size, rank, world_size)
+            bar = tqdm(total=total, initial=done, unit="seq", desc="generate_replay[vllm]", dynamic_ncols=True)
+        for shard in todo:
+            if writer is not None and not writer.claim(shard):
+                continue  # written meanwhile, or being written by another process
             first = shard * shard_size
             count = min(shard_size, num_sequences - first)
             shard_prompts = [prompt_list[(first + i) % len(prompt_list)] for i in range(count)]
@@ -349,6 +359,8 @@ def generate_replay_vllm(
     finally:
         if bar is not None:
             bar.close()
+        if writer is not None:
+            writer.close()  # the out_dir's writer lock
     if not keep_in_memory:
         return None
     meta = buffer_metadata(settings, tokenizer)
