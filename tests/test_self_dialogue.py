@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from test_generation import chi_square_pvalue, tiny_llama
+from test_generation import chi_square_pvalue, one_thread, tiny_llama  # noqa: F401 (one_thread: autouse fixture)
 
 from selfreplay_fast import ReplayBuffer, SelfDialogue, cli, fused_replay_kl, generate_replay, task_prompts
 from selfreplay_fast.reference import reference_replay_kl
@@ -30,14 +30,6 @@ CHAT_TEMPLATE = (
 )
 # The pieces, by hand from the template: opening, end-of-turn, the rest of the turn's close, the header.
 OPENING, END_OF_TURN, TURN_CLOSE, HEADER = [BOS_TOKEN, IM_START], IM_END, [WORD], [IM_START, WORD]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def dialogue_tokenizer(chat_template=CHAT_TEMPLATE):
