@@ -7,7 +7,10 @@ a KL penalty toward that cached teacher while fine-tuning. See README.md and doc
 from ._inputs import skip_value_checks
 from .audit import AuditResult, audit  # the function; the module stays importable as selfreplay_fast.audit
 from .forgetting import ForgettingReport, measure_forgetting
-from .generation import Drafter, GenerationStats, ModelDrafter, NGramDrafter, generate_replay, load_model_for_generation
+from .generation import (
+    Drafter, GenerationStats, ModelDrafter, NGramDrafter, SelfDialogue, generate_replay, load_model_for_generation,
+    task_prompts,
+)
 from .model_glue import ReplayKLLoss, ReplayStepLosses, last_hidden_states, lm_head_of, replay_step, task_nll
 from .reference import reference_replay_kl
 from .replay_buffer import ReplayBuffer, ReplayBufferError, ShardedBufferWriter, ShardedReplayBuffer
@@ -40,6 +43,8 @@ __all__ = [
     "reference_replay_kl",
     "skip_value_checks",
     "generate_replay",
+    "SelfDialogue",
+    "task_prompts",
     "load_model_for_generation",
     "ReplayBuffer",
     "ReplayBufferError",

@@ -25,8 +25,11 @@ else:
 pytest.importorskip("scipy.stats")
 
 from test_generation import BOS, EOS, TINY_VOCAB, chi_square_pvalue, exact_sequence_probs, tiny_llama  # noqa: E402
+from test_self_dialogue import (  # noqa: E402
+    check_dialogue_buffer, check_trains, dialogue_tokenizer, exact_dialogue_probs,
+)
 
-from selfreplay_fast import fused_replay_kl  # noqa: E402
+from selfreplay_fast import SelfDialogue, fused_replay_kl  # noqa: E402
 from selfreplay_fast.generation import generate_replay, model_config_hash  # noqa: E402
 from selfreplay_fast.reference import reference_replay_kl  # noqa: E402
 from selfreplay_fast.replay_buffer import ReplayBuffer  # noqa: E402
@@ -243,6 +246,39 @@ def test_different_seeds_differ(engine):
     a, b = (generate_replay(llm, num_sequences=40, max_new_tokens=6, top_k=3, seed=s, progress=False, backend="vllm")
             for s in (0, 1))
     assert a.sequences() != b.sequences()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-dialogues (the checks of tests/test_self_dialogue.py, on the engine's model)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_self_dialogues_follow_the_dialogue_process(engine):
+    path, model, llm = engine
+    buffer = generate_replay(llm, num_sequences=2000, max_new_tokens=2, top_k=3, seed=1, shard_size=2000,
+                             prompts=SelfDialogue(dialogue_tokenizer(), max_user_tokens=2), progress=False, backend="vllm")
+    assert chi_square_pvalue(buffer, [], exact_dialogue_probs(model, max_user=2, max_new=2)) > 1e-3
+
+
+def test_self_dialogue_structure_teacher_masks_and_training(engine, tmp_path):
+    """The same structure, teacher rows and masks as the native backend's dialogues, and the same settings."""
+    path, model, llm = engine
+    out = str(tmp_path / "buf")
+    kwargs = dict(num_sequences=40, max_new_tokens=5, top_k=3, temperature=0.7, shard_size=16, seed=3,
+                  logprob_dtype=torch.float32, progress=False,
+                  prompts=SelfDialogue(dialogue_tokenizer(), max_user_tokens=6))
+    buffer = generate_replay(llm, out_dir=out, backend="vllm", **kwargs)
+    # vLLM's float32 log_softmax: within 2e-5 of the float64 reference (test_recorded_teacher_equals_the_models)
+    ways = check_dialogue_buffer(model, buffer, 6, 5, temperature=0.7, atol=2e-5)
+    assert all(count >= 2 for count in ways.values()), ways  # every way a user turn ends is exercised
+    buffer.validate()
+    assert buffer.generation_stats.generated_tokens == int((buffer.teacher_ids[..., 0] >= 0).sum())
+    native = generate_replay(model, **dict(kwargs, num_sequences=4))
+    assert buffer.metadata["generation"]["self_dialogue"] == native.metadata["generation"]["self_dialogue"]
+    assert buffer.metadata["generation"]["prompts_sha256"] == native.metadata["generation"]["prompts_sha256"]
+    check_trains(model, tiny_llama(1, hidden=64, logit_scale=12.0, max_positions=64), out, temperature=0.7)
+    again = generate_replay(llm, backend="vllm", **kwargs)  # per-request seeds, phase 2's apart from phase 1's
+    assert again.sequences() == buffer.sequences()
 
 
 # ----------------------------------------------------------------------------------------------------

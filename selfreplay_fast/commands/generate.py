@@ -9,8 +9,7 @@ import sys
 from dataclasses import fields
 
 from ._arguments import (
-    UsageError, check_device, existing_directory, existing_file, non_negative_int, output_directory, positive_float,
-    positive_int,
+    UsageError, check_device, existing_directory, non_negative_int, output_directory, positive_float, positive_int,
 )
 from ._buffer_progress import (
     buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, shard_entries, sum_entries,
@@ -18,6 +17,7 @@ from ._buffer_progress import (
 from ._model_dir import (
     check_token_ids, check_top_k, config_max_positions, config_vocab_size, hub_progress_bars, read_model_config,
 )
+from ._replay_source import add_source_arguments, check_source_arguments, source_prompts
 
 SETTINGS_KEY = "generation"  # where generate_replay keeps its settings in metadata.json
 
@@ -28,7 +28,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "generate",
         help="sample replay sequences from a model and cache its top-k teacher",
         description=(
-            "Sample sequences from MODEL (prompted with BOS alone unless --prompts-file is given) and record "
+            "Sample sequences from MODEL (prompted with BOS alone, the lines of --prompts-file, task prefixes with "
+            "--source task, or self-dialogues through the chat template with --source self-dialogue) and record "
             "the model's top-k log-probs at every sampled position into a sharded replay buffer in OUT. "
             "Rerunning the same command resumes after the last complete shard (also after Ctrl-C)."
         ),
@@ -50,7 +51,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sampled-draws", type=positive_int, default=None, help="record a 'sampled' teacher of N draws instead of top-k (default: top-k)")
     parser.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float16",
                         help="stored log-prob dtype (float16: half the bytes, loss within 1e-3; see docs/design.md)")
-    parser.add_argument("--prompts-file", type=existing_file, default=None, help="text file, one prompt per line (default: BOS only)")
+    add_source_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -146,7 +147,10 @@ def read_prompts(path: str, tokenizer, config):
 
 def _check_lengths(args, config, prompts) -> None:
     limit = config_max_positions(config)
-    longest = max(len(p) for p in prompts) if prompts else 1  # BOS alone
+    if hasattr(prompts, "longest_prompt"):  # a SelfDialogue: its longest answer prompt
+        longest = prompts.longest_prompt(args.max_new_tokens)
+    else:
+        longest = max(len(p) for p in prompts) if prompts else 1  # BOS alone
     if limit is not None and longest + args.max_new_tokens > limit:
         raise UsageError(
             f"argument --max-new-tokens: the longest prompt ({longest} tokens) plus {args.max_new_tokens} new tokens "
@@ -208,6 +212,7 @@ def run(args) -> int:
     # ---- everything that can be checked without the weights ----
     _check_backend(args)
     rank, world_size = _data_parallel_rank(args)
+    check_source_arguments(args)
     device = check_device(args.device)
     config = read_model_config(args.model)
     check_top_k(args.top_k, config)
@@ -219,7 +224,7 @@ def run(args) -> int:
                 f"{config_vocab_size(config)}: speculative decoding needs a shared vocabulary"
             )
     tokenizer = _load_tokenizer(args.model)
-    prompts = read_prompts(args.prompts_file, tokenizer, config) if args.prompts_file is not None else None
+    prompts = source_prompts(args, tokenizer, config, read_prompts)
     _check_lengths(args, config, prompts)
     before = read_buffer_metadata(args.out)
     resuming = resume_line(args.out, SETTINGS_KEY, cli_settings(args))

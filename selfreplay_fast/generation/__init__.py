@@ -34,18 +34,24 @@ One concept per module: ``replay`` (``generate_replay``: checks, resume, the sha
 assembly: both backends), ``decode_loop`` (the native decode loop of one shard), ``slot_cache`` (the
 per-slot cache and its check), ``sampling`` (the sampler, speculative acceptance and the teacher rows),
 ``drafting`` (the drafters), ``vllm_backend`` (the same buffer from vLLM), ``shard_schedule`` (which
-rank of a data-parallel run generates which shard) and ``parallel_writer`` (how the ranks share out_dir).
+rank of a data-parallel run generates which shard), ``parallel_writer`` (how the ranks share out_dir),
+and the prompt sources beyond BOS: ``task_prompts`` (prefixes of the task data) and ``self_dialogue``
+(the model writes a user turn and its answer through the chat template; both backends).
 """
 from .decode_loop import GenerationStats
 from .drafting import DecodeState, Drafter, ModelDrafter, NGramDrafter
 from .inputs import load_model_for_generation, pick_attn_implementation
 from .replay import RecentRate, generate_replay
 from .sampling import sample_categorical
+from .self_dialogue import SelfDialogue
+from .task_prompts import task_prompts
 from .slot_cache import check_slot_attention
 from ..model_info import model_config_hash
 
 __all__ = [
     "generate_replay",
+    "SelfDialogue",
+    "task_prompts",
     "GenerationStats",
     "DecodeState",
     "Drafter",

@@ -11,6 +11,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .self_dialogue import SelfDialogue
+
 
 def pick_attn_implementation(device) -> str:
     """``"flash_attention_2"`` when flash_attn imports and ``device`` is CUDA, else ``"sdpa"``."""
@@ -65,7 +67,7 @@ def check_positive_int(name, value, minimum=1):
 
 def _normalize_prompts(prompts, tokenizer, vocab_size) -> List[List[int]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise TypeError("prompts must be None or a list of strings or of token-id lists")
+        raise TypeError("prompts must be None, a list of strings or of token-id lists, or a SelfDialogue")
     if len(prompts) == 0:
         raise ValueError("prompts must hold at least one prompt (or be None for BOS-only generation)")
     out = []
@@ -116,16 +118,21 @@ def resolve_special_ids(config, generation_config, tokenizer, vocab_size, *, bos
 
 
 def replay_prompts(prompts, tokenizer, vocab_size: int, bos: Optional[int]):
-    """(prompt token-id lists, their sha256 for the resume settings): BOS alone when ``prompts`` is None."""
+    """(prompt token-id lists, their sha256 for the resume settings): BOS alone when ``prompts`` is None,
+    the user-turn opening for a :class:`SelfDialogue`."""
     if prompts is None:
         return [[bos]], hashlib.sha256(f"bos:{bos}".encode()).hexdigest()
+    if isinstance(prompts, SelfDialogue):  # phase 1's prompt; the phases are the shard loop's
+        prompts.check_vocabulary(vocab_size)
+        return [list(prompts.opening)], prompts.digest()
     prompt_list = _normalize_prompts(prompts, tokenizer, vocab_size)
     return prompt_list, hashlib.sha256(json.dumps(prompt_list).encode()).hexdigest()
 
 
-def check_max_length(prompt_list, max_new_tokens: int, config) -> int:
+def check_max_length(prompt_list, max_new_tokens: int, config, dialogue: Optional[SelfDialogue] = None) -> int:
     """The longest sequence a run can make, refused beyond the model's ``max_position_embeddings``."""
-    max_len = max(len(p) for p in prompt_list) + max_new_tokens
+    longest = dialogue.longest_prompt(max_new_tokens) if dialogue is not None else max(len(p) for p in prompt_list)
+    max_len = longest + max_new_tokens
     max_positions = getattr(config, "max_position_embeddings", None)
     if isinstance(max_positions, int) and max_len > max_positions:
         raise ValueError(

@@ -17,6 +17,7 @@ from .decode_loop import GenerationStats, ShardEngine
 from .drafting import Drafter, ModelDrafter, NGramDrafter
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
 from .sampling import TeacherRecorder
+from .self_dialogue import as_self_dialogue
 from .shard_schedule import progress_span, resolve_rank
 from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
 from .slot_cache import check_slot_attention
@@ -83,8 +84,10 @@ def generate_replay(
         top_k: teacher slots recorded per position (``k <= vocab size``).
         batch_size: decode slots; finished sequences are replaced at once (continuous batching).
         temperature: sample from (and record) ``softmax(logits / temperature)``; must be > 0.
-        prompts: None (every sequence is BOS alone), or a list of strings (needs ``tokenizer``) or of
-            token-id lists; sequence ``i`` uses ``prompts[i % len(prompts)]``.
+        prompts: None (every sequence is BOS alone), a list of strings (needs ``tokenizer``) or of
+            token-id lists (sequence ``i`` uses ``prompts[i % len(prompts)]``; ``task_prompts`` makes them
+            from task data), or a :class:`SelfDialogue`: the model writes a user turn and answers it through
+            the tokenizer's chat template (selfreplay_fast/generation/self_dialogue.py).
         draft_model: a smaller causal LM with the same vocabulary, for speculative decoding.
         num_draft_tokens: draft tokens per speculative step.
         seed: base seed; shard ``s`` samples with a generator seeded from ``(seed, s)``.
@@ -185,9 +188,10 @@ def generate_replay(
     bos, eos_ids = resolve_special_ids(config, getattr(model, "generation_config", None), tokenizer, vocab_size,
                                        bos_token_id=bos_token_id, eos_token_id=eos_token_id, need_bos=prompts is None)
     prompt_list, prompts_digest = replay_prompts(prompts, tokenizer, vocab_size, bos)
+    dialogue = as_self_dialogue(prompts)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
-    max_len = check_max_length(prompt_list, max_new_tokens, config)
+    max_len = check_max_length(prompt_list, max_new_tokens, config, dialogue)
 
     layer_types = getattr(config, "layer_types", None) or []
     window = getattr(config, "sliding_window", None)
@@ -227,6 +231,8 @@ def generate_replay(
         "num_draft_tokens": num_draft_tokens if drafter is not None else None,
         "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
     }
+    if dialogue is not None:
+        settings["self_dialogue"] = dialogue.describe(max_new_tokens)
 
     # ---- resume ----
     writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
@@ -261,6 +267,9 @@ def generate_replay(
             # Redrawn now: with long sequences no sequence may finish (and tqdm redraw) for minutes.
             bar.set_postfix(postfix, refresh=True)
 
+    def tokens_only_update(num_finished, num_tokens, engine):
+        progress_update(0, num_tokens, engine)
+
     was_training = model.training
     draft_was_training = draft_model.training if draft_model is not None else False
     model.eval()
@@ -279,19 +288,34 @@ def generate_replay(
                 count = min(shard_size, num_sequences - first)
                 shard_prompts = [prompt_list[(first + i) % len(prompt_list)] for i in range(count)]
                 generator = torch.Generator(device=device).manual_seed(shard_seed(seed, shard))
-                engine = ShardEngine(
-                    model=model, prompts=shard_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    temperature=temperature, recorder=recorder, eos_ids=eos_ids, vocab_size=vocab_size,
-                    drafter=drafter, num_draft_tokens=num_draft_tokens, generator=generator,
-                    check_every=check_every, progress_update=progress_update,
-                )
-                results = engine.run()
+                shard_stats = GenerationStats()
+
+                def run_phase(phase_prompts, stop_ids, budget, rows=None):  # rows: vLLM seeds only
+                    engine = ShardEngine(
+                        model=model, prompts=phase_prompts, max_new_tokens=budget, batch_size=batch_size,
+                        temperature=temperature, recorder=recorder, eos_ids=stop_ids, vocab_size=vocab_size,
+                        drafter=drafter, num_draft_tokens=num_draft_tokens, generator=generator,
+                        check_every=check_every,
+                        # A dialogue's phases finish each sequence twice: the bar counts it once, below.
+                        progress_update=progress_update if dialogue is None else tokens_only_update,
+                    )
+                    phase_results = engine.run()
+                    shard_stats.add(engine.stats)
+                    return phase_results
+
+                if dialogue is None:
+                    results = run_phase(shard_prompts, eos_ids, max_new_tokens)
+                else:
+                    results = dialogue.generate(count, run_phase, eos_ids, max_new_tokens)
+                    shard_stats.sequences = count
+                    if bar is not None:
+                        bar.update(count)
                 part = assemble_shard(results, vocab_size, k, settings["mode"], pad_token_id, logprob_dtype)
-                total_stats.add(engine.stats)
+                total_stats.add(shard_stats)
                 if keep_in_memory:
                     parts.append(part)
                 if writer is not None:
-                    writer.write_shard(part._tensors(), entry_extra={"stats": engine.stats.as_dict()},
+                    writer.write_shard(part._tensors(), entry_extra={"stats": shard_stats.as_dict()},
                                        extra_metadata={"generation_stats": total_stats.as_dict()})
                     if on_shard_written is not None:
                         on_shard_written(shard, out_dir)

@@ -52,6 +52,7 @@ from ..model_info import _canonical_config
 from ..replay_buffer import LOGPROB_DTYPES, ReplayBuffer
 from .decode_loop import GenerationStats
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
+from .self_dialogue import as_self_dialogue
 from .shard_schedule import progress_span, rank_engine_devices, resolve_rank
 from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
 
@@ -272,9 +273,10 @@ def generate_replay_vllm(
     bos, eos_ids = resolve_special_ids(config, generation_config, tokenizer, vocab_size, bos_token_id=bos_token_id,
                                        eos_token_id=eos_token_id, need_bos=prompts is None)
     prompt_list, prompts_digest = replay_prompts(prompts, tokenizer, vocab_size, bos)
+    dialogue = as_self_dialogue(prompts)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
-    max_len = check_max_length(prompt_list, max_new_tokens, config.get_text_config())
+    max_len = check_max_length(prompt_list, max_new_tokens, config.get_text_config(), dialogue)
     num_shards = -(-num_sequences // shard_size)
 
     # The native backend's settings and metadata keys, so that both buffers load, train and resume alike.
@@ -303,6 +305,8 @@ def generate_replay_vllm(
         # and config) and the dtype the engine loads them in.
         **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
     }
+    if dialogue is not None:
+        settings["self_dialogue"] = dialogue.describe(max_new_tokens)
     # ---- resume ----
     writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
                                           tokenizer=tokenizer, rank=rank, world_size=world_size)
@@ -340,10 +344,18 @@ def generate_replay_vllm(
             count = min(shard_size, num_sequences - first)
             shard_prompts = [prompt_list[(first + i) % len(prompt_list)] for i in range(count)]
             start = time.perf_counter()
-            results = _generate_shard(llm, shard_prompts, seed, shard, k=k, vocab_size=vocab_size,
-                                      temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+
+            def run_phase(phase_prompts, stop_ids, budget, rows=None):
+                return _generate_shard(llm, phase_prompts, seed, shard, k=k, vocab_size=vocab_size, temperature=temperature,
+                                       max_new_tokens=budget, eos_ids=stop_ids, request_rows=rows)
+
+            if dialogue is None:
+                results = run_phase(shard_prompts, eos_ids, max_new_tokens)
+            else:
+                results = dialogue.generate(count, run_phase, eos_ids, max_new_tokens)
+            # Generated tokens are the rows with a teacher (a dialogue's inserted template tokens have none).
             stats = GenerationStats(sequences=count, seconds=time.perf_counter() - start,
-                                    generated_tokens=sum(r[0].numel() - len(p) for r, p in zip(results, shard_prompts)))
+                                    generated_tokens=sum(int((r[1][:, 0] >= 0).sum()) for r in results))
             part = assemble_shard(results, vocab_size, k, "tail", pad_token_id, logprob_dtype)
             total_stats.add(stats)
             if keep_in_memory:
@@ -382,13 +394,15 @@ def _sampling_params(k, temperature, max_new_tokens, eos_ids, seed):
     )
 
 
-def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, max_new_tokens, eos_ids):
+def _generate_shard(llm, prompts, seed, shard, *, k, vocab_size, temperature, max_new_tokens, eos_ids, request_rows=None):
     """One shard's sequences: a list of (tokens, teacher ids, teacher log-probs, tail, sampled token's log-prob)
-    per sequence, as the native engine returns them (rows ``len(prompt) - 1 .. n - 2`` hold the teacher, the others none)."""
+    per sequence, as the native engine returns them (rows ``len(prompt) - 1 .. n - 2`` hold the teacher, the others none).
+    Request ``i`` is seeded as row ``request_rows[i]`` of the shard (default ``i``)."""
     from vllm.inputs import TokensPrompt
 
-    params = [_sampling_params(k, temperature, max_new_tokens, eos_ids, request_seed(seed, shard, i))
-              for i in range(len(prompts))]
+    request_rows = range(len(prompts)) if request_rows is None else request_rows
+    params = [_sampling_params(k, temperature, max_new_tokens, eos_ids, request_seed(seed, shard, row))
+              for row in request_rows]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     # All of the shard's positions at once: [positions, k + 1] ids and log-probs, the sampled token first.
     gen_tokens, flat_ids, flat_lp = [], [], []
