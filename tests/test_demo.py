@@ -71,6 +71,17 @@ def test_demo_cli_prints_table_and_writes_results(tmp_path, capsys):
     assert len(result["runs"]) == 3 and result["forgetting_removed"] > 0
     assert result["config"]["hidden_size"] == 32 and result["config"]["learning_rates"] == [0.003]
     assert (tmp_path / "demo_losses.png").exists() and (tmp_path / "audit" / "audit.json").exists()
+    assert result["cpu_seconds"] > 0 and "s CPU" in out
+    # what `selfreplay audit` reads: the very model the demo's audit ran on, and task B's windows
+    from transformers import AutoModelForCausalLM
+
+    from selfreplay_fast.fingerprint import weights_fingerprint
+
+    saved = AutoModelForCausalLM.from_pretrained(result["model_dir"])
+    settings = json.loads((tmp_path / "audit" / "settings.json").read_text())
+    assert weights_fingerprint(saved) == settings["model_fingerprint"]
+    rows = [json.loads(line)["input_ids"] for line in (tmp_path / "task_b.jsonl").read_text().splitlines()]
+    assert len(rows) == result["config"]["task_windows"] and all(len(r) == 16 and r[0] == BOS for r in rows)
 
 
 def test_demo_cli_refuses_a_grid_without_plain_runs(tmp_path, capsys):
