@@ -54,6 +54,26 @@ def _digest(sequences: List[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def cache_settings(identity: dict, config, vocab: int, k: int, temperature: float, sequences, shard_size: int,
+                   pad_token_id: Optional[int], dtype_name: str) -> dict:
+    """The settings a resumed corpus cache must match (both backends): the model's ``identity`` and the
+    cache's arguments; ``pad_token_id`` None takes the config's, else 0."""
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+    return {
+        **identity,
+        "vocab_size": vocab,
+        "k": k,
+        "temperature": temperature,
+        "num_sequences": len(sequences),
+        "sequences_sha256": _digest(sequences),
+        "shard_size": shard_size,
+        "pad_token_id": pad_token_id,
+        "logprob_dtype": dtype_name,
+    }
+
+
 def empty_shard_rows(sequences: List[torch.Tensor], k: int, pad_token_id: int) -> dict:
     """One shard in the replay-buffer layout, tokens filled in and no teacher yet: ``input_ids`` padded with
     ``pad_token_id``, ``lengths``, ``teacher_ids`` -1, ``teacher_logprobs`` 0, ``teacher_tail_logprob``
@@ -220,23 +240,14 @@ def build_teacher_cache(
     temperature, out_dir, dtype_name = check_cache_arguments(k, batch_size, shard_size, temperature, out_dir,
                                                              logprob_dtype, vocab)
     sequences = _check_sequences(token_sequences, vocab)
-    if pad_token_id is None:
-        pad_token_id = getattr(model.config, "pad_token_id", None)
-        pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-
-    settings = {
+    identity = {
         "model_name": model_name(model),
         "config_hash": model_config_hash(model),
         **weights_identity(model),  # a checkpoint retrained in place keeps its name and config
-        "vocab_size": vocab,
-        "k": k,
-        "temperature": temperature,
-        "num_sequences": len(sequences),
-        "sequences_sha256": _digest(sequences),
-        "shard_size": shard_size,
-        "pad_token_id": pad_token_id,
-        "logprob_dtype": dtype_name,
     }
+    settings = cache_settings(identity, model.config, vocab, k, temperature, sequences, shard_size, pad_token_id,
+                              dtype_name)
+    pad_token_id = settings["pad_token_id"]
 
     def shard_rows(shard, bar):
         return _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size, pad_token_id, bar)

@@ -36,7 +36,7 @@ from .generation.vllm_backend import (
     _check_engine, _config_hash, _engine_dtype, _load_hf_configs, build_llm, engine_or_path, require_vllm, split_flat_logprobs,
 )
 from .teacher_cache import (
-    _check_sequences, _digest, cache_metadata, check_cache_arguments, empty_shard_rows, teacher_row_mask,
+    _check_sequences, cache_metadata, cache_settings, check_cache_arguments, empty_shard_rows, teacher_row_mask,
     write_teacher_cache,
 )
 
@@ -106,25 +106,16 @@ def build_teacher_cache_vllm(model, token_sequences, k, out_dir, *, batch_size=8
             "the model at temperature 1 whatever the request asks (see teacher_cache_vllm.py); use backend='native'"
         )
     sequences = _check_sequences(token_sequences, vocab)
-    if pad_token_id is None:
-        pad_token_id = getattr(text_config, "pad_token_id", None)
-        pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-
-    settings = {
+    identity = {
         "model_name": str(path),
         "config_hash": _config_hash(config),
         # The weight files and the dtype the engine holds them in (a checkpoint retrained in place keeps its name).
         **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
-        "vocab_size": vocab,
-        "k": k,
-        "temperature": temperature,
-        "num_sequences": len(sequences),
-        "sequences_sha256": _digest(sequences),
-        "shard_size": shard_size,
-        "pad_token_id": pad_token_id,
-        "logprob_dtype": dtype_name,
         "backend": "vllm",  # a native run does not resume this buffer, nor this one a native buffer
     }
+    settings = cache_settings(identity, text_config, vocab, k, temperature, sequences, shard_size, pad_token_id,
+                              dtype_name)
+    pad_token_id = settings["pad_token_id"]
     checked = False
 
     def shard_rows(shard, bar):
