@@ -98,26 +98,48 @@ class _HeadMatmuls:
     16-bit operands for the two gradient matmuls (fp32 accumulation inside cuBLAS; the weight
     gradient is accumulated across chunks in the parameter dtype, as autograd would). Elsewhere
     (CPU, fp32, fp64) everything runs in the accumulation dtype.
+
+    fp32 master weights with 16-bit matmuls (autocast) under ``triton_matmul`` (impl="triton", the CUDA
+    default) never form the 16-bit copy of the weight (1.05 GB at an 8B head): the two matmuls that
+    read it are ``kernels/head_matmul.py``, which rounds fp32 tiles of W to the 16-bit dtype in
+    registers, the same operands as the copy (docs/design.md, section 3). impl="torch" keeps the copy.
     """
 
-    def __init__(self, weight, bias, matmul_dtype, low_precision_matmuls: bool):
+    def __init__(self, weight, bias, matmul_dtype, low_precision_matmuls: bool, triton_matmul: bool = False):
         self.acc_dtype = torch.float64 if matmul_dtype == torch.float64 else torch.float32
         self.low_precision = low_precision_matmuls and matmul_dtype in (torch.float16, torch.bfloat16)
         self.operand_dtype = matmul_dtype if self.low_precision else self.acc_dtype
+        self.weight_shape = weight.shape
+        self.bias = bias.detach().to(self.acc_dtype).contiguous() if bias is not None else None
+        # The weight gradient accumulates across chunks in the parameter's own precision: 16-bit for a
+        # 16-bit lm_head (as autograd would), fp32 for fp32 master weights under autocast.
+        self.grad_weight_dtype = torch.promote_types(self.operand_dtype, weight.dtype)
+        self._master = None  # the fp32 weight, rounded tile by tile inside the Triton matmul
+        if triton_matmul and self.low_precision and weight.dtype == torch.float32:
+            from .kernels import head_matmul
+
+            self._master, self._head_matmul = weight.detach(), head_matmul.head_matmul
+            self.weight = self._weight_for_logits = None
+            return
         self.weight = weight.detach().to(self.operand_dtype)
         # Without a 16-bit x 16-bit -> fp32 matmul (CPU; torch builds before aten::mm.dtype) the
         # logits use an upcast copy of the weight, made once per call.
         self._weight_for_logits = self.weight
         if self.low_precision and not _has_fp32_out_matmul(weight.device):
             self._weight_for_logits = self.weight.to(self.acc_dtype)
-        self.bias = bias.detach().to(self.acc_dtype) if bias is not None else None
-        # The weight gradient accumulates across chunks in the parameter's own precision: 16-bit for a
-        # 16-bit lm_head (as autograd would), fp32 for fp32 master weights under autocast.
-        self.grad_weight_dtype = torch.promote_types(self.operand_dtype, weight.dtype)
+
+    def weight_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids] in the operand dtype (mode="topk": only the slots' rows)."""
+        if self._master is not None:
+            return self._master[ids].to(self.operand_dtype)
+        return self.weight[ids]
 
     def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
         """x = h W^T + b in the accumulation dtype; the bias is the matmul's addend (no separate pass)."""
         h = hidden_chunk.to(self.operand_dtype)
+        if self._master is not None:
+            out = torch.empty(h.shape[0], self.weight_shape[0], dtype=self.acc_dtype, device=h.device)
+            return self._head_matmul(h, self._master.T, out, bias=self.bias)
         if self._weight_for_logits.dtype == self.acc_dtype:
             h, fp32_out = h.to(self.acc_dtype), {}
         else:
@@ -126,8 +148,14 @@ class _HeadMatmuls:
             return torch.mm(h, self._weight_for_logits.T, **fp32_out)
         return torch.addmm(self.bias, h, self._weight_for_logits.T, **fp32_out)
 
-    def grad_hidden(self, grad_logits: torch.Tensor) -> torch.Tensor:
-        return torch.mm(grad_logits, self.weight)
+    def grad_hidden(self, grad_logits: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """G W in G's dtype (into ``out`` when given: rows of the hidden gradient, of G's dtype)."""
+        if self._master is not None:
+            if out is None:
+                out = torch.empty(grad_logits.shape[0], self.weight_shape[1], dtype=grad_logits.dtype,
+                                  device=grad_logits.device)
+            return self._head_matmul(grad_logits, self._master, out)
+        return torch.mm(grad_logits, self.weight, out=out)
 
     def accumulate_grad_weight(self, acc: torch.Tensor, grad_logits, hidden_chunk) -> None:
         h = hidden_chunk.to(self.operand_dtype)
@@ -359,7 +387,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     want_any = want_h or want_w or want_b
     grads = _Grads(
         hidden=torch.empty(n, dim, dtype=inp.hidden.dtype, device=dev) if want_h else None,
-        weight=torch.zeros(head.weight.shape, dtype=head.grad_weight_dtype, device=dev) if want_w else None,
+        weight=torch.zeros(head.weight_shape, dtype=head.grad_weight_dtype, device=dev) if want_w else None,
         bias=torch.zeros(inp.vocab_size, dtype=head.acc_dtype, device=dev) if want_b else None,
     )
     inv_temp = 1.0 / inp.temperature
@@ -384,7 +412,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
         if inp.mode == "topk":
             valid = global_ids >= 0
             safe_ids = ids.clamp_min(0)
-            w_rows = head.weight[safe_ids].to(head.acc_dtype)  # [c, k, D]: only the slots' rows
+            w_rows = head.weight_rows(safe_ids).to(head.acc_dtype)  # [c, k, D]: only the slots' rows
             # An unused slot reads row 0: zero it, so that a non-finite row 0 cannot reach the hidden
             # gradient of a position whose slots do not name it (0 * inf = NaN).
             w_rows.masked_fill_((ids < 0)[:, :, None], 0.0)
@@ -428,7 +456,7 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
         if want_h:
             if vocab is _WHOLE_VOCAB and grad_logits.dtype == grads.hidden.dtype:
                 # Straight into the gradient's rows; non-counted rows are zeroed once per call below.
-                torch.mm(grad_logits, head.weight, out=grads.hidden[rows])
+                head.grad_hidden(grad_logits, out=grads.hidden[rows])
             else:
                 partial = head.grad_hidden(grad_logits)
                 _store_hidden_grad(grads.hidden, rows, vocab.sum_partials(partial, head.acc_dtype), counted)
@@ -488,7 +516,7 @@ class _FusedReplayKL(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, inp, impl, chunk_size, low_precision, vocab, matmul_dtype, hidden, weight, bias):
         passes = _triton_vocab_pass() if impl == "triton" else _vocab_pass_torch
-        head = _HeadMatmuls(weight, bias, matmul_dtype, low_precision)
+        head = _HeadMatmuls(weight, bias, matmul_dtype, low_precision, triton_matmul=impl == "triton")
         chunk_rows = chunk_size or _default_chunk_rows(inp, head, vocab)
         want_h, want_w, want_b = ctx.needs_input_grad[5:8]
         ctx.weight_dtype = weight.dtype
