@@ -100,7 +100,7 @@ def _head_matmul_kernel(
                 w = w.to(op_dtype).to(tl.float32)
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
-            acc = tl.dot(a, w.to(op_dtype, fp_downcast_rounding="rtne"), acc)
+            acc = tl.dot(a, w.to(op_dtype), acc)  # a GPU converts to nearest even (Triton's default)
         a_tile += BLOCK_K * a_col_stride
         w_tile += BLOCK_K * w_k_stride
     if HAS_BIAS:
@@ -109,7 +109,7 @@ def _head_matmul_kernel(
         if c_ptr.dtype.element_ty == tl.bfloat16:
             acc = _round_bf16_by_hand(acc)
     out = c_ptr + rows[:, None] * c_row_stride + cols[None, :]
-    tl.store(out, acc.to(c_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=row_ok & col_ok)
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=row_ok & col_ok)
 
 
 def _check(name: str, t, dims: int, dtypes) -> None:
