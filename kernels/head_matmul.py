@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import rounding
+
 # Output tile and reduction step. One configuration serves sm_80 and sm_90 (tests/test_kernel_compile.py
 # compiles both, no spills): 4 stages of a 128 x 32 16-bit A tile and a 32 x 128 fp32 B tile, 96 KiB of
 # shared memory, within an A100's 163 KiB. A full wave of 128-row tiles covers a 768-row chunk in 6.
@@ -38,15 +40,6 @@ GROUP_M = 8
 EXACT_FP32_DOT_INTERPRETER = True
 
 _SIXTEEN = (torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _round_bf16_by_hand(x):
-    """fp32 x rounded to bf16's nearest-even value, still as fp32 (16 zero low bits, which any later
-    conversion keeps exactly); NaN stays NaN. For the interpreter, whose own conversion truncates."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -80,22 +73,24 @@ def _head_matmul_kernel(
     pid_m = first_m + (pid % in_group) % group_rows
     pid_n = (pid % in_group) // group_rows
 
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows and columns past the edge are wrapped into range for the loads (their results are never
+    # stored), so only the reduction's tail needs a mask; tile offsets are int32, bases int64.
+    local_m = tl.arange(0, BLOCK_M)
+    local_n = tl.arange(0, BLOCK_N)
     steps = tl.arange(0, BLOCK_K)
-    a_tile = a_ptr + rows[:, None] * a_row_stride + steps[None, :] * a_col_stride
-    w_tile = w_ptr + steps[:, None] * w_k_stride + cols[None, :] * w_n_stride
-    row_ok = rows[:, None] < M
-    col_ok = cols[None, :] < N
+    a_rows = (pid_m * BLOCK_M + local_m) % M
+    w_cols = (pid_n * BLOCK_N + local_n) % N
+    a_tile = a_ptr + (a_rows.to(tl.int64)[:, None] * a_row_stride + steps[None, :] * a_col_stride)
+    w_tile = w_ptr + (steps[:, None] * w_k_stride + w_cols.to(tl.int64)[None, :] * w_n_stride)
     op_dtype = a_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_left = K - k
-        a = tl.load(a_tile, mask=row_ok & (steps[None, :] < k_left), other=0.0)
-        w = tl.load(w_tile, mask=(steps[:, None] < k_left) & col_ok, other=0.0)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_tile, mask=steps[None, :] < k_left, other=0.0)
+        w = tl.load(w_tile, mask=steps[:, None] < k_left, other=0.0)
         if EXACT_FP32_DOT:
             if op_dtype == tl.bfloat16:
-                w = _round_bf16_by_hand(w)
+                w = rounding.round_bf16_by_hand(w)
             else:
                 w = w.to(op_dtype).to(tl.float32)
             acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
@@ -103,13 +98,15 @@ def _head_matmul_kernel(
             acc = tl.dot(a, w.to(op_dtype), acc)  # a GPU converts to nearest even (Triton's default)
         a_tile += BLOCK_K * a_col_stride
         w_tile += BLOCK_K * w_k_stride
+    rows = pid_m * BLOCK_M + local_m
+    cols = pid_n * BLOCK_N + local_n
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0)[None, :]
     if EXACT_FP32_DOT:
         if c_ptr.dtype.element_ty == tl.bfloat16:
-            acc = _round_bf16_by_hand(acc)
-    out = c_ptr + rows[:, None] * c_row_stride + cols[None, :]
-    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=row_ok & col_ok)
+            acc = rounding.round_bf16_by_hand(acc)
+    out = c_ptr + (rows.to(tl.int64)[:, None] * c_row_stride + cols[None, :])
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 def _check(name: str, t, dims: int, dtypes) -> None:

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import rounding
 from .row_terms import _row_terms_kernel
 
 # Elements per program of the scale kernel on a GPU (16 per thread) and under the interpreter.
@@ -232,11 +233,8 @@ def _scale_kernel(values_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
     values = tl.load(values_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
     product = values * scale
     if values_ptr.dtype.element_ty == tl.bfloat16:
-        # Round to nearest even by hand, as a GPU's conversion does (the interpreter would truncate): the
-        # result is an fp32 value with 16 zero low bits, which any conversion keeps exactly. NaN stays NaN.
-        bits = product.to(tl.uint32, bitcast=True)
-        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
-        product = tl.where(product != product, product, bits.to(tl.float32, bitcast=True))
+        # Round to nearest even by hand, as a GPU's conversion does (the interpreter would truncate).
+        product = rounding.round_bf16_by_hand(product)
     rounded = product.to(values_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
     tl.store(values_ptr + offsets, rounded, mask=in_range)
 

@@ -8,9 +8,11 @@ is wrapped by a recorder. Each distinct launch is then specialized exactly as Tr
 compiled for an NVIDIA target with the ptxas that Triton ships, whose ``-v`` report gives registers,
 spills and shared memory. The two CPU-specific choices of the dispatcher are set to the GPU's while
 recording: the wider tiles the interpreter prefers (``MAX_BLOCK_V_INTERPRETER``, ``SCALE_BLOCK_INTERPRETER``), and the fp32
-gradient matmuls of 16-bit operands (``low_precision``, which CUDA tensors switch on). The hidden size
-never reaches a kernel (the matmuls are cuBLAS's), so the headline case (Llama-3-8B head) uses its
-vocabulary, k and dtypes with a small D.
+gradient matmuls of 16-bit operands (``low_precision``, which CUDA tensors switch on), and the 16-bit
+``tl.dot`` of the head matmul (``EXACT_FP32_DOT_INTERPRETER``; the interpreter's values are then wrong,
+and not looked at). The hidden size reaches only the head matmul (fp32 master weights under autocast;
+the other matmuls are cuBLAS's), as a runtime integer whose divisibility by 16 Triton specializes on, so
+the headline cases (Llama-3-8B head) use its vocabulary, k and dtypes with a small D divisible by 16.
 
 CI runs this file with the Triton of the main environment and with triton 3.6 (the GPU image's) in a
 second one (.ci/run).
@@ -32,7 +34,9 @@ triton = pytest.importorskip("triton")
 
 import selfreplay_fast as sf  # noqa: E402
 from selfreplay_fast import replay_kl  # noqa: E402
-from selfreplay_fast.kernels import vocab_pass  # noqa: E402
+from selfreplay_fast.kernels import head_matmul, vocab_pass  # noqa: E402
+
+KERNEL_MODULES = (vocab_pass, head_matmul)
 
 # The cases run on the GPU where there is one, else on the CPU under the interpreter (tests/conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,6 +56,8 @@ class _Case:
     bias: bool = False
     temperature: float = 1.0
     train_weight: bool = True
+    weight_dtype: torch.dtype = None  # the lm_head's dtype when it differs from hidden's (fp32 masters)
+    autocast: bool = False  # under torch.autocast(dtype=dtype): fp32 masters launch the head matmul
 
 
 CASES = [
@@ -62,6 +68,12 @@ CASES = [
     _Case("fp64", 4, 8, 333, 5, torch.float64),
     _Case("k_above_slot_tile", 2, 8, 3000, 1500, torch.float32),
     _Case("k_equals_v", 3, 8, 40, 40, torch.bfloat16, temperature=2.0),
+    # fp32 master weights under autocast: the head matmul (W rounded in registers), with and without bias,
+    # at the headline's V (D = 4096 and V divisible by 16, as here) and at odd shapes
+    _Case("headline_fp32_master", 3, 32, 128256, 64, torch.bfloat16, weight_dtype=torch.float32, autocast=True),
+    _Case("fp32_master_bf16_autocast", 5, 40, 300, 8, torch.bfloat16, bias=True, weight_dtype=torch.float32,
+          autocast=True),
+    _Case("fp32_master_fp16_autocast", 3, 16, 129, 4, torch.float16, weight_dtype=torch.float32, autocast=True),
 ]
 
 
@@ -84,11 +96,22 @@ def _kernels(module):
             and callable(getattr(obj, "fn"))}
 
 
+def _all_kernels():
+    """{name: kernel} of every module in KERNEL_MODULES (names are unique across them)."""
+    kernels = {}
+    for module in KERNEL_MODULES:
+        for name, kernel in _kernels(module).items():
+            assert name not in kernels, f"kernel name {name} in two modules"
+            kernels[name] = (module, kernel)
+    return kernels
+
+
 def _run_case(case: _Case) -> None:
     g = torch.Generator().manual_seed(0)
+    param_dtype = case.weight_dtype or case.dtype
     hidden = (torch.randn(case.n, case.d, generator=g) * 2).to(DEVICE, case.dtype).requires_grad_()
-    weight = torch.randn(case.v, case.d, generator=g).to(DEVICE, case.dtype).requires_grad_(case.train_weight)
-    bias = torch.randn(case.v, generator=g).to(DEVICE, case.dtype).requires_grad_() if case.bias else None
+    weight = torch.randn(case.v, case.d, generator=g).to(DEVICE, param_dtype).requires_grad_(case.train_weight)
+    bias = torch.randn(case.v, generator=g).to(DEVICE, param_dtype).requires_grad_() if case.bias else None
     ids = torch.stack([torch.randperm(case.v, generator=g)[: case.k] for _ in range(case.n)])
     ids[0, case.k // 2:] = -1  # padded slots
     logprobs = torch.randn(case.n, case.k, generator=g).log_softmax(-1) - 0.5
@@ -96,8 +119,9 @@ def _run_case(case: _Case) -> None:
     mask = torch.ones(case.n, dtype=torch.bool)
     mask[-1] = case.n == 1
     ids, logprobs, mask = ids.to(DEVICE), logprobs.to(DEVICE), mask.to(DEVICE)
-    loss = sf.fused_replay_kl(hidden, weight, ids, logprobs, bias=bias, mask=mask, mode=case.mode,
-                              temperature=case.temperature, impl="triton")
+    with torch.autocast(DEVICE, dtype=case.dtype, enabled=case.autocast):
+        loss = sf.fused_replay_kl(hidden, weight, ids, logprobs, bias=bias, mask=mask, mode=case.mode,
+                                  temperature=case.temperature, impl="triton")
     loss.backward()
 
 
@@ -105,9 +129,10 @@ def _run_case(case: _Case) -> None:
 def launches():
     """(kernel name, args, kwargs) of every launch of every case, recorded from the dispatcher."""
     recorded = []
-    saved = {name: obj for name, obj in _kernels(vocab_pass).items()}
+    saved = _all_kernels()
     cap, scale_cap, apply = vocab_pass.MAX_BLOCK_V_INTERPRETER, vocab_pass.SCALE_BLOCK_INTERPRETER, replay_kl._apply
-    assert saved, "no Triton kernels found in selfreplay_fast.kernels.vocab_pass"
+    exact_dot = head_matmul.EXACT_FP32_DOT_INTERPRETER
+    assert _kernels(vocab_pass) and _kernels(head_matmul), "no Triton kernels found in selfreplay_fast.kernels"
 
     def apply_as_on_cuda(inp, impl, chunk_size, low_precision, vocab=replay_kl._WHOLE_VOCAB):
         return apply(inp, impl, chunk_size, True, vocab)  # fused_replay_kl passes hidden.is_cuda
@@ -115,16 +140,18 @@ def launches():
     try:
         vocab_pass.MAX_BLOCK_V_INTERPRETER = vocab_pass.MAX_BLOCK_V  # the tiles the wrappers pick on a GPU
         vocab_pass.SCALE_BLOCK_INTERPRETER = vocab_pass.SCALE_BLOCK
+        head_matmul.EXACT_FP32_DOT_INTERPRETER = False  # the 16-bit tl.dot a GPU runs (values not checked)
         replay_kl._apply = apply_as_on_cuda
-        for name, kernel in saved.items():
-            setattr(vocab_pass, name, _Recorder(name, kernel, recorded))
+        for name, (module, kernel) in saved.items():
+            setattr(module, name, _Recorder(name, kernel, recorded))
         for case in CASES:
             _run_case(case)
     finally:
         vocab_pass.MAX_BLOCK_V_INTERPRETER, vocab_pass.SCALE_BLOCK_INTERPRETER, replay_kl._apply = cap, scale_cap, apply
-        for name, kernel in saved.items():
-            setattr(vocab_pass, name, kernel)
-    return recorded, saved
+        head_matmul.EXACT_FP32_DOT_INTERPRETER = exact_dot
+        for name, (module, kernel) in saved.items():
+            setattr(module, name, kernel)
+    return recorded, {name: kernel for name, (_, kernel) in saved.items()}
 
 
 def _specialize(jit_fn, backend, args, kwargs):
@@ -163,7 +190,7 @@ def _compile_variants(variants_path: str, out_path: str) -> None:
 
     with open(variants_path, "rb") as handle:
         variants = pickle.load(handle)
-    kernels = _kernels(vocab_pass)
+    kernels = {name: kernel for name, (_, kernel) in _all_kernels().items()}
     results = []
     for name, capability, arch, signature, constexprs, attrs, options in variants:
         try:
