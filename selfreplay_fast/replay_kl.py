@@ -36,6 +36,7 @@ from ._inputs import (
     prepare_sharded_inputs,
 )
 from ._row_terms import compute_row_terms
+from . import _weight_grad_share
 
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS accumulates and writes fp32).
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
@@ -347,8 +348,9 @@ def _store_hidden_grad(grad_hidden, rows, partial, counted) -> None:
     grad_hidden[rows] = partial.to(grad_hidden.dtype)
 
 
-def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b):
-    """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T).
+def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b, grad_weight=None):
+    """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T); the
+    weight gradient is added into ``grad_weight`` when given (a shared buffer: _weight_grad_share.py).
 
     ``passes`` is the module with ``masked_lse`` and ``softmax_grad`` (Triton or PyTorch); ``vocab``
     the vocabulary this process holds (``_WHOLE_VOCAB`` or a ``_VocabShard``, whose ranks must all
@@ -359,7 +361,8 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     want_any = want_h or want_w or want_b
     grads = _Grads(
         hidden=torch.empty(n, dim, dtype=inp.hidden.dtype, device=dev) if want_h else None,
-        weight=torch.zeros(head.weight.shape, dtype=head.grad_weight_dtype, device=dev) if want_w else None,
+        weight=(grad_weight if grad_weight is not None
+                else torch.zeros(head.weight.shape, dtype=head.grad_weight_dtype, device=dev)) if want_w else None,
         bias=torch.zeros(inp.vocab_size, dtype=head.acc_dtype, device=dev) if want_b else None,
     )
     inv_temp = 1.0 / inp.temperature
@@ -495,7 +498,8 @@ class _FusedReplayKL(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         counted = inp.mask
 
-        ctx.grads = ctx.recompute = None
+        ctx.grads = ctx.recompute = ctx.share = None
+        ctx.rel = 1.0
         ctx.passes = passes
         if inp.reduction == "none":
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
@@ -517,9 +521,17 @@ class _FusedReplayKL(torch.autograd.Function):
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
             ctx.recompute = (inp, head, passes, vocab, chunk_rows, weight_rows)
             return _weighted_sum(loss_rows, weight_rows, counted)
-        loss_rows, grads = _run_chunks(
-            inp, head, passes, vocab, weight_rows / inp.temperature, chunk_rows, want_h, want_w, want_b
-        )
+        # Another fused loss of the same sum may hold this weight's gradient already: add into it.
+        member = _weight_grad_share.join(weight, head.grad_weight_dtype) if want_w else None
+        row_scale = weight_rows / inp.temperature
+        if member is not None:
+            row_scale, ctx.rel = row_scale * member.rel, member.rel
+        loss_rows, grads = _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b,
+                                       grad_weight=member.grad if member is not None else None)
+        if member is not None:
+            grads.weight = None  # the owner returns the sum
+        elif want_w:
+            ctx.share = _weight_grad_share.own(weight, grads.weight)
         ctx.grads = grads
         return _weighted_sum(loss_rows, weight_rows, counted)
 
@@ -557,9 +569,12 @@ class _FusedReplayKL(torch.autograd.Function):
                     "precomputed once in forward and released after the first backward"
                 )
             ctx.grads = None
+            _weight_grad_share.release(ctx.share)
+            # A share's member formed its gradients ctx.rel times too large (its weight term is in the owner's).
+            scale = grad_output if ctx.rel == 1.0 else grad_output / ctx.rel
             for g in (grads.hidden, grads.weight, grads.bias):
                 if g is not None:
-                    _scale_in_place(g, grad_output, ctx.passes)
+                    _scale_in_place(g, scale, ctx.passes)
         return (
             None, None, None, None, None,
             grads.hidden,
