@@ -313,23 +313,35 @@ def _add_rows(acc: torch.Tensor, row_ids: torch.Tensor, values: torch.Tensor) ->
     acc.index_add_(0, distinct_ids, sums.to(acc.dtype))
 
 
-def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
-    budget = _CHUNK_BYTES["cpu" if inp.hidden.device.type == "cpu" else "cuda"]
-    if inp.mode == "topk":
-        # [c, k, D] alive per row: the gathered lm_head rows and, for the weight gradient, their outer
-        # product with h (accumulation dtype); a narrower weight gradient adds the per-id sums and their
-        # copy in its dtype (_add_rows).
-        acc_bytes = torch.finfo(head.acc_dtype).bits // 8
-        per_element = 2 * acc_bytes
-        if head.grad_weight_dtype != head.acc_dtype:
-            per_element += acc_bytes + torch.finfo(head.grad_weight_dtype).bits // 8
-        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * per_element
-    else:
-        per_row = vocab.max_local_rows(inp) * torch.finfo(head.acc_dtype).bits // 8
+def _rows_within(budget: int, per_row: int, num_rows: int) -> int:
     rows = max(1, budget // per_row)
     if rows >= _CHUNK_ROW_MULTIPLE:
         rows -= rows % _CHUNK_ROW_MULTIPLE
-    return min(inp.num_rows, rows)
+    return min(num_rows, rows)
+
+
+def vocab_chunk_rows(num_rows: int, vocab_rows: int, device_type: str = "cuda",
+                     acc_dtype: torch.dtype = torch.float32, budget: Optional[int] = None) -> int:
+    """Rows per chunk of the vocabulary passes (modes "tail" and "sampled") without ``chunk_size``: as many
+    [c, vocab_rows] logits rows in ``acc_dtype`` as ``budget`` bytes hold (default: ``_CHUNK_BYTES`` of the
+    device type). selfreplay_fast/planner.py calls it too."""
+    if budget is None:
+        budget = _CHUNK_BYTES["cpu" if device_type == "cpu" else "cuda"]
+    return _rows_within(budget, vocab_rows * torch.finfo(acc_dtype).bits // 8, num_rows)
+
+
+def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
+    if inp.mode != "topk":
+        return vocab_chunk_rows(inp.num_rows, vocab.max_local_rows(inp), inp.hidden.device.type, head.acc_dtype)
+    # [c, k, D] alive per row: the gathered lm_head rows and, for the weight gradient, their outer
+    # product with h (accumulation dtype); a narrower weight gradient adds the per-id sums and their
+    # copy in its dtype (_add_rows).
+    acc_bytes = torch.finfo(head.acc_dtype).bits // 8
+    per_element = 2 * acc_bytes
+    if head.grad_weight_dtype != head.acc_dtype:
+        per_element += acc_bytes + torch.finfo(head.grad_weight_dtype).bits // 8
+    per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * per_element
+    return _rows_within(_CHUNK_BYTES["cpu" if inp.hidden.device.type == "cpu" else "cuda"], per_row, inp.num_rows)
 
 
 def _narrow_in_place(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -636,7 +648,7 @@ def fused_replay_kl(
             0 at masked positions).
         impl: "torch" (chunked PyTorch), "triton" (CUDA tensors, or CPU tensors under
             TRITON_INTERPRET=1) or "auto" (triton on CUDA, torch otherwise).
-        chunk_size: positions per chunk (default: about 256 MiB of fp32 logits on CUDA, 32 MiB on CPU).
+        chunk_size: positions per chunk (default: about 384 MiB of fp32 logits on CUDA, 32 MiB on CPU).
         process_group: a torch.distributed process group for a vocab-parallel lm_head (Megatron
             convention): ``weight`` [V_r, D] and ``bias`` [V_r] are this rank's contiguous shard of
             the vocabulary, shards in rank order and possibly uneven (V = sum of V_r, each V_r >= 1);
