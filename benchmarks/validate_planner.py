@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from benchmarks.machine import machine_info, results_path, run_record, write_result
 from selfreplay_fast import fused_replay_kl
+from selfreplay_fast.replay_kl import vocab_chunk_rows
 from selfreplay_fast.planner import (
     GiB, MiB, LiveBytes, ModelSpec, PlanConfig, load_model_spec, predict,
 )
@@ -160,7 +161,7 @@ def run_step(method, model, teacher, opt, cfg, batch, chunk):
 def measure(spec, cfg, method, device):
     cfg = cfg.validated()
     chunk_bytes = cfg.chunk_bytes if device == "cuda" else 32 * MiB
-    chunk = max(1, chunk_bytes // (4 * spec.vocab_size))
+    chunk = vocab_chunk_rows(sys.maxsize, spec.vocab_size, device, budget=chunk_bytes)  # the dispatcher's rows
     model = build_model(spec, cfg, device)
     teacher = None
     if method == "naive":

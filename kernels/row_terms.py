@@ -59,6 +59,21 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _load_slots(ids_ptr, ids_row_stride, ids_col_stride, z_teacher_ptr, logprobs_ptr, logprobs_row_stride,
+                logprobs_col_stride, row, k0, K, cdt: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Slots [k0, k0 + BLOCK_K) of a row: (slot, in range, used, z_T (-inf past K), log p_t in ``cdt``, 0
+    on unused slots)."""
+    slot = k0 + tl.arange(0, BLOCK_K)
+    in_range = slot < K
+    ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=in_range, other=-1)
+    valid = in_range & (ids >= 0)
+    z = tl.load(z_teacher_ptr + row * K + slot, mask=in_range, other=float("-inf"))
+    lp = tl.load(logprobs_ptr + row * logprobs_row_stride + slot * logprobs_col_stride, mask=valid,
+                 other=0.0).to(cdt)
+    return slot, in_range, valid, z, lp
+
+
+@triton.jit
 def _row_terms_kernel(
     part_max_ptr,  # [c, S] per split: max of z over the split's complement columns (NaN / +inf if seen)
     part_sum_ptr,  # [c, S] per split: sum of exp(z - part_max) over the same columns (0 for none)
@@ -125,13 +140,8 @@ def _row_terms_kernel(
         n_valid = tl.zeros([], tl.int32)
         mass = tl.zeros([], cdt)
         for k0 in range(0, K, BLOCK_K):
-            slot = k0 + tl.arange(0, BLOCK_K)
-            in_range = slot < K
-            ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=in_range, other=-1)
-            valid = in_range & (ids >= 0)
-            z = tl.load(z_teacher_ptr + row * K + slot, mask=in_range, other=neg_inf)
-            lp = tl.load(logprobs_ptr + row * logprobs_row_stride + slot * logprobs_col_stride, mask=valid,
-                         other=0.0).to(cdt)
+            _, _, valid, z, lp = _load_slots(ids_ptr, ids_row_stride, ids_col_stride, z_teacher_ptr, logprobs_ptr,
+                                             logprobs_row_stride, logprobs_col_stride, row, k0, K, cdt, BLOCK_K)
             zt_nan = tl.maximum(zt_nan, tl.max(_is_nan(z).to(tl.int32), axis=0))
             zt_max = tl.maximum(zt_max, tl.max(tl.where(_is_nan(z), neg_inf, z), axis=0))
             n_valid += tl.sum(valid.to(tl.int32), axis=0)
@@ -175,13 +185,9 @@ def _row_terms_kernel(
         # Pass 3: the slots' loss terms and gradient (mass + r) q_t - p_t, times s_n.
         loss = tl.zeros([], cdt)
         for k0 in range(0, K, BLOCK_K):
-            slot = k0 + tl.arange(0, BLOCK_K)
-            in_range = slot < K
-            ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=in_range, other=-1)
-            valid = in_range & (ids >= 0)
-            z = tl.load(z_teacher_ptr + row * K + slot, mask=in_range, other=neg_inf)
-            lp = tl.load(logprobs_ptr + row * logprobs_row_stride + slot * logprobs_col_stride, mask=valid,
-                         other=0.0).to(cdt)
+            slot, in_range, valid, z, lp = _load_slots(ids_ptr, ids_row_stride, ids_col_stride, z_teacher_ptr,
+                                                       logprobs_ptr, logprobs_row_stride, logprobs_col_stride, row,
+                                                       k0, K, cdt, BLOCK_K)
             log_q = (z - row_max) - lse
             p = tl.where(valid, tl.exp(lp), 0.0)
             loss += tl.sum(tl.where(valid, p * (lp - log_q), 0.0), axis=0)

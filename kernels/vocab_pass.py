@@ -336,14 +336,25 @@ def _split_width(V: int, block_v: int, split_v: Optional[int]) -> int:
     return split_v
 
 
+def _split_plan(V: int, device: torch.device, block_v: Optional[int], split_v: Optional[int]):
+    """(vocabulary tile, columns per split, splits S) of the partials pass over V columns."""
+    tile = _block_v(V, device, block_v)
+    width = _split_width(V, tile, split_v)
+    return tile, width, max(1, triton.cdiv(V, width))
+
+
+def vocab_splits(V: int, device_type: str = "cuda") -> int:
+    """S, the programs per row of the partials pass and the width of its two [c, S] outputs (by default;
+    selfreplay_fast/planner.py counts those buffers with it)."""
+    return _split_plan(V, torch.device(device_type), None, None)[2]
+
+
 def _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v):
     """Validates, launches _lse_partials_kernel on a (c, S) grid: (z_teacher, part_max, part_sum)."""
     c, V = _check_logits(logits)
     k = _check_ids(ids, c, logits.device)
     inv_temp = _check_inv_temp(inv_temp)
-    tile = _block_v(V, logits.device, block_v)
-    width = _split_width(V, tile, split_v)
-    splits = max(1, triton.cdiv(V, width))
+    tile, width, splits = _split_plan(V, logits.device, block_v, split_v)
     dev, dtype = logits.device, logits.dtype
     z_teacher = torch.empty((c, k), dtype=dtype, device=dev)
     part_max = torch.empty((c, splits), dtype=dtype, device=dev)

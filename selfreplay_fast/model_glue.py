@@ -39,6 +39,7 @@ from ._inputs import (
     skip_value_checks,
     value_checks_enabled,
 )
+from ._weight_grad_share import loss_term, shared_weight_grad
 from .replay_kl import fused_replay_kl
 
 __all__ = [
@@ -337,10 +338,20 @@ class ReplayKLLoss(torch.nn.Module):
             loss = self._nll(hidden, weight, b, common)
         else:
             tail = b["teacher_tail_logprob"] if self.mode == "tail" else None
-            loss = fused_replay_kl(hidden, weight, b["teacher_ids"], b["teacher_logprobs"], mask=b["mask"],
-                                   teacher_tail_logprob=tail, mode=self.mode, **common)
-            if self.loss == "kl+nll":
-                loss = (1.0 - self.nll_weight) * loss + self.nll_weight * self._nll(hidden, weight, b, common)
+
+            def kl():
+                return fused_replay_kl(hidden, weight, b["teacher_ids"], b["teacher_logprobs"], mask=b["mask"],
+                                       teacher_tail_logprob=tail, mode=self.mode, **common)
+
+            if self.loss == "kl":
+                loss = kl()
+            else:  # only the mix is returned: its two fused losses can share one weight gradient
+                with shared_weight_grad():
+                    with loss_term(1.0 - self.nll_weight):
+                        kl_loss = kl()
+                    with loss_term(self.nll_weight):
+                        nll = self._nll(hidden, weight, b, common)
+                loss = (1.0 - self.nll_weight) * kl_loss + self.nll_weight * nll
         return loss / num_items if num_items is not None else loss
 
     @staticmethod
@@ -392,7 +403,8 @@ def check_replay_weight(replay_weight) -> float:
 
 
 class ReplayStepLosses(NamedTuple):
-    """``loss = task_loss + replay_weight * replay_kl``: call ``loss.backward()``."""
+    """``loss = task_loss + replay_weight * replay_kl``: call ``loss.backward()``; ``task_loss`` and
+    ``replay_kl`` are detached values (for logging)."""
 
     task_loss: torch.Tensor
     replay_kl: torch.Tensor
@@ -408,7 +420,9 @@ def replay_step(model, task_batch: Mapping[str, torch.Tensor], replay_batch: Map
     replay_loss: the :class:`ReplayKLLoss` to use (default: tail mode, temperature 1), or one of
     ``REPLAY_LOSSES`` as a string (``"nll"``, ``"kl+nll"``: that loss with the other defaults). The
     ``replay_kl`` field of the result is then that replay loss. The caller runs ``loss.backward()`` (or
-    scales it first) and the optimizer step.
+    scales it first) and the optimizer step; ``task_loss`` and ``replay_kl`` come detached, because their
+    fused losses share one precomputed lm_head weight gradient, which is exact for the sum only
+    (_weight_grad_share.py: one [V, D] gradient held, not one per loss).
     """
     weight = check_replay_weight(replay_weight)
     if not isinstance(task_batch, Mapping) or "input_ids" not in task_batch:
@@ -421,7 +435,9 @@ def replay_step(model, task_batch: Mapping[str, torch.Tensor], replay_batch: Map
     elif not isinstance(replay_loss, ReplayKLLoss):
         raise TypeError(f"replay_loss must be a ReplayKLLoss, one of {REPLAY_LOSSES} or None, "
                         f"got {type(replay_loss).__name__}")
-    task = task_nll(model, task_batch["input_ids"], task_batch.get("attention_mask"), task_batch.get("labels"),
-                    impl=replay_loss.impl, chunk_size=replay_loss.chunk_size)
-    kl = replay_loss(model, replay_batch)
-    return ReplayStepLosses(task, kl, task + weight * kl)
+    with shared_weight_grad():
+        task = task_nll(model, task_batch["input_ids"], task_batch.get("attention_mask"), task_batch.get("labels"),
+                        impl=replay_loss.impl, chunk_size=replay_loss.chunk_size)
+        with loss_term(weight):
+            kl = replay_loss(model, replay_batch)
+    return ReplayStepLosses(task.detach(), kl.detach(), task + weight * kl)

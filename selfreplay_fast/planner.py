@@ -75,15 +75,21 @@ Loss buffers
   log-softmax over the replay tokens, 2 x 4 V x T_r (a conservative count for naive: HF's 16-bit
   logits, before ``.float()``, would add 2 V per token); the teacher's own forward runs under no_grad
   before the student's and its activations are gone by the time of the peak.
-* selfreplay-fast (docs/design.md section 4, selfreplay_fast/replay_kl.py): per call, chunks of
-  c = chunk_bytes // (4 V) rows (default chunk_bytes: 256 MiB on CUDA); one fp32 logits chunk
-  4 c V, the 16-bit gradient chunk w c V (16-bit weights on CUDA) and a [c, h] hidden-gradient
-  chunk: 6 c V = 384 MiB at the default chunk with bf16 weights, as docs/design.md section 4 lists.
-  The gradients are computed in the forward, so each call also holds its hidden gradient [N, h]
-  (a per row) and, when the lm_head is trained, a [V, h] weight gradient until backward; and while it
-  runs, int64 ids, fp32 log-probs and a bool mask per slot (13 B per slot) plus the teacher value
-  checks' sort (about 24 B per slot). The task NLL is a k = 1 call over the task tokens, the replay
-  KL a k-slot call over the replay tokens.
+* selfreplay-fast (docs/design.md sections 3 and 4, selfreplay_fast/replay_kl.py): per call, chunks of
+  c rows as the dispatcher sizes them (``replay_kl.vocab_chunk_rows``: a 384 MiB fp32 logits budget on
+  CUDA, rounded down to a multiple of 256 rows: 768 at V = 128256). On CUDA with a 16-bit head a chunk
+  holds one fp32 logits buffer 4 c V (the 16-bit gradient is written into its own storage, the hidden
+  gradient straight into its rows), the partials pass's [c, k] slot logits and two [c, S] split
+  partials (S from ``kernels.vocab_pass.vocab_splits``), and the row terms' [c] scalars and [c, k]
+  slot gradient (from the second chunk on, the previous chunk's too); per call the masked copy of the
+  hidden states, a h per row, and two fp32 row weights. tests/test_planner.py checks this sum equals the
+  peak the dispatcher allocates on meta tensors (tests/test_kl_launch_budget.py), at the headline
+  shape and at a small one. The gradients are computed in the forward, so each call also holds its
+  hidden gradient [N, h] (a per row) and, when the lm_head is trained, a [V, h] weight gradient until
+  backward (``ReplayTrainer`` holds one per call; ``replay_step`` shares one, docs/design.md section 4);
+  and while it runs, int64 ids, fp32 log-probs and a bool mask per slot (13 B per slot) plus the
+  teacher value checks' sort (about 24 B per slot; the task NLL's k = 1 teacher skips them). The task
+  NLL is a k = 1 call over the task tokens, the replay KL a k-slot call over the replay tokens.
 * cache batch: replay ids int32 + log-probs fp32, 8 k B per replay token; input ids and labels int64,
   16 B per token (naive: 16 B per token too).
 
@@ -103,13 +109,15 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
 
+from .replay_kl import _CHUNK_BYTES
+
 GiB = 1 << 30
 MiB = 1 << 20
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_CHUNK_BYTES = 256 * MiB  # fused_replay_kl's default on CUDA (selfreplay_fast/replay_kl.py)
+DEFAULT_CHUNK_BYTES = _CHUNK_BYTES["cuda"]  # fused_replay_kl's logits budget on CUDA (selfreplay_fast/replay_kl.py)
 FRAGMENTATION = 0.05  # of the allocated peak (estimate)
 CUBLAS_WORKSPACE = 32 * MiB
 CUDA_CONTEXT = int(0.6 * GiB)  # estimate for a recent driver + torch on an H100; outside the allocator
@@ -355,29 +363,34 @@ def activation_parts(spec: ModelSpec, cfg: PlanConfig, tokens: int) -> Dict[str,
 
 def fused_call_bytes(
     rows: int, vocab: int, dim: int, k: int, *, hidden_bytes: int = 2, weight_bytes_per: int = 2,
-    weight_grad: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES, chunk_rows: Optional[int] = None,
-    device: str = "cuda", value_checks: bool = True, ids_int64: bool = False,
+    weight_grad: bool = False, chunk_bytes: Optional[int] = None, chunk_rows: Optional[int] = None,
+    device: str = "cuda", value_checks: bool = True, ids_int64: bool = False, mask: bool = True,
 ) -> Dict[str, int]:
     """Memory fused_replay_kl allocates in one call (reduction "mean"/"sum", tail/sampled mode),
-    beyond its inputs: ``held`` lives until backward, ``peak`` is the most alive during the call.
+    beyond its inputs: ``held`` lives until backward, ``peak`` is the most alive during the call, and
+    ``dispatch_peak`` the part of it that the dispatcher allocates after the input checks (what
+    tests/test_kl_launch_budget.py measures on meta tensors).
 
-    device "cuda": 16-bit gradient chunk for 16-bit weights, Triton passes (no [c, V] temporaries).
-    device "cpu": everything in fp32 (16-bit weights get an fp32 copy), PyTorch passes; ATen-internal
-    temporaries (e.g. inside logsumexp) are not counted."""
-    c = chunk_rows or max(1, min(rows, chunk_bytes // (4 * vocab)))
-    c = min(c, rows)
+    The chunk rows are the dispatcher's own (``replay_kl.vocab_chunk_rows``, with ``chunk_bytes`` as its
+    logits budget when given). device "cuda": a 16-bit head with Triton passes, the 16-bit gradient
+    written into the fp32 logits chunk's storage (docs/design.md, sections 3 and 4). device "cpu":
+    everything in fp32 (16-bit weights get an fp32 copy), PyTorch passes; ATen-internal temporaries
+    (e.g. inside logsumexp) are not counted."""
+    from .replay_kl import vocab_chunk_rows
+
+    c = min(chunk_rows or vocab_chunk_rows(rows, vocab, device, budget=chunk_bytes), rows)
     low = device == "cuda" and weight_bytes_per < 4
     op_bytes = weight_bytes_per if low else 4
     held = rows * dim * hidden_bytes + 4 * rows  # hidden gradient + per-row losses
     if weight_grad:
         held += vocab * dim * op_bytes
-    rows_tmp = 4 * 4 * rows  # row weights, their normalization, row scale, loss x weight
     slots = rows * k * (1 + 4 + (0 if ids_int64 else 8))  # valid mask, fp32 log-probs, int64 ids
     checks = rows * k * 24 if value_checks else 0  # sorted ids (int64 values + indices) + masked copy
+    if low:
+        return _fused_cuda_bytes(rows, vocab, dim, k, c, hidden_bytes, held, slots, checks, mask)
+    rows_tmp = 4 * 4 * rows  # row weights, their normalization, row scale, loss x weight
     weight_copy = vocab * dim * 4 if (device == "cpu" and weight_bytes_per < 4) else 0
     chunk = 4 * c * vocab  # fp32 logits
-    if low:
-        chunk += weight_bytes_per * c * vocab  # 16-bit gradient chunk
     chunk += c * dim * op_bytes + (c * dim * 4 if device == "cpu" and hidden_bytes < 4 else 0)
     chunk += c * k * 4 * 6  # [c, k] row terms (z_teacher, p, grads, ...)
     return {
@@ -387,6 +400,30 @@ def fused_call_bytes(
         "inputs": slots + rows_tmp + weight_copy,
         "checks": checks,
         "peak": held + rows_tmp + slots + weight_copy + max(checks, chunk),
+        "dispatch_peak": held + rows_tmp + weight_copy + chunk,
+    }
+
+
+def _fused_cuda_bytes(rows, vocab, dim, k, c, hidden_bytes, held, slots, checks, mask):
+    """The CUDA plan's buffers: per call the masked copy of hidden (with a mask) and two fp32 [N] row
+    weights; per chunk the fp32 logits (the 16-bit gradient lives in their storage, the hidden gradient
+    is written straight into its rows), the partials pass's [c, k] slot logits and two [c, S] split
+    partials, the row terms' four [c] scalars and [c, k] slot gradient; from the second chunk on the
+    previous chunk's three [c] and one [c, k] row terms are still alive while the next are formed."""
+    from .kernels.vocab_pass import vocab_splits
+
+    per_call = (rows * dim * hidden_bytes if mask else 0) + 2 * 4 * rows
+    chunk = 4 * c * vocab + 2 * 4 * c * k + 2 * 4 * c * vocab_splits(vocab, "cuda") + 4 * 4 * c
+    if rows > c:
+        chunk += 4 * c * k + 3 * 4 * c
+    return {
+        "chunk_rows": c,
+        "held": held,
+        "chunk": chunk,
+        "inputs": slots + per_call,
+        "checks": checks,
+        "peak": held + slots + per_call + max(checks, chunk),
+        "dispatch_peak": held + per_call + chunk,
     }
 
 
@@ -441,7 +478,8 @@ def _loss_parts(spec: ModelSpec, cfg: PlanConfig, method: str, task_tokens: int,
     calls = []
     if task_tokens:
         calls.append(fused_call_bytes(task_tokens, V, h, 1, hidden_bytes=a, weight_bytes_per=a,
-                                      weight_grad=head_trained, chunk_bytes=cfg.chunk_bytes, ids_int64=True))
+                                      weight_grad=head_trained, chunk_bytes=cfg.chunk_bytes, ids_int64=True,
+                                      value_checks=False))  # task_nll's k = 1 teacher is valid by construction
     if replay_tokens:
         calls.append(fused_call_bytes(replay_tokens, V, h, cfg.k, hidden_bytes=a, weight_bytes_per=a,
                                       weight_grad=head_trained, chunk_bytes=cfg.chunk_bytes))

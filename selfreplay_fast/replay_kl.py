@@ -36,6 +36,7 @@ from ._inputs import (
     prepare_sharded_inputs,
 )
 from ._row_terms import compute_row_terms
+from . import _weight_grad_share
 
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS accumulates and writes fp32).
 _MM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
@@ -340,23 +341,35 @@ def _add_rows(acc: torch.Tensor, row_ids: torch.Tensor, values: torch.Tensor) ->
     acc.index_add_(0, distinct_ids, sums.to(acc.dtype))
 
 
-def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
-    budget = _CHUNK_BYTES["cpu" if inp.hidden.device.type == "cpu" else "cuda"]
-    if inp.mode == "topk":
-        # [c, k, D] alive per row: the gathered lm_head rows and, for the weight gradient, their outer
-        # product with h (accumulation dtype); a narrower weight gradient adds the per-id sums and their
-        # copy in its dtype (_add_rows).
-        acc_bytes = torch.finfo(head.acc_dtype).bits // 8
-        per_element = 2 * acc_bytes
-        if head.grad_weight_dtype != head.acc_dtype:
-            per_element += acc_bytes + torch.finfo(head.grad_weight_dtype).bits // 8
-        per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * per_element
-    else:
-        per_row = vocab.max_local_rows(inp) * torch.finfo(head.acc_dtype).bits // 8
+def _rows_within(budget: int, per_row: int, num_rows: int) -> int:
     rows = max(1, budget // per_row)
     if rows >= _CHUNK_ROW_MULTIPLE:
         rows -= rows % _CHUNK_ROW_MULTIPLE
-    return min(inp.num_rows, rows)
+    return min(num_rows, rows)
+
+
+def vocab_chunk_rows(num_rows: int, vocab_rows: int, device_type: str = "cuda",
+                     acc_dtype: torch.dtype = torch.float32, budget: Optional[int] = None) -> int:
+    """Rows per chunk of the vocabulary passes (modes "tail" and "sampled") without ``chunk_size``: as many
+    [c, vocab_rows] logits rows in ``acc_dtype`` as ``budget`` bytes hold (default: ``_CHUNK_BYTES`` of the
+    device type). selfreplay_fast/planner.py calls it too."""
+    if budget is None:
+        budget = _CHUNK_BYTES["cpu" if device_type == "cpu" else "cuda"]
+    return _rows_within(budget, vocab_rows * torch.finfo(acc_dtype).bits // 8, num_rows)
+
+
+def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
+    if inp.mode != "topk":
+        return vocab_chunk_rows(inp.num_rows, vocab.max_local_rows(inp), inp.hidden.device.type, head.acc_dtype)
+    # [c, k, D] alive per row: the gathered lm_head rows and, for the weight gradient, their outer
+    # product with h (accumulation dtype); a narrower weight gradient adds the per-id sums and their
+    # copy in its dtype (_add_rows).
+    acc_bytes = torch.finfo(head.acc_dtype).bits // 8
+    per_element = 2 * acc_bytes
+    if head.grad_weight_dtype != head.acc_dtype:
+        per_element += acc_bytes + torch.finfo(head.grad_weight_dtype).bits // 8
+    per_row = inp.teacher_ids.shape[1] * inp.hidden.shape[1] * per_element
+    return _rows_within(_CHUNK_BYTES["cpu" if inp.hidden.device.type == "cpu" else "cuda"], per_row, inp.num_rows)
 
 
 def _narrow_in_place(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -375,8 +388,9 @@ def _store_hidden_grad(grad_hidden, rows, partial, counted) -> None:
     grad_hidden[rows] = partial.to(grad_hidden.dtype)
 
 
-def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b):
-    """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T).
+def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b, grad_weight=None):
+    """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T); the
+    weight gradient is added into ``grad_weight`` when given (a shared buffer: _weight_grad_share.py).
 
     ``passes`` is the module with ``masked_lse`` and ``softmax_grad`` (Triton or PyTorch); ``vocab``
     the vocabulary this process holds (``_WHOLE_VOCAB`` or a ``_VocabShard``, whose ranks must all
@@ -387,7 +401,8 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     want_any = want_h or want_w or want_b
     grads = _Grads(
         hidden=torch.empty(n, dim, dtype=inp.hidden.dtype, device=dev) if want_h else None,
-        weight=torch.zeros(head.weight_shape, dtype=head.grad_weight_dtype, device=dev) if want_w else None,
+        weight=(grad_weight if grad_weight is not None
+                else torch.zeros(head.weight_shape, dtype=head.grad_weight_dtype, device=dev)) if want_w else None,
         bias=torch.zeros(inp.vocab_size, dtype=head.acc_dtype, device=dev) if want_b else None,
     )
     inv_temp = 1.0 / inp.temperature
@@ -523,7 +538,8 @@ class _FusedReplayKL(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         counted = inp.mask
 
-        ctx.grads = ctx.recompute = None
+        ctx.grads = ctx.recompute = ctx.share = None
+        ctx.rel = 1.0
         ctx.passes = passes
         if inp.reduction == "none":
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
@@ -545,9 +561,17 @@ class _FusedReplayKL(torch.autograd.Function):
             loss_rows, _ = _run_chunks(inp, head, passes, vocab, None, chunk_rows, False, False, False)
             ctx.recompute = (inp, head, passes, vocab, chunk_rows, weight_rows)
             return _weighted_sum(loss_rows, weight_rows, counted)
-        loss_rows, grads = _run_chunks(
-            inp, head, passes, vocab, weight_rows / inp.temperature, chunk_rows, want_h, want_w, want_b
-        )
+        # Another fused loss of the same sum may hold this weight's gradient already: add into it.
+        member = _weight_grad_share.join(weight, head.grad_weight_dtype) if want_w else None
+        row_scale = weight_rows / inp.temperature
+        if member is not None:
+            row_scale, ctx.rel = row_scale * member.rel, member.rel
+        loss_rows, grads = _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w, want_b,
+                                       grad_weight=member.grad if member is not None else None)
+        if member is not None:
+            grads.weight = None  # the owner returns the sum
+        elif want_w:
+            ctx.share = _weight_grad_share.own(weight, grads.weight)
         ctx.grads = grads
         return _weighted_sum(loss_rows, weight_rows, counted)
 
@@ -585,9 +609,12 @@ class _FusedReplayKL(torch.autograd.Function):
                     "precomputed once in forward and released after the first backward"
                 )
             ctx.grads = None
+            _weight_grad_share.release(ctx.share)
+            # A share's member formed its gradients ctx.rel times too large (its weight term is in the owner's).
+            scale = grad_output if ctx.rel == 1.0 else grad_output / ctx.rel
             for g in (grads.hidden, grads.weight, grads.bias):
                 if g is not None:
-                    _scale_in_place(g, grad_output, ctx.passes)
+                    _scale_in_place(g, scale, ctx.passes)
         return (
             None, None, None, None, None,
             grads.hidden,
@@ -649,7 +676,7 @@ def fused_replay_kl(
             0 at masked positions).
         impl: "torch" (chunked PyTorch), "triton" (CUDA tensors, or CPU tensors under
             TRITON_INTERPRET=1) or "auto" (triton on CUDA, torch otherwise).
-        chunk_size: positions per chunk (default: about 256 MiB of fp32 logits on CUDA, 32 MiB on CPU).
+        chunk_size: positions per chunk (default: about 384 MiB of fp32 logits on CUDA, 32 MiB on CPU).
         process_group: a torch.distributed process group for a vocab-parallel lm_head (Megatron
             convention): ``weight`` [V_r, D] and ``bias`` [V_r] are this rank's contiguous shard of
             the vocabulary, shards in rank order and possibly uneven (V = sum of V_r, each V_r >= 1);

@@ -344,3 +344,26 @@ def test_cli_small_model_markdown_keeps_every_row_and_the_fix_names_its_flag(cap
     assert cli.main(["plan", "--model", "llama-3.1-8b", "--seq-len", "4096", "--batch", "4", "--micro-batch", "2",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"]["selfreplay-fast"]["fits"] is True
+
+
+@pytest.mark.parametrize("n,vocab,dim,k,budget", [
+    (8192, 128256, 4096, 64, None),  # the headline: Llama-3-8B head, 8192 tokens, 768-row chunks
+    (300, 5000, 48, 8, 1 << 20),  # odd shapes: 52-row chunks (a 1 MiB logits budget), 5 vocabulary splits
+])
+def test_fused_cuda_peak_equals_the_meta_device_measurement(n, vocab, dim, k, budget, monkeypatch):
+    """The CUDA model (the dispatcher's own chunk rows and split count) against the peak that
+    tests/test_kl_launch_budget.py measures when the real dispatcher runs forward + backward on meta
+    tensors with the CUDA code path (a bf16 head with a trained weight, a mask and a tail)."""
+    import test_kl_launch_budget as budget_test
+    from selfreplay_fast import replay_kl
+
+    monkeypatch.setattr(budget_test, "V", vocab)
+    monkeypatch.setattr(budget_test, "D", dim)
+    monkeypatch.setattr(budget_test, "K", k)
+    if budget is not None:
+        monkeypatch.setitem(replay_kl._CHUNK_BYTES, "cuda", budget)
+    measured, _ = budget_test._run(monkeypatch, n, torch.bfloat16, autocast=False)
+    predicted = fused_call_bytes(n, vocab, dim, k, weight_grad=True, device="cuda")
+    assert predicted["chunk_rows"] == measured.matmul_shapes[0][0]  # the first chunk's logits matmul
+    assert predicted["chunk_rows"] == (768 if budget is None else 52) and n > predicted["chunk_rows"]
+    assert predicted["dispatch_peak"] == measured.peak
