@@ -48,12 +48,15 @@ def register(subparsers) -> None:
                         "installed; temperature 1 only) (default native)")
     p.add_argument("--vllm-engine-args", type=_json_object, default=None,
                    help='with --backend vllm, extra vllm.LLM arguments as a JSON object (default: none)')
+    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float16",
+                   help="stored log-prob dtype (float16: half the bytes, loss within 1e-3; see docs/design.md)")
     p.set_defaults(handler=run, on_interrupt=saved_so_far)
 
 
 def cli_settings(args) -> dict:
     """The settings of ``build_teacher_cache`` (as its metadata.json records them) that the arguments fix."""
-    return {"model_name": args.model, "k": args.top_k, "temperature": args.temperature, "shard_size": args.shard_size}
+    return {"model_name": args.model, "k": args.top_k, "temperature": args.temperature, "shard_size": args.shard_size,
+            "logprob_dtype": args.logprob_dtype}
 
 
 def saved_so_far(args) -> str:
@@ -152,7 +155,8 @@ def run(args) -> int:
         start, backend_args = time.perf_counter(), {}
     buffer = build_teacher_cache(
         model, sequences, args.top_k, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-        temperature=args.temperature, progress=not args.no_progress, **backend_args,
+        temperature=args.temperature, progress=not args.no_progress, logprob_dtype=getattr(torch, args.logprob_dtype),
+        **backend_args,
     )
     seconds = time.perf_counter() - start
     after = read_metadata(args.out)
