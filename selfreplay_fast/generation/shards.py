@@ -20,14 +20,15 @@ def shard_seed(seed: int, shard_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def generation_settings(identity: dict, *, vocab_size: int, k: int, sampled_draws, temperature: float, seed: int,
-                        num_sequences: int, max_new_tokens: int, batch_size: int, shard_size: int, prompts_digest: str,
-                        num_prompts: int, eos_ids, pad_token_id, drafter, num_draft_tokens: int, logprob_dtype,
-                        dialogue=None) -> dict:
+def generation_settings(identity: dict, *, vocab_size: int, k: int, temperature: float, seed: int, num_sequences: int,
+                        max_new_tokens: int, batch_size: int, shard_size: int, prompts_digest: str, num_prompts: int,
+                        eos_ids, pad_token_id, logprob_dtype, dialogue=None, sampled_draws=None, drafter=None,
+                        num_draft_tokens=None) -> dict:
     """The settings of a generated buffer (both backends): what a resume compares, and the ``"generation"``
     field of its metadata. ``identity`` names the model: ``model_name``, ``config_hash``, the weights'
     fingerprint and dtype (a checkpoint retrained in place keeps its name and config), and ``backend`` for
-    vLLM. ``pad_token_id`` None pads with the first EOS id (or 0). The draft model is left out: exact
+    vLLM. ``pad_token_id`` None pads with the first EOS id (or 0). ``sampled_draws`` and the drafter are
+the native loop's only (None: a top-k teacher, no speculative decoding). The draft model is left out: exact
     speculative sampling makes the output follow the target's distribution whatever the draft, so another
     draft cannot mix two teachers; only the drafter's kind is recorded."""
     if pad_token_id is None:

@@ -282,11 +282,11 @@ def generate_replay_vllm(
     # config) and the dtype the engine loads them in; and "backend", so neither backend resumes the other's.
     identity = {"model_name": str(path), "config_hash": _config_hash(config), "backend": "vllm",
                 **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config))}
-    settings = generation_settings(
-        identity, vocab_size=vocab_size, k=k, sampled_draws=None, temperature=temperature, seed=seed,
-        num_sequences=num_sequences, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
-        prompts_digest=prompts_digest, num_prompts=len(prompt_list), eos_ids=eos_ids, pad_token_id=pad_token_id,
-        drafter=None, num_draft_tokens=None, logprob_dtype=logprob_dtype, dialogue=dialogue)
+    settings = generation_settings(identity, vocab_size=vocab_size, k=k, temperature=temperature, seed=seed,
+                                   num_sequences=num_sequences, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   shard_size=shard_size, prompts_digest=prompts_digest, num_prompts=len(prompt_list),
+                                   eos_ids=eos_ids, pad_token_id=pad_token_id, logprob_dtype=logprob_dtype,
+                                   dialogue=dialogue)
     pad_token_id = settings["pad_token_id"]
     # ---- resume ----
     writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
