@@ -4,16 +4,19 @@ The engine is the session fixture vllm_engine (tests/conftest.py); tests/vllm_ca
 tests run.
 """
 
-from vllm_cases import ENGINE_ARGS, cache_corpus, teacher_errors  # noqa: I001  first: the module skips without vLLM
+from vllm_cases import ENGINE_ARGS, HERE, cache_corpus, script_env, teacher_errors  # noqa: I001  first: skips without vLLM
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from test_generation import TINY_VOCAB
 
 from selfreplay_fast import fused_replay_kl
-from selfreplay_fast.replay_buffer import ReplayBuffer
+from selfreplay_fast.replay_buffer import ReplayBuffer, read_metadata
 from selfreplay_fast.teacher_cache import build_teacher_cache
 
 
@@ -73,3 +76,24 @@ def test_cache_command_with_the_vllm_backend(vllm_engine, tmp_path, capsys):
     assert cli.main(["cache", "--model", path, "--data", str(data), "--out", str(tmp_path / "o2"), "--top-k", "3",
                      "--backend", "vllm", "--temperature", "0.5"]) == cli.EXIT_USAGE_ERROR
     assert "--temperature: only 1.0 with --backend vllm" in capsys.readouterr().err
+
+
+def test_two_ranks_equal_one_process(vllm_engine, tmp_path):
+    """Data parallel: two processes, each with its own engine, fill one out_dir at once (shard i is rank
+    i % 2's); the cache equals the session engine's single-process cache byte for byte."""
+    path, model, llm = vllm_engine
+    out = tmp_path / "dp"
+    script = os.path.join(HERE, "vllm_cache_rank_script.py")
+    ranks = [subprocess.Popen([sys.executable, script, path, str(out), json.dumps(ENGINE_ARGS), str(rank), "2"],
+                              env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    errors = [proc.communicate(timeout=600)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    single = tmp_path / "single"
+    build_teacher_cache(llm, cache_corpus(), 3, single, batch_size=3, shard_size=2, progress=False, backend="vllm")
+    names = sorted(os.listdir(single))
+    assert names == ["metadata.json"] + [f"shard-{i:05d}.safetensors" for i in range(4)]
+    assert sorted(os.listdir(out)) == names  # no lock or claim file left over
+    for name in names[1:]:
+        assert (out / name).read_bytes() == (single / name).read_bytes(), name
+    assert read_metadata(str(out)) == read_metadata(str(single))
