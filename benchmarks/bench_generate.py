@@ -17,7 +17,10 @@ The vLLM row (``backend="vllm"``, same model saved with ``save_pretrained``, sam
 repository's .venv-vllm, else this one if it imports vllm) through benchmarks/vllm_row.py; without one
 the row is skipped with the reason printed and recorded. The engine's start-up is not timed.
 With ``--speculative`` it also times speculative decoding with a draft made of the target's first
-``--draft-layers`` layers. Writes JSON with machine info to benchmarks/results/generate_<device>.json
+``--draft-layers`` layers. ``--num-sequences N`` times N sequences per run in ``--batch-size`` slots
+(continuous batching; HF in calls of ``--batch-size``) and ``--no-hf-scores`` times HF without scores only,
+e.g. the byte-level case of issue 12: ``--vocab 258 --layers 4 --top-k 32 --max-new-tokens 127
+--batch-size 512 --num-sequences 2048 --no-hf-scores --no-vllm``. Writes JSON with machine info to benchmarks/results/generate_<device>.json
 (``--quick``: 16 new tokens, one round, into the git-ignored benchmarks/results/scratch/).
 """
 
@@ -79,44 +82,54 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_hf(model, batch_size, max_new_tokens, device, scores=True):
-    """HF ``generate``, with its dense scores (``scores``) or without (its fastest sampling loop)."""
-    inputs = torch.full((batch_size, 1), 1, dtype=torch.long, device=device)
+def time_hf(model, batch_size, max_new_tokens, device, scores=True, num_sequences=None):
+    """HF ``generate``, with its dense scores (``scores``) or without (its fastest sampling loop);
+    ``num_sequences`` (default ``batch_size``) in calls of ``batch_size`` sequences."""
+    num_sequences = num_sequences or batch_size
+    generated, held = 0, 0
     sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            inputs, attention_mask=torch.ones_like(inputs), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-            max_new_tokens=max_new_tokens, output_scores=scores, return_dict_in_generate=True, pad_token_id=0,
-        )
+    for first in range(0, num_sequences, batch_size):
+        batch = min(batch_size, num_sequences - first)
+        inputs = torch.full((batch, 1), 1, dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                inputs, attention_mask=torch.ones_like(inputs), do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                max_new_tokens=max_new_tokens, output_scores=scores, return_dict_in_generate=True, pad_token_id=0,
+            )
+        generated += (out.sequences.shape[1] - 1) * batch
+        if scores:
+            held = max(held, sum(s.numel() * s.element_size() for s in out.scores))
+        del out
     sync(device)
     seconds = time.perf_counter() - start
-    generated = (out.sequences.shape[1] - 1) * batch_size
-    assert generated == batch_size * max_new_tokens, "HF stopped early"
-    # Nothing is written; the dense fp32 scores it holds in memory instead are the comparison's point.
+    assert generated == num_sequences * max_new_tokens, "HF stopped early"
+    # Nothing is written; the dense fp32 scores it holds in memory instead (per call) are the comparison's point.
     if not scores:
         return generated / seconds, {"bytes_written": 0}
-    held = sum(s.numel() * s.element_size() for s in out.scores)
     return generated / seconds, {"bytes_written": 0, "dense_scores_bytes": held}
 
 
-def time_ours(model, batch_size, max_new_tokens, top_k, device, draft=None, num_draft_tokens=4, write=False):
-    """One ``generate_replay`` run; ``write``: into a fresh temporary folder (timed), whose bytes are reported."""
+def time_ours(model, batch_size, max_new_tokens, top_k, device, draft=None, num_draft_tokens=4, write=False,
+              num_sequences=None):
+    """One ``generate_replay`` run of ``num_sequences`` (default ``batch_size``) sequences in ``batch_size``
+    slots; ``write``: into a fresh temporary folder (timed), whose bytes are reported."""
     from selfreplay_fast.generation import generate_replay
 
+    num_sequences = num_sequences or batch_size
     folder = tempfile.mkdtemp(prefix="bench_native_") if write else None
     try:
         sync(device)
         start = time.perf_counter()
         buffer = generate_replay(
-            model, num_sequences=batch_size, max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
-            progress=False, eos_token_id=[], draft_model=draft, num_draft_tokens=num_draft_tokens, shard_size=batch_size,
+            model, num_sequences=num_sequences, max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
+            progress=False, eos_token_id=[], draft_model=draft, num_draft_tokens=num_draft_tokens, shard_size=num_sequences,
             out_dir=os.path.join(folder, "replay") if write else None,
         )
         sync(device)
         seconds = time.perf_counter() - start
         generated = buffer.num_tokens - len(buffer)
-        assert generated == batch_size * max_new_tokens
+        assert generated == num_sequences * max_new_tokens
         stats = buffer.generation_stats
         extra = {"target_forwards": stats.target_forwards, "host_checks": stats.host_checks}
         if write:
@@ -193,6 +206,11 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--num-sequences", type=int, default=None,
+                        help="sequences per timed run, in --batch-size slots (HF: in calls of --batch-size; default: "
+                             "one batch); native and HF only")
+    parser.add_argument("--no-hf-scores", action="store_true",
+                        help="leave out HF generate with output_scores (time only its no-scores loop)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (default 5, --quick 1)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 16 new tokens, one round, labelled quick, into benchmarks/results/scratch/")
@@ -209,6 +227,8 @@ def main(argv=None):
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--out", default=None, help="result file (default benchmarks/results/generate_<device>.json)")
     args = parser.parse_args(argv)
+    if args.num_sequences is not None and not args.no_vllm:
+        parser.error("--num-sequences is for the native and HF rows only: add --no-vllm")
     if args.quick and args.max_new_tokens is None:
         args.max_new_tokens = 16
     args.repeats = args.repeats or (1 if args.quick else 5)
@@ -227,11 +247,16 @@ def main(argv=None):
     time_hf(model, args.batch_size, 4, device)
     time_ours(model, args.batch_size, 4, args.top_k, device)
 
+    n = args.num_sequences
     contenders = {
-        "hf_generate": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device),
-        "hf_generate_no_scores": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device, scores=False),
-        "generate_replay": lambda: time_ours(model, args.batch_size, args.max_new_tokens, args.top_k, device, write=True),
+        "hf_generate": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device, num_sequences=n),
+        "hf_generate_no_scores": lambda: time_hf(model, args.batch_size, args.max_new_tokens, device, scores=False,
+                                                 num_sequences=n),
+        "generate_replay": lambda: time_ours(model, args.batch_size, args.max_new_tokens, args.top_k, device, write=True,
+                                             num_sequences=n),
     }
+    if args.no_hf_scores:
+        del contenders["hf_generate"]
     worker, model_dir, vllm_skip = (None, None, "--no-vllm") if args.no_vllm else start_vllm_worker(args, model, device)
     if worker is not None:
         contenders["generate_replay_vllm"] = worker.run
@@ -243,15 +268,16 @@ def main(argv=None):
         if worker is not None:
             worker.close()
             shutil.rmtree(model_dir, ignore_errors=True)
-    hf_rate = results["hf_generate"]["tokens_per_s_median"]
-    results["speedup_vs_hf"] = results["generate_replay"]["tokens_per_s_median"] / hf_rate
+    hf_rate = results["hf_generate"]["tokens_per_s_median"] if "hf_generate" in results else None
+    if hf_rate is not None:
+        results["speedup_vs_hf"] = results["generate_replay"]["tokens_per_s_median"] / hf_rate
     results["speedup_vs_hf_no_scores"] = (results["generate_replay"]["tokens_per_s_median"]
                                           / results["hf_generate_no_scores"]["tokens_per_s_median"])
     if worker is None:
         results["generate_replay_vllm"] = {"skipped": vllm_skip}
     else:
         results["generate_replay_vllm"].update({k: v for k, v in worker.ready.items() if k != "ready"})
-        if "error" not in results["generate_replay_vllm"]:
+        if "error" not in results["generate_replay_vllm"] and hf_rate is not None:
             results["vllm_speedup_vs_hf"] = results["generate_replay_vllm"]["tokens_per_s_median"] / hf_rate
     import transformers
 
@@ -260,8 +286,8 @@ def main(argv=None):
         "machine": {**machine_info(device.type), "transformers": transformers.__version__},
         "run": {**run, "load_average_at_end": list(os.getloadavg())},
         "config": {key: getattr(args, key) for key in
-                   ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch_size", "max_new_tokens",
-                    "dtype", "top_k", "repeats", "threads")},
+                   ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads", "batch_size", "num_sequences",
+                    "max_new_tokens", "dtype", "top_k", "repeats", "threads")},
         "results": results,
     }
     path = args.out or results_path(f"generate_{device.type}", quick=args.quick)

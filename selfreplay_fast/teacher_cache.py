@@ -165,22 +165,40 @@ def cache_metadata(settings: dict, backend: str) -> dict:
 
 
 def write_teacher_cache(out_dir: str, settings: dict, metadata: dict, sequences, shard_rows, *, progress: bool,
-                        logprob_dtype, desc: str = "teacher cache") -> ReplayBuffer:
+                        logprob_dtype, desc: str = "teacher cache", rank: int = 0,
+                        world_size: int = 1) -> Optional[ReplayBuffer]:
     """The shard loop of both backends: resume after the last complete shard of ``out_dir``, then
     ``shard_rows(shard_sequences, bar)`` (the layout of :func:`_teacher_rows`) for each missing shard,
-    written as soon as it is computed. Returns the complete buffer."""
-    shard_size = settings["shard_size"]
+    written as soon as it is computed. Returns the complete buffer; with ``world_size > 1`` this process
+    is rank ``rank`` of a data-parallel run (generation/shard_schedule.py: it computes shards ``rank``,
+    ``rank + world_size``, ...; generation/parallel_writer.py: how the ranks share ``out_dir``) and
+    returns None (the buffer is complete once every rank has returned)."""
+    from .generation.shard_schedule import progress_span
+
+    shard_size, num_sequences = settings["shard_size"], len(sequences)
     check_resume_weights(out_dir, SETTINGS_KEY, settings, producer="build_teacher_cache")  # before any shard is read
-    num_shards = -(-len(sequences) // shard_size)
-    writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
-                                 producer="build_teacher_cache")
-    with writer, tqdm(total=len(sequences), initial=writer.num_done_sequences, desc=desc, unit="seq",
-                      disable=not progress, dynamic_ncols=True) as bar:  # the writer holds out_dir's lock
-        for index in range(writer.num_done_shards, num_shards):
+    num_shards = -(-num_sequences // shard_size)
+    if world_size > 1:
+        from .generation.parallel_writer import ParallelShardWriter
+
+        writer = ParallelShardWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
+                                     num_sequences=num_sequences, rank=rank, world_size=world_size,
+                                     producer="build_teacher_cache")
+    else:
+        writer = ShardedBufferWriter(out_dir, SETTINGS_KEY, settings, metadata, shard_size, num_shards,
+                                     producer="build_teacher_cache")
+    done, total = progress_span(writer.todo_shards, num_sequences, shard_size, rank, world_size)
+    with writer, tqdm(total=total, initial=done, desc=desc, unit="seq", disable=not progress or rank != 0,
+                      dynamic_ncols=True) as bar:  # the writer holds out_dir's lock (shared among ranks)
+        for index in list(writer.todo_shards):
+            if not writer.claim(index):
+                continue  # written meanwhile, or being written by another process
             tensors = shard_rows(sequences[index * shard_size : (index + 1) * shard_size], bar)
             for name in ("teacher_logprobs", "teacher_tail_logprob"):
                 tensors[name] = tensors[name].to(logprob_dtype)
             writer.write_shard(tensors)  # the shard, then metadata.json listing it
+    if world_size > 1:
+        return None
     return ReplayBuffer.load(out_dir, expected_vocab_size=settings["vocab_size"])
 
 
@@ -199,7 +217,9 @@ def build_teacher_cache(
     logprob_dtype=torch.float16,
     backend: str = "native",
     vllm_engine_args: Optional[dict] = None,
-) -> ReplayBuffer:
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> Optional[ReplayBuffer]:
     """Record ``model``'s top-k teacher at every position of ``token_sequences`` into ``out_dir``.
 
     Args:
@@ -219,12 +239,22 @@ def build_teacher_cache(
         backend: ``"native"`` (this module: the model's forward pass and ``linear_topk_logprobs``) or
             ``"vllm"`` (the engine's ``prompt_logprobs``: teacher_cache_vllm.py); the buffers mean the same.
         vllm_engine_args: with ``backend="vllm"`` and a model directory, extra ``vllm.LLM`` arguments.
-    Returns the complete ReplayBuffer (mode "tail"), as ``ReplayBuffer.load(out_dir)`` would.
+        rank / world_size: data parallel: ``world_size`` processes fill ``out_dir``, this one computing the
+            shards of ``rank`` (default: ``RANK``/``WORLD_SIZE`` from the environment, as torchrun sets them;
+            else one process), as ``generate_replay`` does (generation/shard_schedule.py). A shard depends
+            on its sequences alone, so the buffer equals a single-process run's, shard for shard; only rank 0
+            shows a progress bar.
+    Returns the complete ReplayBuffer (mode "tail"), as ``ReplayBuffer.load(out_dir)`` would; None with
+    ``world_size > 1`` (open ``out_dir`` once every rank has returned).
     """
+    from .generation.shard_schedule import resolve_rank
     from .generation.vllm_backend import BACKENDS
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    rank, world_size = resolve_rank(rank, world_size, out_dir=out_dir)
     if backend == "vllm":
         if chunk_size is not None:
             raise ValueError("chunk_size is not supported by backend='vllm' (the engine computes the logits); leave it unset")
@@ -232,7 +262,8 @@ def build_teacher_cache(
 
         return build_teacher_cache_vllm(model, token_sequences, k, out_dir, batch_size=batch_size, shard_size=shard_size,
                                         temperature=temperature, pad_token_id=pad_token_id, progress=progress,
-                                        logprob_dtype=logprob_dtype, vllm_engine_args=vllm_engine_args)
+                                        logprob_dtype=logprob_dtype, vllm_engine_args=vllm_engine_args, rank=rank,
+                                        world_size=world_size)
     if vllm_engine_args is not None:
         raise ValueError("vllm_engine_args only applies to backend='vllm'")
     base, weight, bias = lm_head_of(model)
@@ -253,4 +284,4 @@ def build_teacher_cache(
         return _teacher_rows(base, weight, bias, shard, k, temperature, batch_size, chunk_size, pad_token_id, bar)
 
     return write_teacher_cache(out_dir, settings, cache_metadata(settings, "corpus"), sequences, shard_rows,
-                               progress=progress, logprob_dtype=logprob_dtype)
+                               progress=progress, logprob_dtype=logprob_dtype, rank=rank, world_size=world_size)

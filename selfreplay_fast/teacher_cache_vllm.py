@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .fingerprint import checkpoint_identity
+from .generation.shard_schedule import rank_engine_devices
 from .generation.vllm_backend import (
     _check_engine, _config_hash, _engine_dtype, _load_hf_configs, build_llm, engine_or_path, require_vllm, split_flat_logprobs,
 )
@@ -85,12 +86,14 @@ def _vllm_rows(llm, sequences, k, vocab_size, pad_token_id, batch_size, bar):
 
 def build_teacher_cache_vllm(model, token_sequences, k, out_dir, *, batch_size=8, shard_size=1024, temperature=1.0,
                              pad_token_id: Optional[int] = None, progress=True, logprob_dtype=torch.float16,
-                             vllm_engine_args: Optional[dict] = None):
+                             vllm_engine_args: Optional[dict] = None, rank: int = 0, world_size: int = 1):
     """``build_teacher_cache(..., backend="vllm")``; the arguments mean what they mean there.
 
     ``model`` is a local model directory (an engine is built for it by generation.vllm_backend.build_llm
     with ``max_num_seqs=batch_size`` and ``vllm_engine_args``) or a ``vllm.LLM`` you built (it must have
-    ``max_logprobs >= k`` and return log-probs, not logits; ``vllm_engine_args`` must then be None).
+    ``max_logprobs >= k`` and return log-probs, not logits; ``vllm_engine_args`` must then be None). With
+    ``world_size > 1`` (checked by the caller) every rank runs an engine of its own; one built here by a
+    torchrun rank gets the GPUs of its local rank (``shard_schedule.rank_engine_devices``).
     """
     llm, path = engine_or_path(model, vllm_engine_args)
     if llm is None:
@@ -122,13 +125,15 @@ def build_teacher_cache_vllm(model, token_sequences, k, out_dir, *, batch_size=8
         nonlocal llm, checked
         if not checked:  # the engine is built (and checked) at the first missing shard only
             if llm is None:
-                llm = build_llm(path, top_k=k, max_num_seqs=batch_size, engine_args=vllm_engine_args)
+                with rank_engine_devices(world_size, (vllm_engine_args or {}).get("tensor_parallel_size", 1)):
+                    llm = build_llm(path, top_k=k, max_num_seqs=batch_size, engine_args=vllm_engine_args)
             _check_llm(llm, k, vocab, max(len(s) for s in sequences))
             checked = True
         return _vllm_rows(llm, shard, k, vocab, pad_token_id, batch_size, bar)
 
     return write_teacher_cache(out_dir, settings, cache_metadata(settings, "vllm"), sequences, shard_rows,
-                               progress=progress, logprob_dtype=logprob_dtype, desc="teacher cache[vllm]")
+                               progress=progress, logprob_dtype=logprob_dtype, desc="teacher cache[vllm]", rank=rank,
+                               world_size=world_size)
 
 
 def _check_llm(llm, k: int, vocab: int, longest: int) -> None:

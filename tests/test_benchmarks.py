@@ -56,6 +56,25 @@ def test_bench_generate_records_throughput_and_speculation(tmp_path):
     assert 0.0 <= spec["speculative"]["acceptance_rate"] <= 1.0 and spec["speculative"]["target_forwards"] >= 1
 
 
+def test_bench_generate_more_sequences_than_slots_without_hf_scores(tmp_path):
+    """--num-sequences 5 in 2 slots: generate_replay refills its slots, HF runs 3 calls (2, 2, 1); with
+    --no-hf-scores only HF's no-scores loop is timed and the ratio is against it."""
+    from benchmarks import bench_generate
+
+    out = tmp_path / "generate.json"
+    bench_generate.main(["--batch-size", "2", "--num-sequences", "5", "--max-new-tokens", "3", "--repeats", "1",
+                         "--vocab", "300", "--top-k", "4", "--no-vllm", "--no-hf-scores", "--out", str(out)])
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert report["config"]["num_sequences"] == 5 and report["config"]["batch_size"] == 2
+    assert "hf_generate" not in results and "speedup_vs_hf" not in results
+    assert results["speedup_vs_hf_no_scores"] == pytest.approx(
+        results["generate_replay"]["tokens_per_s_median"] / results["hf_generate_no_scores"]["tokens_per_s_median"])
+    assert results["generate_replay"]["bytes_written"] > 0
+    with pytest.raises(SystemExit):  # the vLLM row times one batch only
+        bench_generate.main(["--batch-size", "2", "--num-sequences", "5", "--out", str(tmp_path / "x.json")])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Quick runs never touch the committed results; every result says which run it comes from
 # ----------------------------------------------------------------------------------------------------

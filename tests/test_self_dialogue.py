@@ -5,7 +5,7 @@ Self-dialogues are checked against references written here, not the library's: t
 parsed token by token, the sampled dialogues against the dialogue process's exact distribution
 (enumerated with plain forward passes, chi-square), the recorded teacher against a plain forward pass over
 each stored sequence, the inserted template tokens masked as prompt tokens are, and the buffer trained
-on. tests/test_vllm_backend.py runs the same checks on the vLLM backend with these helpers.
+on. tests/test_vllm_sampling.py runs the same checks on the vLLM backend with these helpers.
 """
 
 import json

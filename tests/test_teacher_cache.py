@@ -211,6 +211,29 @@ def test_cache_command_reads_jsonl_ids_and_text(tmp_path, capsys):
     assert "bad.jsonl:1" in capsys.readouterr().err
 
 
+def test_cache_command_logprob_dtype(tmp_path, capsys):
+    """--logprob-dtype float32 stores what build_teacher_cache(logprob_dtype=torch.float32) stores; the default is
+    float16, whose rounding (up to |log p| * 2**-11) is the whole difference between the two."""
+    model_dir = tmp_path / "model"
+    model = tiny_model()
+    model.save_pretrained(model_dir)
+    seqs = corpus()
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in seqs))
+    common = ["cache", "--model", str(model_dir), "--data", str(data), "--top-k", "4", "--no-progress"]
+    assert cli.main([*common, "--out", str(tmp_path / "f32"), "--logprob-dtype", "float32"]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "f16")]) == 0
+    f32, f16 = (sf.ReplayBuffer.load(tmp_path / name, expected_vocab_size=VOCAB) for name in ("f32", "f16"))
+    direct = sf.build_teacher_cache(model, seqs, 4, tmp_path / "direct", progress=False, logprob_dtype=torch.float32)
+    assert f32.metadata["logprob_dtype"] == "float32" and f16.metadata["logprob_dtype"] == "float16"
+    assert f32.teacher_logprobs.dtype == torch.float32 and f16.teacher_logprobs.dtype == torch.float16
+    assert torch.equal(f32.teacher_logprobs, direct.teacher_logprobs)
+    assert torch.equal(f16.teacher_logprobs, direct.teacher_logprobs.half())
+    capsys.readouterr()
+    assert cli.main([*common, "--out", str(tmp_path / "x"), "--logprob-dtype", "bfloat16"]) == cli.EXIT_USAGE_ERROR
+    assert "argument --logprob-dtype: invalid choice: 'bfloat16'" in capsys.readouterr().err
+
+
 def test_backend_argument_is_checked(tmp_path):
     with pytest.raises(ValueError, match=r"backend must be one of \['native', 'vllm'\], got 'sglang'"):
         sf.build_teacher_cache(tiny_model(), corpus(), 3, tmp_path / "c", progress=False, backend="sglang")

@@ -1,4 +1,4 @@
-"""Helper of tests/test_vllm_backend.py: ``generate_replay(model_dir, backend="vllm")`` in a process of its
+"""Helper of tests/test_vllm_resume.py: ``generate_replay(model_dir, backend="vllm")`` in a process of its
 own, killed with SIGKILL right after shard ``kill_after`` is written (-1: never).
 
 argv: model_dir out_dir kill_after engine_args_json [rank world_size] (data parallel: this process is that

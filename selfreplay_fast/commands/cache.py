@@ -7,13 +7,14 @@ import sys
 import time
 
 from ._arguments import (
-    UsageError, check_device, existing_directory, existing_file, output_directory, positive_float, positive_int,
+    UsageError, check_device, existing_directory, existing_file, non_negative_int, output_directory, positive_float,
+    positive_int,
 )
 from ._buffer_progress import (
-    buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, sum_entries,
+    buffer_totals, interrupted_note, new_shard_entries, read_buffer_metadata, resume_line, shard_entries, sum_entries,
 )
 from ._model_dir import check_token_ids, check_top_k, hub_progress_bars, read_model_config
-from .generate import _json_object
+from .generate import _data_parallel_rank, _json_object
 
 SETTINGS_KEY = "teacher_cache"  # where build_teacher_cache keeps its settings in metadata.json
 
@@ -48,12 +49,20 @@ def register(subparsers) -> None:
                         "installed; temperature 1 only) (default native)")
     p.add_argument("--vllm-engine-args", type=_json_object, default=None,
                    help='with --backend vllm, extra vllm.LLM arguments as a JSON object (default: none)')
+    p.add_argument("--logprob-dtype", choices=["float32", "float16"], default="float16",
+                   help="stored log-prob dtype (float16: half the bytes, loss within 1e-3; see docs/design.md)")
+    p.add_argument("--rank", type=non_negative_int, default=None,
+                   help="data parallel: this process's rank, 0 to --world-size - 1 (default: $RANK, as torchrun sets it)")
+    p.add_argument("--world-size", type=positive_int, default=None,
+                   help="data parallel: how many processes fill OUT together, each computing its own shards; the "
+                        "buffer equals a single-process run's (default: $WORLD_SIZE, else 1)")
     p.set_defaults(handler=run, on_interrupt=saved_so_far)
 
 
 def cli_settings(args) -> dict:
     """The settings of ``build_teacher_cache`` (as its metadata.json records them) that the arguments fix."""
-    return {"model_name": args.model, "k": args.top_k, "temperature": args.temperature, "shard_size": args.shard_size}
+    return {"model_name": args.model, "k": args.top_k, "temperature": args.temperature, "shard_size": args.shard_size,
+            "logprob_dtype": args.logprob_dtype}
 
 
 def saved_so_far(args) -> str:
@@ -125,6 +134,7 @@ def run(args) -> int:
         raise UsageError("argument --vllm-engine-args: only applies with --backend vllm")
     if args.backend == "vllm" and args.temperature != 1.0:
         raise UsageError("argument --temperature: only 1.0 with --backend vllm (vLLM's prompt log-probs are at temperature 1)")
+    rank, world_size = _data_parallel_rank(args)
     device = check_device(args.device)
     config = read_model_config(args.model)
     check_top_k(args.top_k, config)
@@ -152,16 +162,39 @@ def run(args) -> int:
         start, backend_args = time.perf_counter(), {}
     buffer = build_teacher_cache(
         model, sequences, args.top_k, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-        temperature=args.temperature, progress=not args.no_progress, **backend_args,
+        temperature=args.temperature, progress=not args.no_progress, logprob_dtype=getattr(torch, args.logprob_dtype),
+        rank=rank, world_size=world_size, **backend_args,
     )
     seconds = time.perf_counter() - start
     after = read_metadata(args.out)
     new = new_shard_entries(before, after)
+    if world_size > 1:  # this rank's new shards only (other ranks' may be new too); no buffer in memory
+        new = _rank_new_entries(before, after, rank, world_size, -(-len(sequences) // args.shard_size))
     summary = {
         "out": args.out,
         "this_run": {"sequences": sum_entries(new, "num_sequences"), "tokens": sum_entries(new, "num_tokens"),
                      "seconds": round(seconds, 3)},
-        "buffer": dict(buffer_totals(after), sequences=len(buffer), teacher_rows=buffer.num_teacher_rows),
+        "buffer": buffer_totals(after),
     }
+    if buffer is not None:
+        summary["buffer"].update(sequences=len(buffer), teacher_rows=buffer.num_teacher_rows)
     print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def _rank_new_entries(before, after, rank: int, world_size: int, num_shards: int):
+    """The shards of rank ``rank``'s share that ``after`` holds (listed or written out of order) and
+    ``before`` did not: what this rank computed."""
+    from ..generation.parallel_writer import OUT_OF_ORDER_FIELD
+    from ..generation.shard_schedule import rank_shards
+    from ..replay_buffer import parse_shard_file_name
+
+    def entries(metadata):
+        if metadata is None:
+            return []
+        extra = metadata.get(OUT_OF_ORDER_FIELD, [])
+        return shard_entries(metadata) + [e for e in (extra if isinstance(extra, list) else []) if isinstance(e, dict)]
+
+    mine, old = set(rank_shards(num_shards, rank, world_size)), {e.get("file") for e in entries(before)}
+    return [e for e in entries(after)
+            if e.get("file") not in old and (parse_shard_file_name(e.get("file")) or (-1,))[0] in mine]

@@ -18,8 +18,8 @@ from .drafting import Drafter, ModelDrafter, NGramDrafter
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
 from .sampling import TeacherRecorder
 from .self_dialogue import as_self_dialogue
-from .shard_schedule import progress_span, resolve_rank
-from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
+from .shard_schedule import progress_span, resolve_rank, shard_num_sequences
+from .shards import assemble_shard, buffer_metadata, generation_settings, open_resumable_writer, shard_seed
 from .slot_cache import check_slot_attention
 
 
@@ -189,8 +189,6 @@ def generate_replay(
                                        bos_token_id=bos_token_id, eos_token_id=eos_token_id, need_bos=prompts is None)
     prompt_list, prompts_digest = replay_prompts(prompts, tokenizer, vocab_size, bos)
     dialogue = as_self_dialogue(prompts)
-    if pad_token_id is None:
-        pad_token_id = eos_ids[0] if eos_ids else 0
     max_len = check_max_length(prompt_list, max_new_tokens, config, dialogue)
 
     layer_types = getattr(config, "layer_types", None) or []
@@ -206,33 +204,13 @@ def generate_replay(
         check_every = 1 if device.type == "cpu" else 4
     num_shards = -(-num_sequences // shard_size)
 
-    settings = {
-        "model_name": model_name(model),
-        "config_hash": model_config_hash(model),
-        # The weights themselves (a checkpoint retrained in place keeps its name and config) and their dtype.
-        # The draft model is left out: exact speculative sampling makes the output follow the target's
-        # distribution whatever the draft, so another draft cannot mix two teachers.
-        **weights_identity(model),
-        "vocab_size": vocab_size,
-        "k": k,
-        "mode": "tail" if sampled_draws is None else "sampled",
-        "sampled_draws": sampled_draws,
-        "temperature": temperature,
-        "seed": seed,
-        "num_sequences": num_sequences,
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-        "shard_size": shard_size,
-        "prompts_sha256": prompts_digest,
-        "num_prompts": len(prompt_list),
-        "eos_token_ids": eos_ids,
-        "pad_token_id": int(pad_token_id),
-        "drafter": drafter.describe() if drafter is not None else None,
-        "num_draft_tokens": num_draft_tokens if drafter is not None else None,
-        "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
-    }
-    if dialogue is not None:
-        settings["self_dialogue"] = dialogue.describe(max_new_tokens)
+    identity = {"model_name": model_name(model), "config_hash": model_config_hash(model), **weights_identity(model)}
+    settings = generation_settings(
+        identity, vocab_size=vocab_size, k=k, sampled_draws=sampled_draws, temperature=temperature, seed=seed,
+        num_sequences=num_sequences, max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
+        prompts_digest=prompts_digest, num_prompts=len(prompt_list), eos_ids=eos_ids, pad_token_id=pad_token_id,
+        drafter=drafter, num_draft_tokens=num_draft_tokens, logprob_dtype=logprob_dtype, dialogue=dialogue)
+    pad_token_id = settings["pad_token_id"]
 
     # ---- resume ----
     writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
@@ -284,8 +262,7 @@ def generate_replay(
             for shard in todo:
                 if writer is not None and not writer.claim(shard):
                     continue  # written meanwhile, or being written by another process
-                first = shard * shard_size
-                count = min(shard_size, num_sequences - first)
+                first, count = shard * shard_size, shard_num_sequences(shard, num_sequences, shard_size)
                 shard_prompts = [prompt_list[(first + i) % len(prompt_list)] for i in range(count)]
                 generator = torch.Generator(device=device).manual_seed(shard_seed(seed, shard))
                 shard_stats = GenerationStats()

@@ -1,5 +1,5 @@
-"""Shards of a generated buffer, shared by both backends: the seed each shard samples with, the metadata
-a buffer directory holds, the resume step (open the directory, check the weights, load what is there) and
+"""Shards of a generated buffer, shared by both backends: the seed each shard samples with, the settings and
+metadata a buffer directory holds, the resume step (open the directory, check the weights, load what is there) and
 the assembly of one shard's sequences into a ReplayBuffer."""
 
 from __future__ import annotations
@@ -18,6 +18,44 @@ def shard_seed(seed: int, shard_index: int) -> int:
     """Shard ``shard_index``'s 63-bit sampling seed: its content depends on ``(seed, shard_index)`` only."""
     digest = hashlib.sha256(f"selfreplay-fast:{seed}:{shard_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generation_settings(identity: dict, *, vocab_size: int, k: int, temperature: float, seed: int, num_sequences: int,
+                        max_new_tokens: int, batch_size: int, shard_size: int, prompts_digest: str, num_prompts: int,
+                        eos_ids, pad_token_id, logprob_dtype, dialogue=None, sampled_draws=None, drafter=None,
+                        num_draft_tokens=None) -> dict:
+    """The settings of a generated buffer (both backends): what a resume compares, and the ``"generation"``
+    field of its metadata. ``identity`` names the model: ``model_name``, ``config_hash``, the weights'
+    fingerprint and dtype (a checkpoint retrained in place keeps its name and config), and ``backend`` for
+    vLLM. ``pad_token_id`` None pads with the first EOS id (or 0). ``sampled_draws`` and the drafter are
+the native loop's only (None: a top-k teacher, no speculative decoding). The draft model is left out: exact
+    speculative sampling makes the output follow the target's distribution whatever the draft, so another
+    draft cannot mix two teachers; only the drafter's kind is recorded."""
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    settings = {
+        **identity,
+        "vocab_size": vocab_size,
+        "k": k,
+        "mode": "tail" if sampled_draws is None else "sampled",
+        "sampled_draws": sampled_draws,
+        "temperature": temperature,
+        "seed": seed,
+        "num_sequences": num_sequences,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "prompts_sha256": prompts_digest,
+        "num_prompts": num_prompts,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": int(pad_token_id),
+        "drafter": drafter.describe() if drafter is not None else None,
+        "num_draft_tokens": num_draft_tokens if drafter is not None else None,
+        "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
+    }
+    if dialogue is not None:
+        settings["self_dialogue"] = dialogue.describe(max_new_tokens)
+    return settings
 
 
 def buffer_metadata(settings: dict, tokenizer=None) -> dict:

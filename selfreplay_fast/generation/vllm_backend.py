@@ -53,8 +53,8 @@ from ..replay_buffer import LOGPROB_DTYPES, ReplayBuffer
 from .decode_loop import GenerationStats
 from .inputs import check_max_length, check_positive_int, replay_prompts, resolve_special_ids
 from .self_dialogue import as_self_dialogue
-from .shard_schedule import progress_span, rank_engine_devices, resolve_rank
-from .shards import assemble_shard, buffer_metadata, open_resumable_writer, shard_seed
+from .shard_schedule import progress_span, rank_engine_devices, resolve_rank, shard_num_sequences
+from .shards import assemble_shard, buffer_metadata, generation_settings, open_resumable_writer, shard_seed
 
 __all__ = ["generate_replay_vllm", "build_llm", "tail_from_topk", "split_flat_logprobs", "request_seed", "require_vllm"]
 
@@ -274,39 +274,20 @@ def generate_replay_vllm(
                                        eos_token_id=eos_token_id, need_bos=prompts is None)
     prompt_list, prompts_digest = replay_prompts(prompts, tokenizer, vocab_size, bos)
     dialogue = as_self_dialogue(prompts)
-    if pad_token_id is None:
-        pad_token_id = eos_ids[0] if eos_ids else 0
     max_len = check_max_length(prompt_list, max_new_tokens, config.get_text_config(), dialogue)
     num_shards = -(-num_sequences // shard_size)
 
     # The native backend's settings and metadata keys, so that both buffers load, train and resume alike.
-    settings = {
-        "model_name": str(path),
-        "config_hash": _config_hash(config),
-        "vocab_size": vocab_size,
-        "k": k,
-        "mode": "tail",
-        "sampled_draws": None,
-        "temperature": temperature,
-        "seed": seed,
-        "num_sequences": num_sequences,
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-        "shard_size": shard_size,
-        "prompts_sha256": prompts_digest,
-        "num_prompts": len(prompt_list),
-        "eos_token_ids": eos_ids,
-        "pad_token_id": int(pad_token_id),
-        "drafter": None,
-        "num_draft_tokens": None,
-        "logprob_dtype": str(logprob_dtype).replace("torch.", ""),
-        "backend": "vllm",
-        # Resume never mixes two teachers: the weight files (a checkpoint retrained in place keeps its name
-        # and config) and the dtype the engine loads them in.
-        **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config)),
-    }
-    if dialogue is not None:
-        settings["self_dialogue"] = dialogue.describe(max_new_tokens)
+    # Resume never mixes two teachers: the weight files (a checkpoint retrained in place keeps its name and
+    # config) and the dtype the engine loads them in; and "backend", so neither backend resumes the other's.
+    identity = {"model_name": str(path), "config_hash": _config_hash(config), "backend": "vllm",
+                **checkpoint_identity(path, _engine_dtype(llm, vllm_engine_args, config))}
+    settings = generation_settings(identity, vocab_size=vocab_size, k=k, temperature=temperature, seed=seed,
+                                   num_sequences=num_sequences, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   shard_size=shard_size, prompts_digest=prompts_digest, num_prompts=len(prompt_list),
+                                   eos_ids=eos_ids, pad_token_id=pad_token_id, logprob_dtype=logprob_dtype,
+                                   dialogue=dialogue)
+    pad_token_id = settings["pad_token_id"]
     # ---- resume ----
     writer, parts = open_resumable_writer(out_dir, settings, num_shards, keep_in_memory=keep_in_memory,
                                           tokenizer=tokenizer, rank=rank, world_size=world_size)
@@ -340,8 +321,7 @@ def generate_replay_vllm(
         for shard in todo:
             if writer is not None and not writer.claim(shard):
                 continue  # written meanwhile, or being written by another process
-            first = shard * shard_size
-            count = min(shard_size, num_sequences - first)
+            first, count = shard * shard_size, shard_num_sequences(shard, num_sequences, shard_size)
             shard_prompts = [prompt_list[(first + i) % len(prompt_list)] for i in range(count)]
             start = time.perf_counter()
 
