@@ -44,6 +44,10 @@ MAX_BLOCK_K = 1024
 # MAX_BLOCK_S at a time in the row-terms kernel).
 MAX_SPLITS = 16
 MAX_BLOCK_S = 64
+# Programs per row of softmax_grad. Its 16-bit output overwrites the fp32 logits it reads: a program may
+# only write bytes of its own columns, which a contiguous [c, V] gradient row allows for two programs per
+# row, never more (docs/design.md, section 3).
+GRAD_SPLITS = 2
 # The row-terms kernel holds about eight [BLOCK_K] vectors at once: 1024 slots spill a few registers
 # on sm_90 and 256 spill 8 bytes on sm_80 under triton 3.6 (tests/test_kernel_compile.py); 128, one
 # element per thread of its 4 warps, spill on neither. It runs once per row over k slots, so the
@@ -151,12 +155,14 @@ def _softmax_grad_kernel(
     inv_temp: tl.float64,
     V,
     K,
+    split_width,  # columns per program (a multiple of BLOCK_V); program (n, s) holds [s w, (s + 1) w)
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     OUT_IS_16BIT: tl.constexpr,
     NARROW_IN_PLACE: tl.constexpr,
+    FIRST_SPLIT_BACKWARDS: tl.constexpr,  # split 0 visits its tiles last to first (narrow, two splits)
 ):
-    """One program per row n.
+    """Program (n, s): row n's columns [s w, (s + 1) w), at most GRAD_SPLITS programs per row.
 
     Parameters:
     logits_ptr: raw student logits x [c, V] as left by _masked_lse_kernel (-inf on used slots).
@@ -172,11 +178,20 @@ def _softmax_grad_kernel(
     BLOCK_V: vocabulary tile width (power of 2). BLOCK_K: slot tile width (power of 2, <= MAX_BLOCK_K).
     OUT_IS_16BIT: out is bf16/fp16; values are rounded through fp32 (the interpreter cannot cast fp64
         to bf16 directly).
-    NARROW_IN_PLACE: out is narrower than the logits and in their storage, row n at the start of the
-        logits' row n: storing tile t overwrites logits columns [t B / 2, (t + 1) B / 2), all read by
-        tile t or earlier, so a barrier after each tile's load (every lane has read it) is enough.
+    NARROW_IN_PLACE: out is narrower than the logits (r = their element-size ratio) and in their
+        storage at the row offset narrow_grad_view gives (docs/design.md, section 3). Each program
+        writes only bytes of the logits columns it reads, and only after reading them: one split
+        (offset 0) writes tile t over logits columns [t B / r, (t + 1) B / r), read by tile t or
+        earlier; with two, split 0's output fills the top of its own columns (offset (r - 1) w) and
+        its tile t lands in columns [((r - 1) w + t B) / r, ...) within [t B, w), which it has read
+        when it goes last to first, and split 1's lands at the start of its own columns as with one.
+        A barrier after each tile's load (every lane has read it) orders the lanes.
     """
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * split_width
+    hi = tl.minimum(lo + split_width, V)
+    num_tiles = (hi - lo + BLOCK_V - 1) // BLOCK_V
     row_logits_ptr = logits_ptr + row * logits_row_stride
     row_out_ptr = out_ptr + row * out_row_stride
     out_dtype = out_ptr.dtype.element_ty
@@ -195,9 +210,12 @@ def _softmax_grad_kernel(
     # Dense pass. When out aliases the logits, each element is read and then written by the same lane
     # in the same iteration, so the in-place update is race-free.
     col = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + col
-        in_row = cols < V
+    for i in range(0, num_tiles):
+        tile = i
+        if FIRST_SPLIT_BACKWARDS:
+            tile = tl.where(split == 0, num_tiles - 1 - i, i)
+        cols = lo + tile * BLOCK_V + col
+        in_row = cols < hi
         z = tl.load(row_logits_ptr + cols, mask=in_row, other=neg_inf) * scale
         if NARROW_IN_PLACE:
             tl.debug_barrier()
@@ -210,12 +228,12 @@ def _softmax_grad_kernel(
     # The dense stores at the slot positions must land before the sparse stores below overwrite them.
     tl.debug_barrier()
 
-    # Sparse pass: the gradient on the teacher slots, BLOCK_K at a time.
+    # Sparse pass: the gradient on the teacher slots in this program's columns, BLOCK_K at a time.
     for slot_start in range(0, K, BLOCK_K):
         slot = slot_start + tl.arange(0, BLOCK_K)
         slot_in_range = slot < K
         ids = tl.load(ids_ptr + row * ids_row_stride + slot * ids_col_stride, mask=slot_in_range, other=-1)
-        used = slot_in_range & (ids >= 0)
+        used = slot_in_range & (ids >= lo) & (ids < hi)
         grad_teacher_offsets = row * grad_teacher_row_stride + slot * grad_teacher_col_stride
         grad_teacher = tl.load(grad_teacher_ptr + grad_teacher_offsets, mask=used, other=0.0)
         if OUT_IS_16BIT:
@@ -479,7 +497,7 @@ def softmax_grad(
     sign, origin, log_coef: [c] (logits.dtype), sign in {-1, 0, 1}; origin is max_complement (-inf allowed).
     out: [c, V] float32/float64/bfloat16/float16, last dim contiguous; may be the same tensor as logits,
         or a narrower dtype in the logits' storage with each row at the start of the logits' row (the
-        same byte offset and row stride: replay_kl._narrow_in_place), and must not overlap it otherwise.
+        offset narrow_grad_view gives), and must not overlap it otherwise.
     Writes, with z = logits * inv_temp computed in logits.dtype:
       out[n, v] = sign[n] * exp((z[n, v] - origin[n]) + log_coef[n]) for every v (the subtraction first),
       then out[n, ids[n, i]] = grad_teacher[n, i] for every used slot.
@@ -507,18 +525,28 @@ def softmax_grad(
         _overlaps(out, logits) and out.storage_offset() == logits.storage_offset()
         and out.dtype == logits.dtype and out.stride() == logits.stride()
     )
+    # Where out's row n starts in logits' row n, in out's elements (the same row stride in bytes).
+    offset_bytes = out.storage_offset() * out.element_size() - logits.storage_offset() * logits.element_size()
+    offset = offset_bytes // out.element_size()
     narrow_in_place = (
         _overlaps(out, logits) and out.element_size() < logits.element_size()
-        and out.storage_offset() * out.element_size() == logits.storage_offset() * logits.element_size()
+        and 0 <= offset_bytes < logits.element_size() * V and offset_bytes % out.element_size() == 0
         and (c == 1 or out.stride(0) * out.element_size() == logits.stride(0) * logits.element_size())
     )
     if not (same_tensor or narrow_in_place) and _overlaps(out, logits):
         raise ValueError(
-            "out must be the logits tensor itself, a narrower dtype with each row at the start of the "
-            "logits' row (the same storage offset and row stride in bytes), or not overlap it"
+            "out must be the logits tensor itself, vocab_pass.narrow_grad_view(logits, dtype) (a narrower "
+            "dtype in the logits' storage, the same row stride in bytes), or not overlap it"
+        )
+    tile, width, splits = _grad_split_plan(V, device, block_v)
+    if narrow_in_place and offset != _narrow_offset(logits, out.dtype, width, splits):
+        raise ValueError(
+            f"out in the logits' storage must be vocab_pass.narrow_grad_view(logits, {out.dtype}) (each row "
+            f"at element {_narrow_offset(logits, out.dtype, width, splits)} of the logits' row viewed as "
+            f"{out.dtype}), got it at element {offset}"
         )
     with _on_device(logits.device):
-        _softmax_grad_kernel[(c,)](
+        _softmax_grad_kernel[(c, splits)](
             logits,
             logits.stride(0),
             ids,
@@ -538,13 +566,37 @@ def softmax_grad(
             inv_temp,
             V,
             k,
-            BLOCK_V=_block_v(V, logits.device, block_v),
+            width,
+            BLOCK_V=tile,
             BLOCK_K=_block_k(k, block_k),
             OUT_IS_16BIT=out.dtype in (torch.bfloat16, torch.float16),
             NARROW_IN_PLACE=narrow_in_place,
+            FIRST_SPLIT_BACKWARDS=narrow_in_place and splits > 1,
             num_warps=NUM_WARPS,
         )
     return out
+
+
+def _grad_split_plan(V: int, device: torch.device, block_v: Optional[int]):
+    """(vocabulary tile, columns per program, programs per row) of softmax_grad."""
+    tile = _block_v(V, device, block_v)
+    width = tile * triton.cdiv(triton.cdiv(max(V, 1), tile), GRAD_SPLITS)
+    return tile, width, max(1, triton.cdiv(V, width))
+
+
+def _narrow_offset(logits: torch.Tensor, dtype: torch.dtype, width: int, splits: int) -> int:
+    ratio = logits.element_size() // torch.empty((), dtype=dtype).element_size()
+    return (ratio - 1) * width if splits > 1 else 0
+
+
+def narrow_grad_view(logits: torch.Tensor, dtype: torch.dtype, *, block_v: Optional[int] = None) -> torch.Tensor:
+    """The [c, V] tensor of a narrower ``dtype`` in ``logits``' own storage that softmax_grad writes the
+    gradient into without a race (row stride unchanged in bytes; each row at the offset its programs
+    own: the kernel's docstring). ``block_v`` as given to softmax_grad."""
+    c, V = logits.shape
+    _, width, splits = _grad_split_plan(V, logits.device, block_v)
+    offset = _narrow_offset(logits, dtype, width, splits)
+    return logits.view(dtype)[:, offset : offset + V]
 
 
 def scale_(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

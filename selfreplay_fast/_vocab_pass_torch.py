@@ -37,6 +37,12 @@ def masked_lse(logits: torch.Tensor, ids: torch.Tensor, inv_temp: float):
     return z_teacher, max_complement, logsum_complement
 
 
+def narrow_grad_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [c, V] tensor of a narrower ``dtype`` in ``logits``' own storage, row n in the first bytes of logits'
+    row n (row stride unchanged in bytes): softmax_grad's ``out`` for a 16-bit gradient."""
+    return logits.view(dtype)[:, : logits.shape[1]]
+
+
 def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: float, out):
     """``logits`` as left by :func:`masked_lse`: already scaled by ``inv_temp`` (unused here)."""
     dense = logits  # the logits are not needed afterwards: computed in place, no [c, V] temporaries
@@ -52,9 +58,9 @@ def softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp: fl
         return out
     if out.untyped_storage()._cdata != dense.untyped_storage()._cdata:
         return out.copy_(dense)
-    # A narrower out in the logits' own storage (replay_kl._narrow_in_place): row n of out overlaps only
-    # the first half of row n of dense, so rounding blocks of rows in order never overwrites an
-    # unconverted value; each block goes through a small temporary.
+    # A narrower out in the logits' own storage (narrow_grad_view): row n of out overlaps only row n of
+    # dense, so rounding blocks of rows in order never overwrites an unconverted value; each block goes
+    # through a small temporary.
     rows_per_block = max(1, (1 << 22) // max(1, dense.shape[1]))
     for start in range(0, dense.shape[0], rows_per_block):
         rows = slice(start, start + rows_per_block)

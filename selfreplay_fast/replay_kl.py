@@ -372,14 +372,6 @@ def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVo
     return _rows_within(_CHUNK_BYTES["cpu" if inp.hidden.device.type == "cpu" else "cuda"], per_row, inp.num_rows)
 
 
-def _narrow_in_place(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A [c, V] tensor of a narrower ``dtype`` in ``logits``' own storage: row n occupies the first bytes
-    of logits' row n (row stride unchanged in bytes). The vocabulary passes write the gradient there in
-    increasing column order, after reading the logits it overwrites (kernels/vocab_pass.py), so the
-    chunk needs no second [c, V] buffer."""
-    return logits.view(dtype)[:, : logits.shape[1]]
-
-
 def _store_hidden_grad(grad_hidden, rows, partial, counted) -> None:
     """A position that does not count gets an exact 0, even when a non-finite weight entry makes its
     row of G W a 0 * inf = NaN."""
@@ -464,7 +456,8 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             scaled = tuple(t.to(logits.dtype) for t in terms.scaled(scale_rows)) if want_any else None
         if not want_any:
             continue
-        out = logits if head.operand_dtype == logits.dtype else _narrow_in_place(logits, head.operand_dtype)
+        # A 16-bit gradient goes into the logits' own storage (no second [c, V] buffer), where the passes say.
+        out = logits if head.operand_dtype == logits.dtype else passes.narrow_grad_view(logits, head.operand_dtype)
         sign, origin, log_coef, grad_teacher = scaled
         grad_logits = passes.softmax_grad(logits, ids, grad_teacher, sign, origin, log_coef, inv_temp, out)
         del logits

@@ -232,8 +232,8 @@ def test_softmax_grad_zero_sign_is_exact_zero_on_nonfinite_logits():
 # softmax_grad
 # --------------------------------------------------------------------------------------------------
 
-# "bf16-in-logits": the 16-bit gradient written into the fp32 logits' own storage, row n at the start
-# of logits row n (replay_kl._narrow_in_place), as the dispatcher does for 16-bit heads.
+# "bf16-in-logits": the 16-bit gradient written into the fp32 logits' own storage (narrow_grad_view:
+# two programs per row where the row has two tiles or more), as the dispatcher does for 16-bit heads.
 OUT_KINDS = ["fp32-inplace", "fp32", "bf16", "fp16", "fp64-inplace", "fp64-to-bf16", "bf16-in-logits"]
 GRAD_SHAPES = [(3, 5, "3"), (7, 37, "3"), (3, 300, "V"), (1, 300, "1"), (7, 32, "V"), (3, 1, "1")]
 
@@ -253,7 +253,7 @@ def _run_softmax_grad(c, V, k, out_kind, inv_temp, block_v, seed, peaked):
     if out_kind.endswith("inplace"):
         out = logits
     elif out_kind.endswith("in-logits"):
-        out = logits.view(out_dtype)[:, :V]
+        out = vocab_pass.narrow_grad_view(logits, out_dtype, block_v=block_v)
     else:
         out = torch.full((c, V + 2), float("nan"), dtype=out_dtype, device=DEVICE)[:, :V]  # padded row stride
     result = softmax_grad(logits, ids, *scalars, inv_temp, out, block_v=block_v)
@@ -500,3 +500,47 @@ def test_lse_and_row_terms_rejects_bad_arguments():
         vocab_pass.lse_and_row_terms(logits, ids, 1.0, lp, None, "tail", 37, None, loss[:2])
     with pytest.raises(ValueError, match="split_v"):
         vocab_pass.lse_and_row_terms(logits, ids, 1.0, lp, None, "tail", 37, None, loss, block_v=TILE, split_v=48)
+
+
+@pytest.mark.parametrize("V", [33, 37, 64, 300, 301, 1000])
+@pytest.mark.parametrize("logits_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.float32),
+                                                    (torch.float64, torch.bfloat16)])
+def test_narrow_grad_layout_each_program_writes_only_what_it_has_read(V, logits_dtype, out_dtype):
+    """The race-freedom argument of _softmax_grad_kernel, checked byte by byte for its tile order: every
+    byte a program (row, split) stores lies in the logits columns that program reads, and in a column it
+    has already loaded (this tile or an earlier one of its visiting order)."""
+    logits = torch.empty(2, V, dtype=logits_dtype)
+    out = vocab_pass.narrow_grad_view(logits, out_dtype, block_v=TILE)
+    tile, width, splits = vocab_pass._grad_split_plan(V, logits.device, TILE)
+    e_l, e_o = logits.element_size(), out.element_size()
+    offset = out.storage_offset() * e_o - logits.storage_offset() * e_l  # bytes into each row
+    assert splits == min(2, math.ceil(V / TILE))
+    for split in range(splits):
+        lo, hi = split * width, min((split + 1) * width, V)
+        tiles = list(range(math.ceil((hi - lo) / tile)))
+        if split == 0 and splits > 1:
+            tiles.reverse()  # FIRST_SPLIT_BACKWARDS
+        read = set()
+        for t in tiles:
+            cols = range(lo + t * tile, min(lo + (t + 1) * tile, hi))
+            read.update(cols)
+            for v in cols:  # out[row, v] occupies bytes [offset + v e_o, offset + (v + 1) e_o)
+                first, last = (offset + v * e_o) // e_l, (offset + (v + 1) * e_o - 1) // e_l
+                assert first in read and last in read, (split, t, v)
+
+
+def test_narrow_grad_two_programs_per_row_on_peaked_odd_rows():
+    """Two programs per row writing bf16 over the fp32 logits they read: equal to the separate-buffer
+    result bit for bit on odd shapes with peaked softmaxes (one logit 60 above the rest)."""
+    for c, V, k, seed in [(3, 301, 5, 0), (5, 97, 96, 1), (2, 1000, 17, 2)]:
+        logits, ids = make_inputs(c, V, k, seed=seed, peaked=True, padded=False)
+        scalars = row_scalars(*masked_lse(logits, ids, 0.37, block_v=TILE), seed)
+        separate = softmax_grad(logits, ids, *scalars, 0.37, torch.empty(c, V, dtype=torch.bfloat16), block_v=TILE)
+        assert vocab_pass._grad_split_plan(V, logits.device, TILE)[2] == 2
+        inside = softmax_grad(logits, ids, *scalars, 0.37,
+                              vocab_pass.narrow_grad_view(logits, torch.bfloat16, block_v=TILE), block_v=TILE)
+        assert torch.equal(inside, separate) and separate.abs().max() > 0.1
+    with pytest.raises(ValueError, match="narrow_grad_view"):  # the offset-0 layout would race with two programs
+        logits, ids = make_inputs(3, 301, 5, seed=0)
+        softmax_grad(logits, ids, *row_scalars(*masked_lse(logits, ids, 1.0, block_v=TILE), 0), 1.0,
+                     logits.view(torch.bfloat16)[:, :301], block_v=TILE)
