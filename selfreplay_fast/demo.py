@@ -41,12 +41,22 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     finetune_steps: int = 200
     learning_rates: Tuple[float, ...] = (1e-3, 3e-3)  # the audit's grid
-    replay_weights: Tuple[float, ...] = (0.0, 0.5, 1.0, 2.5)  # lambda; at lr 1e-3, 1 already removes ~95% of the forgetting on A
+    # lambda. At lr 1e-3 (seed 0, 2048 replay sequences, replay batch 16) 1.25 removes 99% of the forgetting
+    # on A at +0.8% on B and 82% of the drift, which the audit's rule accepts; 1 removes 97% at +0.3% but 79%
+    # of the drift, 1.5 all of it at +1.4%. Each cell is a fine-tune: the 5-minute budget buys no more.
+    replay_weights: Tuple[float, ...] = (0.0, 1.25, 1.5)
     max_task_cost: float = 0.01  # the audit's rule: at most +1% loss on B over the best plain run
     min_drift_removed: float = 0.8  # ... and at least this much of its drift removed
     batch_size: int = 16
-    replay_batch_size: int = 8  # the paper: about half the task batch
-    replay_sequences: int = 512
+    # The paper replays about half the task batch; here a full batch: at lambda = 1 and lr 1e-3, 16 replay
+    # sequences a step instead of 8 cut the cost on B from +0.99% to +0.34% (less noise in the KL term's
+    # gradient) at the same forgetting removed (97%), for ~20% more time per step.
+    replay_batch_size: int = 16
+    # Sampling is cheap next to a fine-tune, and more replay text is what moves the trade-off: 512 sequences
+    # (384 replayed, each seen ~4 times in 200 steps) overfit the KL term, so the held-out drift stays high;
+    # with 2048 the same lambda = 1 cell costs less on B (+1.13% -> +0.99%) and removes more drift
+    # (78% -> 79%) and more forgetting (95.4% -> 97.1%), and 512 held-out sequences halve the drift's stderr.
+    replay_sequences: int = 2048
     replay_holdout: float = 0.25  # held out of the replay to measure the drift on
     replay_top_k: int = 16
     task_windows: int = 4096  # the pool of B windows the fine-tunes draw their batches from
