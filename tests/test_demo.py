@@ -56,6 +56,10 @@ def test_demo_runs_through_the_audit_and_is_deterministic(tmp_path):
     # fine-tuning on B without replay must change the loss on A, and drift from the pretrained model
     assert first.runs["plain"].loss_a != first.before_a and first.runs["plain"].drift > 0
     assert first.runs["replay"].drift < first.runs["plain"].drift  # the rule's pick removes drift
+    # The audit's own report is the demo's grid, not the one-cell NLL baseline run after it.
+    report = json.loads((tmp_path / "a" / "audit" / "audit.json").read_text())
+    assert [(c["learning_rate"], c["replay_weight"], c["replay_loss"]) for c in report["cells"]] == [
+        (3e-3, 0.0, "none"), (3e-3, 2.5, "kl")]
 
 
 def test_demo_cli_prints_table_and_writes_results(tmp_path, capsys):
