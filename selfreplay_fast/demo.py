@@ -326,7 +326,8 @@ def plot(result: DemoResult, grid, path: str) -> Optional[str]:
     if "replay" in result.runs:
         chosen = result.runs["replay"]
         axes[0].scatter([chosen.drift], [chosen.loss_b], marker="*", s=220, color="gold", edgecolors="black",
-                        zorder=4, label="recommended")
+                        zorder=4, label="recommended" if grid.verdict.recommended is not None
+                        else "cheapest fix (capacity-bound: not recommended)")
     axes[0].set_xlabel("drift estimate (KL to the cached teacher, held-out replay)")
     axes[0].set_ylabel("held-out loss on B (code), nats/byte")
     axes[0].set_title("the audit's trade-off")
