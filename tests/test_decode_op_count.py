@@ -109,3 +109,27 @@ def test_the_warning_test_sees_the_old_keyword(model):
         warnings.simplefilter("always")
         model(input_ids=torch.tensor([[1, 2]]), past_key_values=None, use_cache=False)
     assert any(issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message) for w in caught)
+
+
+def test_attention_window_restarts_when_every_slot_is_refilled(model, monkeypatch):
+    # The attention cost per step follows the window of cache columns read. 12 sequences in 4 slots, no EOS:
+    # three rounds, each refilling every slot, so each round's window must grow from the prompt again (as HF's
+    # cache does per call) instead of staying at the whole cache once the first round has filled it.
+    from selfreplay_fast.generation import slot_cache
+
+    windows = []
+    prepare = slot_cache.SlotKVCache.prepare
+
+    def recording(self, columns, window):
+        windows.append(window)
+        return prepare(self, columns, window)
+
+    monkeypatch.setattr(slot_cache.SlotKVCache, "prepare", recording)
+    new_tokens = 10
+    generate_replay(model, num_sequences=12, max_new_tokens=new_tokens, top_k=4, batch_size=4, progress=False,
+                    eos_token_id=[])
+    # per round: the prefill of the BOS prompt (column 1: window 2), then a step per new token but the last
+    # (it needs no forward), each reading one column more. (The forwards before are the one-off slot check.)
+    decode = windows[-3 * new_tokens:]
+    rounds = [decode[i * new_tokens:(i + 1) * new_tokens] for i in range(3)]
+    assert rounds == [list(range(2, new_tokens + 2))] * 3, windows

@@ -166,7 +166,8 @@ class ShardEngine:
         self.last_token[slot_index, 0] = torch.tensor([p[-1] for p in prompts], device=dev)
         self.live[slot_index] = True
         self.holds[slot_index] = True
-        self.target.reset(slots)
+        refilled = [b for b, _ in refill]
+        self.target.reset(slots, refilled)
         if self.drafter is not None:
             self.drafter.reset(slots, max_prompt)
         return max_prompt

@@ -13,7 +13,7 @@ flash-attn takes no 4D mask: it gets the compacting ``DynamicCache`` of slot_cac
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -139,7 +139,13 @@ class SlotModel:
         self.num_columns = max_len + 2  # scratch, one per position, one for the positions past max_len
         self.cache = SlotKVCache(batch_size, self.num_columns, self.device)
         self.processed = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.high = 0  # host side: no slot has more than `high` cached tokens (so no sync for the window)
+        # Host side, so the attention window needs no sync: `fed` counts the columns every forward may
+        # have added to any slot, `reset_at[b]` its value when slot b was last reset; no slot holds more
+        # than `high` = fed - min(reset_at) cached tokens. Slots refilled together (the usual case without
+        # EOS) bring the window back to their own length instead of the whole cache's.
+        self.fed = 0
+        self.reset_at = [0] * batch_size
+        self._oldest_reset = 0
         self.keeps_logits = "logits_to_keep" in forward_parameters(model)
         # SDPA takes a boolean mask as it is; eager attention adds the mask to the scores.
         self.bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"
@@ -158,10 +164,20 @@ class SlotModel:
             self.processed = torch.where(live, lengths - 1, self.processed)
             self._stale = False
 
-    def reset(self, slots: torch.Tensor) -> None:
-        """Forget the sequences in ``slots`` (bool [B]): their rows are overwritten from column 1 on."""
+    @property
+    def high(self) -> int:
+        return self.fed - self._oldest_reset
+
+    def reset(self, slots: torch.Tensor, slot_indices: Optional[Sequence[int]] = None) -> None:
+        """Forget the sequences in ``slots`` (bool [B]): their rows are overwritten from column 1 on.
+        ``slot_indices``: the same slots as host ints, which lets the attention window shrink (without
+        them it stays as wide as before: an upper bound either way)."""
         self._materialize()
         self.processed.masked_fill_(slots, 0)
+        if slot_indices is not None:
+            for b in slot_indices:
+                self.reset_at[b] = self.fed
+            self._oldest_reset = min(self.reset_at)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         if self.bool_mask:
@@ -186,7 +202,7 @@ class SlotModel:
             views = self._step_views = (lengths, live, lengths.view(B, 1), lengths.view(B, 1, 1, 1),
                                         live.view(B, 1, 1, 1))
         _, _, lengths2, lengths4, live4 = views
-        self.high += 1
+        self.fed += 1
         window = min(self.num_columns, self.high + 1)
         ar4 = self._ar4.get(window)
         if ar4 is None:
@@ -209,7 +225,7 @@ class SlotModel:
         self._materialize()
         tokens, real, positions, processed = pending_block(tokens_buf, lengths, self.processed, live, width, extra,
                                                            self._ar)
-        self.high += width + (extra.shape[1] if extra is not None else 0)
+        self.fed += width + (extra.shape[1] if extra is not None else 0)
         columns = torch.where(real, (positions + 1).clamp_max(self.num_columns - 1), 0)  # [B, n]
         if self.max_position is not None:
             positions = positions.clamp(max=self.max_position)

@@ -54,7 +54,7 @@ class CompactingSlotModel:
         max_positions = getattr(model.config, "max_position_embeddings", None)
         self.max_position = int(max_positions) - 1 if isinstance(max_positions, int) else None
 
-    def reset(self, slots: torch.Tensor) -> None:
+    def reset(self, slots: torch.Tensor, slot_indices=None) -> None:
         """Forget the sequences in ``slots`` (bool [B]); their columns become free garbage."""
         self.valid &= ~slots[:, None]
         self.processed.masked_fill_(slots, 0)
