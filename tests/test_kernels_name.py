@@ -31,26 +31,30 @@ def _installed_kernels_dir():
     return os.path.realpath(str(distribution.locate_file("kernels")))
 
 
-def test_top_level_kernels_is_the_other_package_or_absent():
-    result = _run_from_root("import kernels, os; print(os.path.realpath(os.path.dirname(kernels.__file__)))")
+_NAMESPACE_PROBE = (
+    "import kernels\n"
+    "print(getattr(kernels, '__file__', None), list(kernels.__path__), getattr(kernels, '__version__', None))\n"
+    "print(sorted(n for n in vars(kernels) if not n.startswith('__')))\n"
+    "try:\n import kernels.vocab_pass\nexcept ModuleNotFoundError:\n print('ours unreachable')\n")
+
+
+def test_top_level_kernels_is_the_other_package_or_an_empty_namespace():
     installed = _installed_kernels_dir()
-    if installed is None:
-        assert result.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in result.stderr, (
-            result.stdout + result.stderr)
+    if installed is None:  # what transformers < 5.25 reads as "not installed" (no __file__, no version)
+        result = _run_from_root(_NAMESPACE_PROBE)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split("\n")[:3] == ["None [] None", "[]", "ours unreachable"]
     else:
+        result = _run_from_root("import kernels, os; print(os.path.realpath(os.path.dirname(kernels.__file__)))")
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == installed
         assert result.stdout.strip() != os.path.realpath(os.path.join(ROOT, "kernels"))
 
 
-def test_top_level_kernels_absent_raises_module_not_found():
-    result = _run_from_root(
-        "try:\n import kernels\nexcept ModuleNotFoundError as error:\n print('missing', error.name)\n"
-        "else:\n print('found', kernels.__file__)\n"
-        "import sys; print('in sys.modules', 'kernels' in sys.modules)",
-        isolated_path=True)
+def test_without_the_other_package_top_level_kernels_is_an_empty_namespace():
+    result = _run_from_root(_NAMESPACE_PROBE, isolated_path=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:2] == ["missing kernels", "in sys.modules False"]
+    assert result.stdout.split("\n")[:3] == ["None [] None", "[]", "ours unreachable"]
 
 
 def test_transformers_model_imports_from_the_repository_root():
