@@ -24,6 +24,7 @@ under LoRA dropout), heads whose logits are not ``hidden @ W.T + b`` (``final_lo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Mapping, NamedTuple, Optional
@@ -267,7 +268,10 @@ def task_nll(
     with skip_value_checks():
         if num_items is None:
             return fused_replay_kl(hidden, weight, teacher_ids, logprobs, reduction=reduction, **kwargs)
-        total = fused_replay_kl(hidden, weight, teacher_ids, logprobs, reduction="sum", **kwargs)
+        # The sum enters a weighted sum of fused losses (ReplayTrainer) divided by num_items: say so to a
+        # weight-gradient share (_weight_grad_share.py), which the division outside fused_replay_kl hides.
+        with loss_term(divisor=num_items):
+            total = fused_replay_kl(hidden, weight, teacher_ids, logprobs, reduction="sum", **kwargs)
     return total / num_items
 
 
@@ -327,8 +331,12 @@ class ReplayKLLoss(torch.nn.Module):
         num_items = _check_num_items(num_items)
         if num_items is not None and self.reduction != "mean":
             raise ValueError(f"num_items replaces the mean: use it with reduction='mean', got {self.reduction!r}")
+        with loss_term(divisor=num_items) if num_items is not None else contextlib.nullcontext():
+            loss = self._loss(model, replay_batch, num_items)
+        return loss / num_items if num_items is not None else loss
+
+    def _loss(self, model, b, num_items):
         base, weight, bias = lm_head_of(model)
-        b = replay_batch
         hidden = base(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False).last_hidden_state
         weight, bias = _head_after_forward(model)  # as in task_nll (FSDP2's unsharded weight)
         reduction = "sum" if num_items is not None else self.reduction
@@ -352,7 +360,7 @@ class ReplayKLLoss(torch.nn.Module):
                     with loss_term(self.nll_weight):
                         nll = self._nll(hidden, weight, b, common)
                 loss = (1.0 - self.nll_weight) * kl_loss + self.nll_weight * nll
-        return loss / num_items if num_items is not None else loss
+        return loss
 
     @staticmethod
     def _nll(hidden, weight, batch, common):

@@ -604,7 +604,13 @@ class _FusedReplayKL(torch.autograd.Function):
             ctx.grads = None
             _weight_grad_share.release(ctx.share)
             # A share's member formed its gradients ctx.rel times too large (its weight term is in the owner's).
-            scale = grad_output if ctx.rel == 1.0 else grad_output / ctx.rel
+            # The quotient in fp32 or wider (a 16-bit grad_output divided as it is would round it first).
+            scale = grad_output
+            if not _weight_grad_share.is_unit(ctx.rel):
+                wide = torch.promote_types(grad_output.dtype, torch.float32)
+                if isinstance(ctx.rel, torch.Tensor):
+                    wide = torch.promote_types(wide, ctx.rel.dtype)
+                scale = grad_output.to(wide) / ctx.rel
             for g in (grads.hidden, grads.weight, grads.bias):
                 if g is not None:
                     _scale_in_place(g, scale, ctx.passes)

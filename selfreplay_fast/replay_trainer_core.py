@@ -69,6 +69,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ._inputs import skip_value_checks, value_checks_enabled
+from ._weight_grad_share import loss_term, shared_weight_grad
 from .forgetting import measure_forgetting
 from .model_glue import (
     ReplayKLLoss,
@@ -315,7 +316,10 @@ class ReplayTrainerMixin:
         replay_loss, weight = self.replay_loss, self.replay_weight
 
         def replay_forward(task_inputs, replay):
-            with self.accelerator.autocast():
+            # Only the sum is backpropagated (the parts are logged detached): its fused losses hold one lm_head
+            # weight gradient between forward and backward, not one each (_weight_grad_share.py). The counts'
+            # divisions are declared by task_nll and ReplayKLLoss; world and 1 / ga_steps are common factors.
+            with self.accelerator.autocast(), shared_weight_grad():
                 # The task labels were checked with their window (get_batch_samples), else here (one host
                 # sync); the replay buffer was validated once in __init__.
                 with skip_value_checks() if task_checked else contextlib.nullcontext():
@@ -323,7 +327,7 @@ class ReplayTrainerMixin:
                         task = world * self._task_nll(unwrapped, task_inputs, num_items_in_batch=num_items_in_batch)
                     else:
                         task = self._task_nll(unwrapped, task_inputs) / ga_steps
-                with skip_value_checks():
+                with skip_value_checks(), loss_term(weight):
                     if replay_count is not None:
                         kl = world * replay_loss(unwrapped, replay, num_items=replay_count)
                     else:

@@ -106,3 +106,60 @@ def test_a_share_survives_a_replay_weight_of_zero(replay):
     assert got.keys() == ref.keys()
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def _head_inputs(seed, rows=7, dim=6, vocab=11, k=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(rows)])
+    logprobs = torch.log_softmax(torch.randn(rows, k + 1, generator=g, dtype=torch.float64), -1)[:, :k]
+    return hidden, ids, logprobs
+
+
+@pytest.mark.parametrize("divisors", [(torch.tensor(5), torch.tensor(9)), (4.0, torch.tensor(3)),
+                                      (torch.tensor(2), None)])
+def test_tensor_divisors_share_one_gradient_exactly(divisors):
+    """sum_a / d_a + 2.5 * sum_b / d_b with d tensors (token counts): one [V, D] gradient held, and the
+    gradients equal plain autograd on the reference, whichever of the two divisors is a tensor."""
+    from selfreplay_fast._weight_grad_share import loss_term, shared_weight_grad
+
+    weight = torch.randn(11, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64, requires_grad=True)
+    (ha, ia, la), (hb, ib, lb) = _head_inputs(1), _head_inputs(2)
+    ha.requires_grad_(True)
+    hb.requires_grad_(True)
+    da, db = divisors
+
+    def div(x, d):
+        return x if d is None else x / d
+
+    with _WeightShapedPeak(weight) as tracked:
+        with shared_weight_grad():
+            with loss_term(divisor=da):
+                a = sf.fused_replay_kl(ha, weight, ia, la, reduction="sum", impl="torch")
+            with loss_term(2.5, divisor=db):
+                b = sf.fused_replay_kl(hb, weight, ib, lb, reduction="sum", impl="torch")
+        total = div(a, da) + 2.5 * div(b, db)
+        held = tracked.current
+    total.backward()
+    got = (ha.grad, hb.grad, weight.grad)
+    assert held == weight.nbytes
+
+    for t in (ha, hb, weight):
+        t.grad = None
+    ref = div(sf.reference_replay_kl(ha, weight, ia, la, reduction="sum"), da) + 2.5 * div(
+        sf.reference_replay_kl(hb, weight, ib, lb, reduction="sum"), db)
+    ref.backward()
+    torch.testing.assert_close(total.detach(), ref.detach(), rtol=1e-12, atol=0)
+    for g, r in zip(got, (ha.grad, hb.grad, weight.grad)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_loss_term_refuses_bad_divisors():
+    from selfreplay_fast._weight_grad_share import loss_term
+
+    for bad, error, words in ((0, ValueError, "divisor must be > 0"), (True, TypeError, "divisor must be"),
+                              (torch.ones(2), ValueError, "divisor must be a scalar tensor"),
+                              ("3", TypeError, "divisor must be")):
+        with pytest.raises(error, match=words):
+            with loss_term(divisor=bad):
+                pass
