@@ -367,23 +367,27 @@ def vocab_splits(V: int, device_type: str = "cuda") -> int:
     return _split_plan(V, torch.device(device_type), None, None)[2]
 
 
-def _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v):
-    """Validates, launches _lse_partials_kernel on a (c, S) grid: (z_teacher, part_max, part_sum)."""
+def _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v, splits_for=()):
+    """Validates, launches _lse_partials_kernel on a (c, S) grid: (z_teacher, partials [2, c, S]), the
+    split maxima and sum-exps. ``splits_for``: other vocabulary sizes whose split counts S must also fit
+    (vocab-parallel ranks size their partials for the largest shard, so they gather evenly); the splits
+    past this V's own are empty (max -inf, sum 0)."""
     c, V = _check_logits(logits)
     k = _check_ids(ids, c, logits.device)
     inv_temp = _check_inv_temp(inv_temp)
     tile, width, splits = _split_plan(V, logits.device, block_v, split_v)
+    splits = max([splits] + [_split_plan(size, logits.device, block_v, split_v)[2] for size in splits_for])
     dev, dtype = logits.device, logits.dtype
     z_teacher = torch.empty((c, k), dtype=dtype, device=dev)
-    part_max = torch.empty((c, splits), dtype=dtype, device=dev)
-    part_sum = torch.empty((c, splits), dtype=dtype, device=dev)
+    partials = torch.empty((2, c, splits), dtype=dtype, device=dev)
+    part_max, part_sum = partials.unbind(0)
     if c > 0:
         with _on_device(dev):
             _lse_partials_kernel[(c, splits)](
                 logits, logits.stride(0), ids, ids.stride(0), ids.stride(1), z_teacher, part_max, part_sum,
                 part_max.stride(0), inv_temp, V, k, width, BLOCK_V=tile, BLOCK_K=_block_k(k, block_k), num_warps=NUM_WARPS,
             )
-    return z_teacher, part_max, part_sum
+    return z_teacher, partials
 
 
 def _launch_row_terms(z_teacher, ids, part_max, part_sum, max_c, logsum_c, block_k, row_terms=None):
@@ -428,7 +432,7 @@ def masked_lse(
     block_v, block_k: vocabulary / slot tile width overrides (powers of 2); split_v: columns per
     vocabulary split (a multiple of the tile); for tests and tuning.
     """
-    z_teacher, part_max, part_sum = _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v)
+    z_teacher, (part_max, part_sum) = _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v)
     max_c = torch.empty((z_teacher.shape[0],), dtype=logits.dtype, device=logits.device)
     logsum_c = torch.empty_like(max_c)
     _launch_row_terms(z_teacher, ids, part_max, part_sum, max_c, logsum_c, block_k)
@@ -437,7 +441,7 @@ def masked_lse(
 
 def lse_and_row_terms(
     logits, ids, inv_temp, teacher_logprobs, teacher_tail_logprob, mode, vocab_size, row_scale, loss_out,
-    *, block_v=None, block_k=None, split_v=None,
+    *, combine=None, block_v=None, block_k=None, split_v=None,
 ):
     """masked_lse and the per-row scalars of ``mode`` ("tail" or "sampled") in two launches.
 
@@ -446,16 +450,30 @@ def lse_and_row_terms(
     written with each row's KL. Returns (sign, origin, log_coef, grad_teacher) of row_scale * dL/dz in
     logits.dtype (selfreplay_fast._row_terms: RowTerms.scaled), or None without row_scale. The logits
     are left as masked_lse leaves them, for softmax_grad.
+
+    combine: None, or a vocab-parallel rank's hook between the two launches (``logits`` and ``ids`` then
+    this rank's vocabulary shard, -1 on slots held elsewhere): ``sizes``, every rank's vocabulary rows;
+    ``valid_ids`` [c, k], the global ids (which slots are used); ``combine_partials(z_teacher, partials)``,
+    the collectives, returning the slots' logits of every rank and all ranks' partials [2, c, R S]. Every
+    rank then computes the same scalars, its own origin included (the whole vocabulary's).
     """
     if mode not in ("tail", "sampled"):
         raise ValueError(f"mode must be 'tail' or 'sampled' (topk makes no vocabulary pass), got {mode!r}")
-    z_teacher, part_max, part_sum = _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v)
+    splits_for = combine.sizes if combine is not None else ()
+    z_teacher, partials = _lse_partials(logits, ids, inv_temp, block_v, block_k, split_v, splits_for)
     c, k = z_teacher.shape
     dev, dtype = logits.device, logits.dtype
     _check_like_shape("teacher_logprobs", teacher_logprobs, (c, k), dev)
     _check_like_shape("loss_out", loss_out, (c,), dev)
     if teacher_tail_logprob is not None:
         _check_like_shape("teacher_tail_logprob", teacher_tail_logprob, (c,), dev)
+    slot_ids = ids
+    if combine is not None:
+        if _check_ids(combine.valid_ids, c, dev) != k:
+            raise ValueError(f"combine.valid_ids must have k={k} columns, got {list(combine.valid_ids.shape)}")
+        z_teacher, partials = combine.combine_partials(z_teacher, partials)
+        slot_ids = combine.valid_ids
+    part_max, part_sum = partials.unbind(0)
     origin = torch.empty((c,), dtype=dtype, device=dev)
     logsum_c = torch.empty_like(origin)
     args = dict(teacher_logprobs=teacher_logprobs, teacher_tail_logprob=teacher_tail_logprob, mode=mode,
@@ -464,7 +482,7 @@ def lse_and_row_terms(
         _check_like_shape("row_scale", row_scale, (c,), dev)
         args.update(row_scale=row_scale, sign=torch.empty_like(origin), log_coef=torch.empty_like(origin),
                     grad_teacher=torch.empty((c, k), dtype=dtype, device=dev))
-    _launch_row_terms(z_teacher, ids, part_max, part_sum, origin, logsum_c, block_k, args)
+    _launch_row_terms(z_teacher, slot_ids, part_max, part_sum, origin, logsum_c, block_k, args)
     if row_scale is None:
         return None
     return args["sign"], origin, args["log_coef"], args["grad_teacher"]

@@ -84,12 +84,18 @@ def scale_(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def lse_and_row_terms(logits, ids, inv_temp, teacher_logprobs, teacher_tail_logprob, mode, vocab_size, row_scale,
-                      loss_out):
+                      loss_out, *, combine=None):
     """:func:`masked_lse` and the per-row scalars (``selfreplay_fast._row_terms``): the contract of the
     Triton module's ``lse_and_row_terms`` (loss_out written; scaled scalars in logits.dtype, or None
-    without row_scale)."""
+    without row_scale). ``combine``: a vocab-parallel rank's hook (``combine_lse`` and ``valid_ids``, the
+    global ids), or None."""
     z_teacher, max_complement, logsum_complement = masked_lse(logits, ids, inv_temp)
-    terms = compute_row_terms(z_teacher, max_complement, logsum_complement, teacher_logprobs, ids >= 0,
+    valid_ids = ids
+    if combine is not None:
+        z_teacher, max_complement, logsum_complement = combine.combine_lse(z_teacher, max_complement,
+                                                                           logsum_complement)
+        valid_ids = combine.valid_ids
+    terms = compute_row_terms(z_teacher, max_complement, logsum_complement, teacher_logprobs, valid_ids >= 0,
                               teacher_tail_logprob, mode, vocab_size)
     loss_out.copy_(terms.loss)
     if row_scale is None:

@@ -231,8 +231,9 @@ class _WholeVocab:
     def combine_teacher_logits(self, z_teacher):
         return z_teacher
 
-    def combine_lse(self, z_teacher, max_complement, logsum_complement):
-        return z_teacher, max_complement, logsum_complement
+    def chunk_combine(self, global_ids):
+        """What the passes' ``lse_and_row_terms`` needs from the other ranks: nothing here."""
+        return None
 
     def sum_partials(self, partial, acc_dtype):
         return partial
@@ -268,6 +269,14 @@ class _VocabShard(_WholeVocab):
         self._dist.all_reduce(t, op=op, group=self.group)
         return t
 
+    def _all_gather(self, t):
+        """[R, *t.shape]: every rank's ``t`` (the same shape on every rank), in rank order."""
+        out = t.new_empty((len(self.sizes), *t.shape))
+        # Into views of one buffer: the list form works on every process group (a backend's own, e.g. a
+        # bare ProcessGroupGloo, has no all_gather_single); the values are few (2 c S per rank).
+        self._dist.all_gather(list(out.unbind(0)), t.contiguous(), group=self.group)
+        return out
+
     def local_ids(self, ids):
         local = ids - self.offset
         return torch.where((ids >= self.offset) & (local < self.size), local, -1)
@@ -278,7 +287,22 @@ class _VocabShard(_WholeVocab):
     def combine_teacher_logits(self, z_teacher):
         return self._all_reduce(_nan_as_posinf(z_teacher).contiguous(), self._dist.ReduceOp.MAX)
 
+    def chunk_combine(self, global_ids):
+        return _ShardCombine(self, global_ids)
+
+    def combine_partials(self, z_teacher, partials):
+        """The Triton passes' combine: ``z_teacher`` [c, k] by MAX (exact: one finite value per used
+        slot) and the ranks' vocabulary-split partials ``partials`` [2, c, S] (max, sum-exp; S the same
+        on every rank) side by side as [2, c, R S], which the row-terms kernel combines as it does one
+        rank's splits. One MAX all-reduce of [c, k], one all-gather of 2 c S values, one copy."""
+        z_teacher = self._all_reduce(_nan_as_posinf(z_teacher).contiguous(), self._dist.ReduceOp.MAX)
+        two, c, splits = partials.shape
+        gathered = self._all_gather(partials)  # [R, 2, c, S]
+        return z_teacher, gathered.permute(1, 2, 0, 3).reshape(two, c, len(self.sizes) * splits)
+
     def combine_lse(self, z_teacher, max_complement, logsum_complement):
+        """The PyTorch passes' combine: each rank's complement log-sum-exp (as max and log-sum) into
+        the whole vocabulary's."""
         k = z_teacher.shape[1]
         # One MAX over [c, k + 1]: the slots' logits (exact: one finite value per used slot) and the
         # per-row maximum of the ranks' complement maxima.
@@ -300,6 +324,26 @@ class _VocabShard(_WholeVocab):
 
     def vocab_size(self, inp):
         return sum(self.sizes)
+
+
+@dataclass
+class _ShardCombine:
+    """A vocab-parallel chunk's hook into the passes' ``lse_and_row_terms``: the rows' global ids (a
+    slot is used whichever rank holds its id), every rank's vocabulary rows (the Triton partials are
+    sized for the largest shard, so that they gather evenly), and the collectives."""
+
+    shard: _VocabShard
+    valid_ids: torch.Tensor  # [c, k] global teacher ids, -1 = unused slot
+
+    @property
+    def sizes(self):
+        return self.shard.sizes
+
+    def combine_partials(self, z_teacher, partials):
+        return self.shard.combine_partials(z_teacher, partials)
+
+    def combine_lse(self, z_teacher, max_complement, logsum_complement):
+        return self.shard.combine_lse(z_teacher, max_complement, logsum_complement)
 
 
 def _nan_as_posinf(t):
@@ -349,18 +393,25 @@ def _rows_within(budget: int, per_row: int, num_rows: int) -> int:
 
 
 def vocab_chunk_rows(num_rows: int, vocab_rows: int, device_type: str = "cuda",
-                     acc_dtype: torch.dtype = torch.float32, budget: Optional[int] = None) -> int:
+                     acc_dtype: torch.dtype = torch.float32, budget: Optional[int] = None,
+                     extra_row_bytes: int = 0) -> int:
     """Rows per chunk of the vocabulary passes (modes "tail" and "sampled") without ``chunk_size``: as many
-    [c, vocab_rows] logits rows in ``acc_dtype`` as ``budget`` bytes hold (default: ``_CHUNK_BYTES`` of the
-    device type). selfreplay_fast/planner.py calls it too."""
+    [c, vocab_rows] logits rows in ``acc_dtype``, plus ``extra_row_bytes`` per row, as ``budget`` bytes
+    hold (default: ``_CHUNK_BYTES`` of the device type). selfreplay_fast/planner.py calls it too."""
     if budget is None:
         budget = _CHUNK_BYTES["cpu" if device_type == "cpu" else "cuda"]
-    return _rows_within(budget, vocab_rows * torch.finfo(acc_dtype).bits // 8, num_rows)
+    return _rows_within(budget, vocab_rows * torch.finfo(acc_dtype).bits // 8 + extra_row_bytes, num_rows)
 
 
 def _default_chunk_rows(inp: ReplayKLInputs, head: _HeadMatmuls, vocab: _WholeVocab) -> int:
     if inp.mode != "topk":
-        return vocab_chunk_rows(inp.num_rows, vocab.max_local_rows(inp), inp.hidden.device.type, head.acc_dtype)
+        # A vocab-parallel rank also holds its [c, D] partial of the hidden gradient, in the operand and
+        # then the accumulation dtype for the SUM across ranks; with the whole vocabulary it goes straight
+        # into the gradient.
+        partial = 0 if vocab is _WHOLE_VOCAB else inp.hidden.shape[1] * (
+            head.operand_dtype.itemsize + head.acc_dtype.itemsize)
+        return vocab_chunk_rows(inp.num_rows, vocab.max_local_rows(inp), inp.hidden.device.type, head.acc_dtype,
+                                extra_row_bytes=partial)
     # [c, k, D] alive per row: the gathered lm_head rows and, for the weight gradient, their outer
     # product with h (accumulation dtype); a narrower weight gradient adds the per-id sums and their
     # copy in its dtype (_add_rows).
@@ -406,15 +457,14 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
         # would otherwise reach the weight gradient as inf * 0 = NaN. Once per call (N D elements, one
         # launch) rather than once per chunk.
         hidden = torch.where(inp.mask[:, None], hidden, 0.0)
-    # The per-row scalars in the passes' own launches (Triton: the partials pass and the row-terms
-    # kernel), except for vocab-parallel ranks, which combine their scalars between the two.
-    fused_row_terms = vocab is _WHOLE_VOCAB and inp.mode != "topk"
+    # Rows of this process's weight, -1 for slots held elsewhere: once per call ([N, k]), not per chunk.
+    local_ids = vocab.local_ids(inp.teacher_ids)
     for start in range(0, n, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n))
         h = hidden[rows]
         counted = inp.mask[rows, None] if inp.mask is not None else None
         global_ids, lp = inp.teacher_ids[rows], inp.teacher_logprobs[rows]
-        ids = vocab.local_ids(global_ids)  # rows of this process's weight, -1 for slots held elsewhere
+        ids = local_ids[rows]
         tail = tail_all[rows] if tail_all is not None else None
         if inp.mode == "topk":
             valid = global_ids >= 0
@@ -444,16 +494,10 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
 
         logits = head.logits(h)  # [c, V] raw logits, fp32/fp64
         scale_rows = row_scale[rows] if want_any else None
-        if fused_row_terms:
-            scaled = passes.lse_and_row_terms(logits, ids, inv_temp, lp, tail, inp.mode, vocab_size, scale_rows,
-                                              loss[rows])
-        else:
-            z_teacher, max_complement, logsum_complement = vocab.combine_lse(*passes.masked_lse(logits, ids, inv_temp))
-            terms = compute_row_terms(z_teacher, max_complement, logsum_complement, lp, global_ids >= 0, tail,
-                                      inp.mode, vocab_size)
-            loss[rows] = terms.loss
-            # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
-            scaled = tuple(t.to(logits.dtype) for t in terms.scaled(scale_rows)) if want_any else None
+        # The per-row scalars in the passes' own launches (Triton: the partials pass and the row-terms
+        # kernel; vocab-parallel ranks gather their partials between the two).
+        scaled = passes.lse_and_row_terms(logits, ids, inv_temp, lp, tail, inp.mode, vocab_size, scale_rows,
+                                          loss[rows], combine=vocab.chunk_combine(global_ids))
         if not want_any:
             continue
         # A 16-bit gradient goes into the logits' own storage (no second [c, V] buffer), where the passes say.
@@ -465,17 +509,16 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             if vocab is _WHOLE_VOCAB and grad_logits.dtype == grads.hidden.dtype:
                 # Straight into the gradient's rows; non-counted rows are zeroed once per call below.
                 head.grad_hidden(grad_logits, out=grads.hidden[rows])
-            else:
-                partial = head.grad_hidden(grad_logits)
-                _store_hidden_grad(grads.hidden, rows, vocab.sum_partials(partial, head.acc_dtype), counted)
+            else:  # summed over the ranks in the accumulation dtype, rounded once into the gradient's rows
+                grads.hidden[rows].copy_(vocab.sum_partials(head.grad_hidden(grad_logits), head.acc_dtype))
         if want_w:
             head.accumulate_grad_weight(grads.weight, grad_logits, h)
         if want_b:
             grads.bias += grad_logits.sum(dim=0, dtype=head.acc_dtype)
         del grad_logits, out  # free this chunk's buffers before the next chunk allocates its own
-    if want_h and inp.mask is not None and fused_row_terms:
+    if want_h and inp.mask is not None and inp.mode != "topk":
         # A position that does not count gets an exact 0, even when a non-finite weight entry makes its
-        # row of G W a 0 * inf = NaN (_store_hidden_grad, per call for the rows written by torch.mm).
+        # row of G W a 0 * inf = NaN (as _store_hidden_grad does in topk mode; here once per call).
         grads.hidden.masked_fill_(~inp.mask[:, None], 0.0)
     return loss, grads
 

@@ -194,3 +194,70 @@ def test_launches_and_memory_at_the_headline_shape(case, monkeypatch):
         assert per_chunk["triton"] + per_chunk["kernel"] <= 3  # the goal: 3 matmuls + 3 kernels per chunk
     assert total["kernel"] - chunks * per_chunk["kernel"] <= OTHER_KERNELS_PER_CALL[case]
     assert extra <= EXTRA_MB[case] * MB
+
+
+# --- vocab-parallel: the same chunk loop with the per-row scalars combined across ranks ---------------
+
+TP = 8  # the headline head split over 8 ranks (V_r = 16032), as tensor parallelism over one node would
+# Per chunk on a rank: the three matmuls, the same three Triton kernels, and around them the slots'
+# logits with NaN as +inf (isnan, where and its scalar: a MAX all-reduce may drop a NaN), the gathered
+# partials laid side by side (one copy), the hidden gradient's partial in the accumulation dtype for its
+# SUM and its rounding into the gradient's rows (two copies); collectives: the slots' MAX, the partials'
+# all-gather, the hidden gradient's SUM. Before the row terms were fused on this path too: 115 PyTorch
+# kernels (the row terms and the combine in PyTorch ops), the same 3 Triton kernels and 3 collectives.
+VP_OTHER_KERNELS_PER_CHUNK = 6
+VP_COLLECTIVES_PER_CHUNK = 3
+
+
+def _run_vocab_parallel(monkeypatch, n):
+    budget = _Budget()
+    for module, names, kind in _TRITON_KERNELS:
+        for name in names:
+            monkeypatch.setattr(module, name, _LaunchRecorder(name, budget, kind))
+    monkeypatch.setattr(rk, "_autocast_dtype", lambda device_type: None)
+
+    def all_reduce(self, t, op):  # the collective counted, its result (same shape and dtype) as is
+        budget.events.append(("collective", f"all_reduce.{op}"))
+        return t
+
+    def all_gather(self, t):
+        budget.events.append(("collective", "all_gather"))
+        return t.new_empty((len(self.sizes), *t.shape))
+
+    monkeypatch.setattr(rk._VocabShard, "_all_reduce", all_reduce)
+    monkeypatch.setattr(rk._VocabShard, "_all_gather", all_gather, raising=False)
+    shard = V // TP
+    vocab = rk._VocabShard(rk.VocabShardLayout(group=None, rank=0, sizes=(shard,) * TP))
+    meta = dict(device="meta")
+    hidden = torch.empty(n, D, dtype=torch.bfloat16, **meta).requires_grad_()
+    weight = torch.empty(shard, D, dtype=torch.bfloat16, **meta).requires_grad_()
+    ids = torch.empty(n, K, dtype=torch.int64, **meta)
+    logprobs = torch.empty(n, K, **meta)
+    mask = torch.empty(n, dtype=torch.bool, **meta)
+    tail = torch.empty(n, **meta)
+    with sf.skip_value_checks():
+        inp = prepare_replay_kl_inputs(hidden, weight, ids, logprobs, mask=mask, teacher_tail_logprob=tail)
+    with budget:
+        loss = rk._apply(inp, "triton", None, low_precision=True, vocab=vocab)
+        loss.backward()
+    return budget, hidden.grad.nbytes + weight.grad.nbytes
+
+
+def test_vocab_parallel_launches_per_chunk(monkeypatch):
+    headline, returned = _run_vocab_parallel(monkeypatch, N)
+    rows = headline.matmul_shapes[0][0]
+    one, _ = _run_vocab_parallel(monkeypatch, rows)
+    two, _ = _run_vocab_parallel(monkeypatch, 2 * rows)
+    per_chunk = _counts(two) - _counts(one)
+    names = collections.Counter(f"{kind}:{name}" for kind, name in two.events)
+    names.subtract(f"{kind}:{name}" for kind, name in one.events)
+    extra = headline.peak - returned
+    print(f"\nvocab-parallel over {TP} ranks: {rows} rows per chunk; per chunk {dict(per_chunk)}; extra "
+          f"{extra / MB:.0f} MB")
+    print("  per chunk:", ", ".join(f"{n} x{c}" for n, c in sorted(names.items()) if c))
+    assert _counts(headline)["sync"] == 0
+    assert per_chunk["matmul"] == MATMULS_PER_CHUNK
+    assert per_chunk["triton"] == TRITON_PER_CHUNK
+    assert per_chunk["kernel"] <= VP_OTHER_KERNELS_PER_CHUNK
+    assert per_chunk["collective"] == VP_COLLECTIVES_PER_CHUNK
+    assert rows % 256 == 0 and extra <= 512 * MB

@@ -236,9 +236,11 @@ def test_nonfinite_logits_propagate_on_the_vocab_parallel_path():
         for seed, value in enumerate(NONFINITE):
             case = _nonfinite_case(mode, "bias_off" if seed % 2 else "bias_on", value, seed)
             ref_loss, _ = _loss_and_grads(sf.reference_replay_kl, case, torch.float64, "cpu")
-            loss, _ = _loss_and_grads(sf.fused_replay_kl, case, torch.float32, "cpu", impl="torch",
-                                      process_group=group)
-            torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, equal_nan=True, msg=f"{mode} {value}")
+            for impl in IMPLS:
+                loss, _ = _loss_and_grads(sf.fused_replay_kl, case, torch.float32, device_for(impl), impl=impl,
+                                          process_group=group)
+                torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5, equal_nan=True,
+                                           msg=f"{impl} {mode} {value}")
 
 
 def _with_hidden(case, hidden):

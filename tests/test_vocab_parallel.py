@@ -120,6 +120,11 @@ def _worker(rank, world, init_file, out_dir):
                       process_group=group), "bias" if rank == world - 1 else f"rank(s) [{world - 1}]", failures)
 
     # --- every mode, reduction and impl, fp32, against the float64 reference on the full weight ---
+    # Vocabulary tiles of 16 columns: the shards' partials passes then have different numbers of splits
+    # (10/27: 1 and 2; 5/20/12: 1, 2, 1), which the ranks must gather evenly.
+    from selfreplay_fast.kernels import vocab_pass
+
+    vocab_pass.MAX_BLOCK_V_INTERPRETER = 16
     references = {}
     for mode in MODES:
         for reduction in ["mean", "sum", "none"]:
