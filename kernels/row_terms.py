@@ -5,8 +5,10 @@ the vocabulary splits' partial (max, sum-exp) pairs into the complement's log-su
 ``ROW_TERMS``, evaluates everything ``selfreplay_fast._row_terms.compute_row_terms`` and
 ``RowTerms.scaled`` compute (the loss of the row, the dense gradient's sign and log-coefficient, the
 slots' gradient), formula for formula, in the logits' dtype. Loss modes differ only in constexpr
-flags: ``TAIL`` adds the tail bucket ("tail"), without it the family is "sampled". NaN and +/-inf
-propagate as through the PyTorch functions (torch.maximum, logsumexp, logaddexp): ``tl.maximum`` may
+flags: ``TAIL`` adds the tail bucket ("tail"), without it the family is "sampled". Mode "topk" makes
+no vocabulary pass and has no dense gradient: its sibling ``_topk_row_terms_kernel`` (one program per
+row, the same slot helpers) computes the loss and the scaled slot gradients from the slots alone. NaN
+and +/-inf propagate as through the PyTorch functions (torch.maximum, logsumexp, logaddexp): ``tl.maximum`` may
 drop a NaN on a GPU, so NaNs are tracked explicitly, and no log of 0 is ever evaluated (the
 interpreter's numpy would warn).
 """
@@ -214,3 +216,78 @@ def _row_terms_kernel(
             log_coef = log_coef + _safe_log(tl.abs(scale))
             tl.store(sign_ptr + row, sign.to(cdt))
             tl.store(log_coef_ptr + row, log_coef.to(cdt))
+
+
+@triton.jit
+def _topk_row_terms_kernel(
+    z_teacher_ptr,  # [c, K] scaled logits on the slots, -inf on unused slots (row stride K)
+    ids_ptr,  # [c, K] teacher ids (global), -1 = unused slot
+    ids_row_stride,
+    ids_col_stride,
+    logprobs_ptr,  # [c, K] teacher log-probabilities log p_t (0 on unused slots)
+    logprobs_row_stride,
+    logprobs_col_stride,
+    row_scale_ptr,  # [c] s_n = row weight / T (WITH_GRAD)
+    loss_ptr,  # out [c]: sum_t p^_t (log p^_t - log q^_t), 0 for a row without used slots
+    grad_teacher_ptr,  # out [c, K] (WITH_GRAD): s_n (q^_t - p^_t) on used slots, 0 on unused (row stride K)
+    K,
+    BLOCK_K: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+):
+    """Mode "topk" (compute_row_terms(..., "topk") and the row scale), formula for formula in z's dtype:
+    log p^ = log p - logsumexp_T(log p), log q^ = log_softmax(z_T) over the k slots (unused ones -inf;
+    a row without used slots reads z = 0, as the PyTorch path does, and gives exact zeros). As
+    torch.log_softmax, a NaN or +inf slot logit, or every slot at -inf, makes the whole row NaN."""
+    row = tl.program_id(0).to(tl.int64)
+    neg_inf = float("-inf")
+    pos_inf = float("inf")
+    cdt = z_teacher_ptr.dtype.element_ty  # the slot logits' dtype (fp32 or fp64)
+
+    # Pass 1: max of z_T and of the used log p (NaN tracked: tl.max may drop one), used-slot count.
+    z_max = tl.full([], neg_inf, cdt)
+    z_nan = tl.zeros([], tl.int32)
+    lp_max = tl.full([], neg_inf, cdt)
+    lp_nan = tl.zeros([], tl.int32)
+    n_valid = tl.zeros([], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        _, _, valid, z, lp = _load_slots(ids_ptr, ids_row_stride, ids_col_stride, z_teacher_ptr, logprobs_ptr,
+                                         logprobs_row_stride, logprobs_col_stride, row, k0, K, cdt, BLOCK_K)
+        z_nan = tl.maximum(z_nan, tl.max(_is_nan(z).to(tl.int32), axis=0))
+        z_max = tl.maximum(z_max, tl.max(tl.where(_is_nan(z), neg_inf, z), axis=0))
+        lp_nan = tl.maximum(lp_nan, tl.max((valid & _is_nan(lp)).to(tl.int32), axis=0))
+        lp_max = tl.maximum(lp_max, tl.max(tl.where(valid & ~_is_nan(lp), lp, neg_inf), axis=0))
+        n_valid += tl.sum(valid.to(tl.int32), axis=0)
+    has_valid = n_valid > 0
+    # log_softmax's max m (NaN if any; +inf and all -inf give NaN below, as there); 0 without used slots.
+    m = tl.where(has_valid, tl.where(z_nan > 0, float("nan"), z_max), 0.0)
+    # logsumexp's shift: the max unless infinite (then 0), NaN kept.
+    lp_shift = tl.where(lp_nan > 0, float("nan"), tl.where((lp_max == pos_inf) | (lp_max == neg_inf), 0.0, lp_max))
+    # Pass 2: the two sums of exponentials.
+    sum_q = tl.zeros([], cdt)
+    sum_p = tl.zeros([], cdt)
+    for k0 in range(0, K, BLOCK_K):
+        _, in_range, valid, z, lp = _load_slots(ids_ptr, ids_row_stride, ids_col_stride, z_teacher_ptr,
+                                                logprobs_ptr, logprobs_row_stride, logprobs_col_stride, row, k0, K,
+                                                cdt, BLOCK_K)
+        z = tl.where(has_valid | ~in_range, z, 0.0)
+        sum_q += tl.sum(tl.exp(z - m), axis=0)
+        sum_p += tl.sum(tl.where(valid, tl.exp(lp - lp_shift), 0.0), axis=0)
+    log_sum_q = _safe_log(sum_q)
+    lse_p = tl.where(has_valid, _safe_log(sum_p) + lp_shift, 0.0)
+    if WITH_GRAD:
+        scale = tl.load(row_scale_ptr + row).to(cdt)
+    # Pass 3: the slots' loss terms and gradient q^_t - p^_t, times s_n.
+    loss = tl.zeros([], cdt)
+    for k0 in range(0, K, BLOCK_K):
+        slot, in_range, valid, z, lp = _load_slots(ids_ptr, ids_row_stride, ids_col_stride, z_teacher_ptr,
+                                                   logprobs_ptr, logprobs_row_stride, logprobs_col_stride, row, k0,
+                                                   K, cdt, BLOCK_K)
+        z = tl.where(has_valid | ~in_range, z, 0.0)
+        log_q = (z - m) - log_sum_q
+        log_p = lp - lse_p
+        p = tl.where(valid, tl.exp(log_p), 0.0)
+        loss += tl.sum(tl.where(valid, p * (log_p - log_q), 0.0), axis=0)
+        if WITH_GRAD:
+            g = tl.where(valid, tl.exp(log_q) - p, 0.0)
+            tl.store(grad_teacher_ptr + row * K + slot, g * scale, mask=in_range)
+    tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))

@@ -11,6 +11,8 @@ A chunk of ``c`` rows of raw student logits ``x`` [c, V] is visited twice, with 
   ``sign * exp((z - origin) + log_coef)`` and then the sparse gradient on the teacher slots.
 
 Both kernels run one program per row and stream the vocabulary in tiles of ``BLOCK_V`` columns.
+:func:`topk_row_terms` is mode "topk"'s only launch here: its loss and slot gradients from the k slot
+logits (no vocabulary pass).
 :func:`scale_` multiplies a 16-bit gradient by backward's fp32 ``grad_output`` in place, the product
 formed in fp32 (one launch, 4 bytes per element; torch's ``mul_`` would round the scale to 16 bits).
 """
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import rounding
-from .row_terms import _row_terms_kernel
+from .row_terms import _row_terms_kernel, _topk_row_terms_kernel
 
 # Elements per program of the scale kernel on a GPU (16 per thread) and under the interpreter.
 SCALE_BLOCK = 2048
@@ -486,6 +488,40 @@ def lse_and_row_terms(
     if row_scale is None:
         return None
     return args["sign"], origin, args["log_coef"], args["grad_teacher"]
+
+
+def topk_row_terms(z_teacher, ids, teacher_logprobs, row_scale, loss_out, *, block_k=None):
+    """Mode "topk"'s per-row scalars in one launch (it makes no vocabulary pass and has no dense gradient).
+
+    z_teacher: [c, k] float32/float64 scaled logits on the slots, -inf on unused slots (vocab-parallel:
+    already combined across ranks); ids: [c, k] the global teacher ids, -1 = unused slot;
+    teacher_logprobs: [c, k] (0 on unused slots); row_scale: [c] row weight / T, or None for the loss
+    alone; loss_out: [c], written with each row's KL. Returns grad_teacher [c, k] in z_teacher's dtype,
+    row_scale * dL/dz on used slots and 0 on unused ones (selfreplay_fast._row_terms, mode "topk"), or None
+    without row_scale."""
+    if not isinstance(z_teacher, torch.Tensor) or z_teacher.dim() != 2 or z_teacher.dtype not in _LOGITS_DTYPES:
+        raise ValueError(f"z_teacher must be a float32/float64 tensor [c, k], got {_describe(z_teacher)}")
+    c, k = z_teacher.shape
+    dev = z_teacher.device
+    if _check_ids(ids, c, dev) != k:
+        raise ValueError(f"ids must have k={k} columns, got {list(ids.shape)}")
+    _check_like_shape("teacher_logprobs", teacher_logprobs, (c, k), dev)
+    _check_like_shape("loss_out", loss_out, (c,), dev)
+    z_teacher = z_teacher.contiguous()  # the kernel's row stride is k (a no-op for the dispatcher's)
+    grad = None
+    if row_scale is not None:
+        _check_like_shape("row_scale", row_scale, (c,), dev)
+        grad = torch.empty((c, k), dtype=z_teacher.dtype, device=dev)
+    if c > 0:
+        with _on_device(dev):
+            _topk_row_terms_kernel[(c,)](
+                z_teacher, ids, ids.stride(0), ids.stride(1), teacher_logprobs, teacher_logprobs.stride(0),
+                teacher_logprobs.stride(1), row_scale if row_scale is not None else loss_out, loss_out,
+                grad if grad is not None else z_teacher, k,
+                BLOCK_K=min(MAX_BLOCK_K_ROW_TERMS, _block_k(k, block_k)), WITH_GRAD=grad is not None,
+                num_warps=NUM_WARPS,
+            )
+    return grad
 
 
 def _check_like_shape(name: str, t, shape: tuple, device: torch.device) -> None:

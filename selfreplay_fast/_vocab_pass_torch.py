@@ -102,3 +102,14 @@ def lse_and_row_terms(logits, ids, inv_temp, teacher_logprobs, teacher_tail_logp
         return None
     # In the logits' dtype: an fp64 weight with fp32 hidden gives fp64 logits but fp32 row terms.
     return tuple(t.to(logits.dtype) for t in terms.scaled(row_scale))
+
+
+def topk_row_terms(z_teacher, ids, teacher_logprobs, row_scale, loss_out):
+    """Mode "topk"'s per-row scalars (``compute_row_terms(..., "topk")``): the contract of the Triton
+    module's ``topk_row_terms`` (loss_out written; row_scale * dL/dz on the slots, or None without
+    row_scale). ``ids``: the global teacher ids (which slots are used)."""
+    terms = compute_row_terms(z_teacher, None, None, teacher_logprobs, ids >= 0, None, "topk")
+    loss_out.copy_(terms.loss)
+    if row_scale is None:
+        return None
+    return terms.grad_teacher * row_scale[:, None]

@@ -35,7 +35,6 @@ from ._inputs import (
     prepare_replay_kl_inputs,
     prepare_sharded_inputs,
 )
-from ._row_terms import compute_row_terms
 from . import _weight_grad_share
 
 # torch.mm(a, b, out_dtype=torch.float32) for 16-bit CUDA operands (cuBLAS accumulates and writes fp32).
@@ -435,9 +434,9 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
     """Loss per row and, where asked, the gradients weighted by ``row_scale`` [N] (row weight / T); the
     weight gradient is added into ``grad_weight`` when given (a shared buffer: _weight_grad_share.py).
 
-    ``passes`` is the module with ``masked_lse`` and ``softmax_grad`` (Triton or PyTorch); ``vocab``
-    the vocabulary this process holds (``_WHOLE_VOCAB`` or a ``_VocabShard``, whose ranks must all
-    run this loop with the same chunks and the same ``want_h``)."""
+    ``passes`` is the module with ``lse_and_row_terms``, ``softmax_grad`` and ``topk_row_terms`` (Triton
+    or PyTorch); ``vocab`` the vocabulary this process holds (``_WHOLE_VOCAB`` or a ``_VocabShard``,
+    whose ranks must all run this loop with the same chunks and the same ``want_h``)."""
     n, dim = inp.hidden.shape
     dev = inp.hidden.device
     loss = torch.empty(n, dtype=inp.row_dtype, device=dev)
@@ -467,7 +466,6 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
         ids = local_ids[rows]
         tail = tail_all[rows] if tail_all is not None else None
         if inp.mode == "topk":
-            valid = global_ids >= 0
             safe_ids = ids.clamp_min(0)
             w_rows = head.weight_rows(safe_ids).to(head.acc_dtype)  # [c, k, D]: only the slots' rows
             # An unused slot reads row 0: zero it, so that a non-finite row 0 cannot reach the hidden
@@ -477,11 +475,12 @@ def _run_chunks(inp, head, passes, vocab, row_scale, chunk_rows, want_h, want_w,
             if head.bias is not None:
                 z = z + head.bias[safe_ids]
             z = vocab.combine_teacher_logits(torch.where(ids >= 0, z * inv_temp, float("-inf")))
-            terms = compute_row_terms(z, None, None, lp, valid, None, "topk")
-            loss[rows] = terms.loss
+            # The loss and row_scale * dL/dz on the slots in one launch of the passes (Triton: one kernel).
+            grad_teacher = passes.topk_row_terms(z, global_ids, lp, row_scale[rows] if want_any else None,
+                                                 loss[rows])
             if want_any:
                 # dL/dx on this process's slots, 0 elsewhere
-                g = vocab.on_shard(terms.grad_teacher * row_scale[rows, None], ids)
+                g = vocab.on_shard(grad_teacher, ids)
                 if want_h:
                     partial = torch.einsum("ck,ckd->cd", g, w_rows)
                     _store_hidden_grad(grads.hidden, rows, vocab.sum_partials(partial, head.acc_dtype), counted)

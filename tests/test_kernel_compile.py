@@ -74,6 +74,11 @@ CASES = [
     _Case("fp32_master_bf16_autocast", 5, 40, 300, 8, torch.bfloat16, bias=True, weight_dtype=torch.float32,
           autocast=True),
     _Case("fp32_master_fp16_autocast", 3, 16, 129, 4, torch.float16, weight_dtype=torch.float32, autocast=True),
+    # mode="topk": its row-terms kernel over the headline's k slots; fp16 operands launch it in forward
+    # without gradients and again in backward with them; fp64
+    _Case("headline_topk", 3, 16, 128256, 64, torch.bfloat16, mode="topk"),
+    _Case("odd_fp16_topk", 5, 12, 333, 7, torch.float16, mode="topk", bias=True, temperature=0.7),
+    _Case("fp64_topk", 4, 8, 61, 5, torch.float64, mode="topk"),
 ]
 
 

@@ -109,7 +109,7 @@ _TRITON_KERNELS = [(vocab_pass, _triton_kernels(vocab_pass), "triton"),
                    (head_matmul, _triton_kernels(head_matmul), "matmul")]
 
 
-def _run(monkeypatch, n, weight_dtype, autocast, bias=False):
+def _run(monkeypatch, n, weight_dtype, autocast, bias=False, mode="tail"):
     """(budget, returned gradient bytes) of one forward + backward on meta tensors."""
     budget = _Budget()
     for module, names, kind in _TRITON_KERNELS:
@@ -124,9 +124,10 @@ def _run(monkeypatch, n, weight_dtype, autocast, bias=False):
     ids = torch.empty(n, K, dtype=torch.int64, **meta)
     logprobs = torch.empty(n, K, **meta)
     mask = torch.empty(n, dtype=torch.bool, **meta)
-    tail = torch.empty(n, **meta)
+    tail = torch.empty(n, **meta) if mode == "tail" else None
     with sf.skip_value_checks():
-        inp = prepare_replay_kl_inputs(hidden, weight, ids, logprobs, bias=b, mask=mask, teacher_tail_logprob=tail)
+        inp = prepare_replay_kl_inputs(hidden, weight, ids, logprobs, bias=b, mask=mask, teacher_tail_logprob=tail,
+                                       mode=mode)
     with budget:
         loss = rk._apply(inp, "triton", None, low_precision=True)
         loss.backward()
@@ -261,3 +262,38 @@ def test_vocab_parallel_launches_per_chunk(monkeypatch):
     assert per_chunk["kernel"] <= VP_OTHER_KERNELS_PER_CHUNK
     assert per_chunk["collective"] == VP_COLLECTIVES_PER_CHUNK
     assert rows % 256 == 0 and extra <= 512 * MB
+
+
+# --- mode="topk": no vocabulary pass, the slots' logits by an indexed dot ---------------------------------
+
+# Per chunk (109 rows at the headline: the [c, k, D] gather sets the chunk): the slots' logits and the
+# hidden gradient as batched dots over the k gathered lm_head rows (2 bmm) and one Triton kernel,
+# _topk_row_terms_kernel, for the loss and the scaled slot gradients. The PyTorch kernels left are the
+# gather and its masking, the slots' logits scaled and masked, the hidden gradient's rows, and the weight
+# gradient's outer product with _add_rows' duplicate summing (sort, cumsum, two index_add_) for the bf16
+# head. Before the row terms were fused: 57 PyTorch kernels and no Triton launch per chunk.
+TOPK_MATMULS_PER_CHUNK = 2
+TOPK_TRITON_PER_CHUNK = 1
+TOPK_OTHER_KERNELS_PER_CHUNK = 30
+
+
+def test_topk_mode_launches_per_chunk(monkeypatch):
+    def run(n):
+        return _run(monkeypatch, n, torch.bfloat16, False, mode="topk")[0]
+
+    headline = run(N)
+    rows = headline.matmul_shapes[0][0]  # the first chunk's slot logits, [rows, 1, k]
+    one, two = run(rows), run(2 * rows)
+    per_chunk = _counts(two) - _counts(one)
+    names = collections.Counter(f"{kind}:{name}" for kind, name in two.events)
+    names.subtract(f"{kind}:{name}" for kind, name in one.events)
+    print(f"\ntopk: {rows} rows per chunk; per chunk {dict(per_chunk)}")
+    print("  per chunk:", ", ".join(f"{n} x{c}" for n, c in sorted(names.items()) if c))
+    chunks = math.ceil(N / rows)
+    total = _counts(headline)
+    assert total["sync"] == 0
+    assert total["triton"] == chunks * per_chunk["triton"] + SCALE_LAUNCHES["bf16_head"]
+    assert names["triton:_topk_row_terms_kernel"] == TOPK_TRITON_PER_CHUNK
+    assert per_chunk["matmul"] == TOPK_MATMULS_PER_CHUNK
+    assert per_chunk["triton"] == TOPK_TRITON_PER_CHUNK
+    assert per_chunk["kernel"] <= TOPK_OTHER_KERNELS_PER_CHUNK

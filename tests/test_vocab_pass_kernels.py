@@ -502,6 +502,127 @@ def test_lse_and_row_terms_rejects_bad_arguments():
         vocab_pass.lse_and_row_terms(logits, ids, 1.0, lp, None, "tail", 37, None, loss, block_v=TILE, split_v=48)
 
 
+# --------------------------------------------------------------------------------------------------
+# topk_row_terms: mode "topk"'s loss and slot gradients from the slots alone
+# --------------------------------------------------------------------------------------------------
+
+
+def slot_logits(logits, ids, inv_temp, dtype):
+    """The dispatcher's z_teacher in ``dtype``: the scaled logits on used slots, -inf on unused ones."""
+    z = logits.double().gather(1, ids.long().clamp_min(0)) * inv_temp
+    return torch.where(ids >= 0, z, NEG_INF).to(dtype)
+
+
+def reference_topk(logits, ids, lp, inv_temp, scale):
+    """(loss [c], row_scale * dL/dz on the slots [c, k]) of reference_replay_kl (float64, autograd), one row
+    at a time with the row's logits as the bias of a zero head: dL/dz = T dL/dx."""
+    import selfreplay_fast as sf
+
+    losses, grads = [], []
+    for n in range(ids.shape[0]):
+        x = logits[n].double().cpu().clone().requires_grad_()
+        zeros = torch.zeros(1, 1, dtype=torch.float64)
+        with sf.skip_value_checks():
+            loss = sf.reference_replay_kl(zeros, torch.zeros(x.shape[0], 1, dtype=torch.float64),
+                                          ids[n : n + 1].long().cpu(), lp[n : n + 1].double().cpu(), bias=x,
+                                          mode="topk", temperature=1 / inv_temp, reduction="sum")
+        (grad_x,) = torch.autograd.grad(loss, x, allow_unused=True)
+        grad_x = torch.zeros_like(x) if grad_x is None else grad_x
+        used = ids[n].cpu() >= 0
+        g = torch.where(used, grad_x.gather(0, ids[n].long().cpu().clamp_min(0)) / inv_temp, 0.0)
+        losses.append(loss.detach())
+        grads.append(g * scale[n].double().cpu())
+    return torch.stack(losses).to(DEVICE), torch.stack(grads).to(DEVICE)
+
+
+TOPK_SHAPES = ROW_TERM_SHAPES + [(3, 300, 150)]  # k above the kernel's 128-slot tile
+
+
+@pytest.mark.parametrize("c,V,k", TOPK_SHAPES, ids=[f"c{c}-V{V}-k{k}" for c, V, k in TOPK_SHAPES])
+def test_topk_row_terms_match_the_reference(c, V, k):
+    """One launch (one program per row) against the float64 reference (reference_replay_kl) and the
+    PyTorch path (compute_row_terms, "topk"), on peaked student rows (even rows peaked 60 above the rest
+    on a slot) and a peaked teacher, rows without used slots, slot tiles smaller than k, fp32 and fp64."""
+    from selfreplay_fast import _vocab_pass_torch
+
+    tail_mass = torch.tensor([1e-6, 0.3, 1e-4, 0.05, 0.5, 0.2, 0.01], dtype=torch.float64)[:c]
+    for case, (dtype, block_k, inv_temp) in enumerate([(torch.float32, None, 1.0), (torch.float32, 2, 0.37),
+                                                        (torch.float64, None, 1.7)]):
+        logits, ids = make_inputs(c, V, k, dtype=dtype, seed=case, peaked=True)
+        lp, _, scale = make_teacher(ids, case, tail_mass)
+        ref_loss, ref_grad = reference_topk(logits, ids, lp, inv_temp, scale)
+        torch_loss = torch.empty(c, dtype=torch.float64, device=DEVICE)
+        torch_grad = _vocab_pass_torch.topk_row_terms(slot_logits(logits, ids, inv_temp, torch.float64), ids, lp,
+                                                      scale, torch_loss)
+        z = slot_logits(logits, ids, inv_temp, dtype)
+        loss = torch.empty(c, dtype=dtype, device=DEVICE)
+        grad = vocab_pass.topk_row_terms(z, ids, lp.to(dtype), scale.to(dtype), loss, block_k=block_k)
+        what = f"{dtype} block_k={block_k} inv_temp={inv_temp}"
+        assert grad.dtype == dtype, what
+        for name, expected in (("reference", (ref_loss, ref_grad)), ("compute_row_terms", (torch_loss, torch_grad))):
+            assert_close(loss, expected[0], dtype, f"loss vs {name}, {what}")
+            assert_close(grad, expected[1], dtype, f"grad_teacher vs {name}, {what}")
+        if c > 1:
+            assert loss[0] == 0 and (grad[0] == 0).all()  # no used slot: exact zeros
+        assert (grad[-1] == 0).all() and (grad[ids < 0] == 0).all()  # a zero row scale, unused slots
+        loss_only = torch.empty(c, dtype=dtype, device=DEVICE)
+        assert vocab_pass.topk_row_terms(z, ids, lp.to(dtype), None, loss_only, block_k=block_k) is None
+        assert torch.equal(loss_only, loss), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_row_terms_propagate_nan_and_inf_like_the_reference(dtype):
+    """A NaN or +inf logit on a used slot, or every used slot at -inf, makes the row's loss NaN (as
+    torch.log_softmax of the slots); a -inf slot is probability 0 (an infinite loss under teacher mass);
+    a non-finite logit off the slots changes nothing; NaN gradients exactly where compute_row_terms has
+    them. The other rows are untouched."""
+    from selfreplay_fast import _vocab_pass_torch
+
+    c, V, k = 8, 37, 5
+    logits, ids = make_inputs(c, V, k, dtype=dtype, seed=13)
+    slots = [ids[n][ids[n] >= 0].long() for n in range(c)]
+    off = [next(v for v in range(V) if not (ids[n] == v).any()) for n in range(c)]
+    logits[1, slots[1][0]] = float("nan")
+    logits[2, slots[2][1]] = float("inf")
+    logits[3, slots[3][0]] = NEG_INF
+    logits[4, slots[4]] = NEG_INF  # every used slot
+    logits[5, off[5]] = float("nan")  # off the slots: topk never reads it
+    logits[6, slots[6][:2]] = float("inf")
+    lp, _, scale = make_teacher(ids, 5, torch.full((c,), 0.2, dtype=torch.float64))
+    scale[-1] = 1.0
+    ref_loss, _ = reference_topk(logits, ids, lp, 1.0, scale)
+    torch_loss = torch.empty(c, dtype=torch.float64, device=DEVICE)
+    torch_grad = _vocab_pass_torch.topk_row_terms(slot_logits(logits, ids, 1.0, torch.float64), ids, lp, scale,
+                                                  torch_loss)
+    loss = torch.empty(c, dtype=dtype, device=DEVICE)
+    grad = vocab_pass.topk_row_terms(slot_logits(logits, ids, 1.0, dtype), ids, lp.to(dtype), scale.to(dtype), loss,
+                                     block_k=2)
+    for expected in (ref_loss, torch_loss):
+        torch.testing.assert_close(loss.double(), expected, **TOL[dtype], equal_nan=True)
+    assert torch.isnan(loss[[1, 2, 4, 6]]).all() and loss[3] == float("inf")
+    assert torch.isfinite(loss[[0, 5, 7]]).all()
+    torch.testing.assert_close(grad.double(), torch_grad, **TOL[dtype], equal_nan=True)
+    assert torch.equal(torch.isnan(grad), torch.isnan(torch_grad))
+    assert torch.isfinite(grad[[0, 3, 5, 7]]).all()
+
+
+def test_topk_row_terms_rejects_bad_arguments():
+    logits, ids = make_inputs(3, 37, 3)
+    z = slot_logits(logits, ids, 1.0, torch.float32)
+    lp = torch.zeros(3, 3, device=DEVICE)
+    loss = torch.empty(3, device=DEVICE)
+    with pytest.raises(ValueError, match="z_teacher"):
+        vocab_pass.topk_row_terms(z.half(), ids, lp, None, loss)
+    with pytest.raises(ValueError, match="ids"):
+        vocab_pass.topk_row_terms(z, ids[:, :2], lp, None, loss)
+    with pytest.raises(ValueError, match="teacher_logprobs"):
+        vocab_pass.topk_row_terms(z, ids, lp[:, :2], None, loss)
+    with pytest.raises(ValueError, match="loss_out"):
+        vocab_pass.topk_row_terms(z, ids, lp, None, loss[:2])
+    with pytest.raises(ValueError, match="row_scale"):
+        vocab_pass.topk_row_terms(z, ids, lp, loss[:2], loss)
+
+
 @pytest.mark.parametrize("V", [33, 37, 64, 300, 301, 1000])
 @pytest.mark.parametrize("logits_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.float64, torch.float32),
                                                     (torch.float64, torch.bfloat16)])
