@@ -406,6 +406,21 @@ def test_sample_categorical_matches_probabilities():
     assert scipy_stats.chisquare(observed.numpy(), (expect / expect.sum() * observed.sum()).numpy()).pvalue > 1e-3
 
 
+def test_sample_categorical_scratch_gives_the_same_draws():
+    # The decode loop's reusable CDF storage must not change a draw, whatever the buffer held before
+    # and whatever shapes it served earlier (a larger one first: the view of its storage is reused).
+    from selfreplay_fast.generation.sampling import SamplerScratch
+
+    scratch = SamplerScratch()
+    scratch.take((9, 300), "cpu").fill_(float("nan"))
+    for rows, vocab in [(5, 258), (3, 17), (7, 1024)]:
+        probs = torch.softmax(torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 3, -1)
+        plain = sample_categorical(probs, torch.Generator().manual_seed(1), 4)
+        reused = sample_categorical(probs, torch.Generator().manual_seed(1), 4, scratch=scratch)
+        assert torch.equal(plain, reused) and plain.shape == (rows, 4)
+        assert probs.gather(1, reused).min() > 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Resume after a kill
 # ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from .drafting import DecodeState
 from ..model_info import model_device_dtype
-from .sampling import SamplingRows, correction_distribution, sample_categorical
+from .sampling import SamplerScratch, SamplingRows, correction_distribution, sample_categorical
 from .slot_cache import make_slot_model
 
 __all__ = ["GenerationStats", "ShardEngine"]
@@ -68,6 +68,7 @@ class ShardEngine:
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device) if eos_ids else None
         self.max_len = max(len(p) for p in prompts) + max_new_tokens
         self.stats = GenerationStats()
+        self.scratch_cdf = SamplerScratch()
 
     def _is_eos(self, tokens):
         if self.eos is None:
@@ -219,7 +220,7 @@ class ShardEngine:
         else:
             logits = self.target.feed(self.tokens, lengths, live, width, keep=1)[:, -1]
         rows = SamplingRows(logits, self.temperature, self.recorder.top)
-        token = sample_categorical(rows.weights, self.generator)  # [B, 1]
+        token = sample_categorical(rows.weights, self.generator, scratch=self.scratch_cdf)  # [B, 1]
         at = torch.where(live, lengths, self.scratch)  # the new token's position = its record's row
         self._record(self.slot_ids, at, rows, token)
         flat = token.view(-1)
@@ -254,7 +255,8 @@ class ShardEngine:
             q_a = q[self.slot_ids, at]
         else:
             q_a = torch.zeros(B, V, device=self.device).scatter_(1, drafts[self.slot_ids, at][:, None], 1.0)
-        correction = sample_categorical(correction_distribution(p_a, q_a, rejected), self.generator)[:, 0]
+        correction = sample_categorical(correction_distribution(p_a, q_a, rejected), self.generator,
+                                        scratch=self.scratch_cdf)[:, 0]
 
         cols = torch.arange(K + 1, device=self.device)[None, :]
         # d_1..d_a, then the correction (or bonus) token in column a; later columns are never kept.

@@ -8,14 +8,37 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sample_categorical", "SamplingRows", "TeacherRecorder", "correction_distribution"]
+__all__ = ["sample_categorical", "SamplingRows", "TeacherRecorder", "correction_distribution", "SamplerScratch"]
 
 
 _SAMPLE_BLOCK = 256
 _ONE_LEVEL_MAX = 4 * _SAMPLE_BLOCK  # vocabularies sampled from one float64 cumsum
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samples: int = 1) -> torch.Tensor:
+class SamplerScratch:
+    """Reusable float64 storage for the sampler's CDF, held by a decode loop across its steps.
+
+    On the CPU a fresh [B, V] float64 tensor per decode step is freshly mapped memory more often than not
+    (glibc returns large freed blocks to the system), and its page faults cost more than the cumsum
+    itself: measured 3.2 ms of a 28.6 ms step at B = 512, V = 258, against 0.07 ms into a held buffer.
+    """
+
+    def __init__(self):
+        self._flat: Optional[torch.Tensor] = None
+
+    def take(self, shape, device) -> torch.Tensor:
+        """A float64 tensor of ``shape`` (contents undefined), a view of storage kept for later calls."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        flat = self._flat
+        if flat is None or flat.numel() < numel or flat.device != torch.device(device):
+            flat = self._flat = torch.empty(numel, dtype=torch.float64, device=device)
+        return flat[:numel].view(shape)
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samples: int = 1,
+                       scratch: Optional[SamplerScratch] = None) -> torch.Tensor:
     """Draw ``num_samples`` ids (with replacement) per row of ``probs`` [..., V] by inverse CDF.
 
     Rows need not be normalized. ``torch.multinomial`` costs ~8x more on the CPU. A vocabulary of at
@@ -23,17 +46,23 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator, num_samp
     accumulate rounding in a float32 cumsum and spend time writing a float64 one, so it is two-level:
     pick a block of 256 ids from the block totals (accumulated in float64), then the id inside the
     chosen block from its float32 cumsum. Zero-probability ids are never drawn: a draw lands on id
-    ``i`` iff ``cdf[i-1] <= u < cdf[i]``, with ``u`` kept below the total.
+    ``i`` iff ``cdf[i-1] <= u < cdf[i]``, with ``u`` kept below the total. ``scratch``: where the
+    one-level CDF is written (the same draws; no allocation per call).
     """
     vocab = probs.shape[-1]
     if vocab <= _ONE_LEVEL_MAX:
-        return _sample_one_level(probs, generator, num_samples)
+        return _sample_one_level(probs, generator, num_samples, scratch)
     return _sample_two_level(probs, generator, num_samples)
 
 
-def _sample_one_level(probs, generator, num_samples):
+def _sample_one_level(probs, generator, num_samples, scratch=None):
     lead, vocab = probs.shape[:-1], probs.shape[-1]
-    cdf = probs.reshape(-1, vocab).cumsum(-1, dtype=torch.float64)  # [R, V]
+    rows = probs.reshape(-1, vocab)
+    if scratch is None:
+        cdf = rows.cumsum(-1, dtype=torch.float64)  # [R, V]
+    else:  # converted into the scratch, then summed in place (cumsum's dtype= would allocate a float64 copy)
+        cdf = scratch.take(rows.shape, rows.device).copy_(rows)
+        torch.cumsum(cdf, -1, out=cdf)
     total = cdf[:, -1:]
     u = torch.rand(cdf.shape[0], num_samples, generator=generator, dtype=torch.float64, device=cdf.device)
     # u * total can round up to total itself, which would land past the last positive id.
