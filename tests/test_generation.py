@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import selfreplay_fast.generation.decode_loop as decode_engine
 import selfreplay_fast.generation.drafting as drafting
+import selfreplay_fast.generation.slot_cache as slot_cache
 import selfreplay_fast.generation.slot_cache_compacting as slot_cache_compacting
 from selfreplay_fast.generation import DecodeState, NGramDrafter, generate_replay, sample_categorical
 from selfreplay_fast.reference import reference_replay_kl
@@ -248,7 +249,7 @@ def use_compacting_cache(monkeypatch):
     """Run generation on the compacting DynamicCache (flash-attn's slot cache) under SDPA, compacting
     as often as it can (slack 0)."""
     monkeypatch.setattr(slot_cache_compacting, "COMPACT_SLACK", 0)
-    for module in (decode_engine, drafting):
+    for module in (slot_cache, drafting):  # the target's (through SlotModelPool) and the draft model's
         monkeypatch.setattr(module, "make_slot_model", slot_cache_compacting.CompactingSlotModel)
 
 

@@ -12,7 +12,7 @@ import torch
 from .drafting import DecodeState
 from ..model_info import model_device_dtype
 from .sampling import SamplerScratch, SamplingRows, correction_distribution, sample_categorical
-from .slot_cache import make_slot_model
+from .slot_cache import SlotModelPool
 
 __all__ = ["GenerationStats", "ShardEngine"]
 
@@ -51,7 +51,8 @@ class GenerationStats:
 
 class ShardEngine:
     def __init__(self, *, model, prompts, max_new_tokens, batch_size, temperature, recorder, eos_ids, vocab_size,
-                 drafter, num_draft_tokens, generator, check_every, progress_update):
+                 drafter, num_draft_tokens, generator, check_every, progress_update,
+                 slot_models: Optional[SlotModelPool] = None):
         self.model = model
         self.prompts = prompts  # list of lists of ints, in sequence order
         self.max_new_tokens = max_new_tokens
@@ -69,6 +70,7 @@ class ShardEngine:
         self.max_len = max(len(p) for p in prompts) + max_new_tokens
         self.stats = GenerationStats()
         self.scratch_cdf = SamplerScratch()
+        self.slot_models = slot_models if slot_models is not None else SlotModelPool()
 
     def _is_eos(self, tokens):
         if self.eos is None:
@@ -99,7 +101,7 @@ class ShardEngine:
         self.scratch = scratch
         extra = self.num_draft_tokens if self.drafter is not None else 0
         self.slot_columns = self.slot_ids[:, None].expand(B, extra + 1)
-        self.target = make_slot_model(self.model, B, L + 1)
+        self.target = self.slot_models.get(self.model, B, L + 1)
         if self.drafter is not None:
             self.drafter.start(B, L, self.vocab_size)
         self.state = DecodeState(self.tokens, self.lengths, self.live, self.generator, self.temperature, L)

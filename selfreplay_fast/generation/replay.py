@@ -20,7 +20,7 @@ from .sampling import TeacherRecorder
 from .self_dialogue import as_self_dialogue
 from .shard_schedule import progress_span, resolve_rank, shard_num_sequences
 from .shards import assemble_shard, buffer_metadata, generation_settings, open_resumable_writer, shard_seed
-from .slot_cache import check_slot_attention
+from .slot_cache import SlotModelPool, check_slot_attention
 
 
 class RecentRate:
@@ -259,6 +259,7 @@ def generate_replay(
                 check_slot_attention(model)
                 if draft_model is not None:
                     check_slot_attention(draft_model, name="draft_model")
+            slot_models = SlotModelPool()  # one slot cache for every shard of the same shape
             for shard in todo:
                 if writer is not None and not writer.claim(shard):
                     continue  # written meanwhile, or being written by another process
@@ -275,6 +276,7 @@ def generate_replay(
                         check_every=check_every,
                         # A dialogue's phases finish each sequence twice: the bar counts it once, below.
                         progress_update=progress_update if dialogue is None else tokens_only_update,
+                        slot_models=slot_models,
                     )
                     phase_results = engine.run()
                     shard_stats.add(engine.stats)
